@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="smf-ds",
+    version="0.1.0",
+    description="Sparse Memory Finetuning of language models on DeepSpeed",
+    packages=find_packages(include=["smf_ds", "smf_ds.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # 2.13.0 has a CPU wheel on our GPU-less machines; on a CUDA box the same pin gets the CUDA build.
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "peft>=0.17",
+        "tensorboard>=2.15",
+        "sentencepiece>=0.2",
+        "safetensors>=0.4",
+        "pyyaml>=6.0",
+        "tqdm>=4.60",
+        "numpy>=1.26",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=4.0"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+    },
+    entry_points={"console_scripts": ["smf-ds=smf_ds.cli:main"]},
+)
