@@ -1,0 +1,42 @@
+# Two commands a new user needs: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast bench clean install-mpi
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: deepspeed's build imports it, so deepspeed is built without isolation.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q numpy setuptools wheel
+	$(PIP) install -q --no-build-isolation deepspeed==0.19.8
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+# OpenMPI from Debian plus mpi4py, for mpirun launches (needs root for apt-get).
+install-mpi: $(STAMP)
+	command -v mpicc >/dev/null || (apt-get update -qq && apt-get install -y -qq libopenmpi-dev openmpi-bin)
+	$(PIP) install -q -e '.[mpi]'
+
+demo: $(STAMP)
+	$(PY) -m smf_ds.cli demo --out runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) tools/bench_memory.py --out bench_results/memory.json
+
+clean:
+	rm -rf $(VENV) runs bench_results
