@@ -1,0 +1,216 @@
+"""Every knob as a nested dataclass: defaults < YAML file < `key=value` overrides (lingua-style).
+
+Unknown keys and values of the wrong type are errors that name the dotted key and what was
+expected. The resolved config is written into each run directory (`save_config`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names the dotted key and what was expected."""
+
+
+@dataclass
+class MemoryConfig:
+    """One product-key memory layer per target layer (Lample et al. 2019; paper's Qwen retrofit)."""
+
+    layers: list[int] = field(default_factory=lambda: [6, 12, 18])  # decoder layers to retrofit
+    n_keys: int = 128  # half-keys per head; slots = n_keys ** 2
+    heads: int = 4
+    knn: int = 16  # rows read per head per token
+    k_dim: int = 256  # query/key dim (split in two halves)
+    v_dim: int | None = None  # value dim; None = the model's hidden size
+    mode: Literal["additive", "replacement"] = "additive"  # MLP(x) + a*Mem(x), or Mem(x) alone
+    scale_init: float = 0.01  # initial a in additive mode (learnable)
+    gated: bool = True  # SiLU-gated value projection: W_o(mem * silu(W_g x))
+    query_batchnorm: bool = False
+    value_init_std: float | None = None  # None = v_dim ** -0.5
+    value_lr: float = 2.0  # values have their own learning rate (SGD, Lin et al.)
+    sharding: Literal["local", "row", "column"] = "local"  # how value tables live across ranks
+    seed: int = 0  # memory params are initialised from this seed, identically on every rank
+
+    @property
+    def slots(self) -> int:
+        return self.n_keys * self.n_keys
+
+    def validate(self, prefix: str = "memory") -> None:
+        def need(ok: bool, key: str, expected: str, got: Any) -> None:
+            if not ok:
+                raise ConfigError(f"{prefix}.{key}: expected {expected}, got {got!r}")
+
+        need(len(self.layers) > 0, "layers", "at least one target layer", self.layers)
+        need(len(set(self.layers)) == len(self.layers), "layers", "distinct layer indices", self.layers)
+        need(self.n_keys >= 1, "n_keys", "an integer >= 1", self.n_keys)
+        need(self.heads >= 1, "heads", "an integer >= 1", self.heads)
+        need(1 <= self.knn <= self.n_keys, "knn", f"1 <= knn <= n_keys (= {self.n_keys})", self.knn)
+        need(self.k_dim >= 2 and self.k_dim % 2 == 0, "k_dim", "an even integer >= 2", self.k_dim)
+        need(self.v_dim is None or self.v_dim >= 1, "v_dim", "None or an integer >= 1", self.v_dim)
+        need(self.value_lr > 0, "value_lr", "a positive learning rate", self.value_lr)
+        need(self.mode in ("additive", "replacement"), "mode", "'additive' or 'replacement'", self.mode)
+        need(self.sharding in ("local", "row", "column"), "sharding", "'local', 'row' or 'column'",
+             self.sharding)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # HF hub id or local directory
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclass
+class SMFConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts with checked types.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`; an unknown key is an error naming it."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in known:
+            raise ConfigError(f"unknown config key '{dotted}'; known keys here: {sorted(known)}")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['memory.knn=32', 'memory.layers=[1,2]'] -> nested dict; values are parsed as YAML."""
+    data: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. memory.knn=32")
+        key, raw = item.split("=", 1)
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return data
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = SMFConfig) -> Any:
+    """defaults < YAML file at `path` < `key=value` overrides; then validated."""
+    data: dict = to_dict(cls())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path}: not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping at the top level")
+        try:
+            data = _merge(data, loaded)
+            cfg = from_dict(cls, data)
+        except ConfigError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = from_dict(cls, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Call `validate(prefix)` on every nested section that has one."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            dotted = f"{prefix}.{f.name}" if prefix else f.name
+            if hasattr(value, "validate"):
+                value.validate(dotted)
+            validate(value, dotted)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,111 @@
+"""Inject product-key memory into a pretrained HF causal LM (peft-style), and train scopes.
+
+`inject_memory(model, cfg)` walks the decoder layers and replaces each target layer's `mlp` by a
+`MemoryMLP`; in additive mode the original MLP stays inside as `base_layer`. The model's forward
+gets a pre-hook that hands the attention mask to the memory layers, so padded positions are not
+counted as reads.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, MemoryConfig
+from .layer import MemoryContext, MemoryMLP, ProductKeyMemory
+from .values import ValueTable
+
+# model_type -> how to reach the list of decoder layers from the causal-LM wrapper.
+SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
+
+TRAIN_SCOPES = ("values", "memory", "memory+scale")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"model: cannot inject memory into architecture {model_type!r} "
+            f"({type(model).__name__}); supported model_type values: {list(SUPPORTED_ARCHITECTURES)}")
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ConfigError(f"model: {type(model).__name__} has no model.layers list of decoder layers")
+    return layers
+
+
+def check_memory_config(model: nn.Module, cfg: MemoryConfig) -> None:
+    """Errors that name the field: what cannot work on this particular model."""
+    cfg.validate()
+    layers = decoder_layers(model)
+    n = len(layers)
+    for i in cfg.layers:
+        if not 0 <= i < n:
+            raise ConfigError(f"memory.layers: layer {i} is out of range; the model has {n} decoder "
+                              f"layers, so expected indices in 0..{n - 1}")
+    hidden = model.config.hidden_size
+    if not cfg.gated and cfg.v_dim not in (None, hidden):
+        raise ConfigError(
+            f"memory.v_dim: expected {hidden} (the model's hidden size) or null, got {cfg.v_dim}: "
+            f"without the gated projection (memory.gated=false) the memory output is added to / "
+            f"replaces the MLP output directly (mode={cfg.mode})")
+
+
+def _attention_mask_hook(context: MemoryContext):
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]  # CausalLM.forward(input_ids, attention_mask, ...)
+        context.attention_mask = mask
+    return hook
+
+
+def inject_memory(model: nn.Module, cfg: MemoryConfig) -> nn.Module:
+    """Put a memory layer into each of `cfg.layers` of `model` (in place); returns the model."""
+    if getattr(model, "smf_memory_config", None) is not None:
+        raise ConfigError("model: memory is already injected into this model")
+    check_memory_config(model, cfg)
+    layers = decoder_layers(model)
+    hidden = model.config.hidden_size
+    context = MemoryContext()
+    ref = next(model.parameters())
+    for i in cfg.layers:
+        # One generator per layer, seeded from (seed, layer): identical on every rank.
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
+        memory = ProductKeyMemory(cfg, hidden, generator)
+        base = layers[i].mlp if cfg.mode == "additive" else None
+        wrapper = MemoryMLP(memory, base, cfg.scale_init, context)
+        layers[i].mlp = wrapper.to(device=ref.device, dtype=ref.dtype)
+    model.smf_memory_config = cfg
+    model._smf_mask_hook = model.register_forward_pre_hook(_attention_mask_hook(context), with_kwargs=True)
+    return model
+
+
+def memory_layers(model: nn.Module) -> list[tuple[int, MemoryMLP]]:
+    """(decoder layer index, MemoryMLP) for every injected layer, in layer order."""
+    return [(i, layer.mlp) for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, MemoryMLP)]
+
+
+def value_tables(model: nn.Module) -> list[tuple[int, ValueTable]]:
+    return [(i, mlp.memory.values) for i, mlp in memory_layers(model)]
+
+
+def set_train_scope(model: nn.Module, scope: str) -> list[nn.Parameter]:
+    """Freeze everything but `scope`; returns the dense parameters left trainable.
+
+    values: only the value tables (sparse optimizer), no dense parameter;
+    memory: value tables + every memory parameter (query, keys, gate/out, norm);
+    memory+scale: that + the additive scale a.
+    """
+    if scope not in TRAIN_SCOPES:
+        raise ConfigError(f"train scope: expected one of {list(TRAIN_SCOPES)}, got {scope!r}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = []
+    for _, mlp in memory_layers(model):
+        mlp.memory.values.requires_grad = True
+        if scope in ("memory", "memory+scale"):
+            trainable += list(mlp.memory.parameters())
+        if scope == "memory+scale" and mlp.scale is not None:
+            trainable.append(mlp.scale)
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable

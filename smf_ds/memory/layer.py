@@ -1,0 +1,123 @@
+"""Product-key memory layer (Lample et al. 2019) and the MLP wrapper that carries it.
+
+Shape legend: B batch, T sequence, C model hidden size, N tokens (B*T), H heads, Q half of the
+key dim, S half-keys per head (n_keys), K knn, D value dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import MemoryConfig
+from .values import LocalValueTable, ValueTable
+
+
+def _uniform_(tensor: torch.Tensor, bound: float, generator: torch.Generator) -> None:
+    with torch.no_grad():
+        tensor.uniform_(-bound, bound, generator=generator)
+
+
+class ProductKeyMemory(nn.Module):
+    """x_BTC -> memory read (B, T, C if gated else D).
+
+    Per head: the query is split into two halves, each scored against its own S half-keys;
+    the top-K of each half form K*K product candidates whose score is the sum; the top-K of those
+    index the n_keys**2 value rows, softmax-weighted. All heads' reads are summed.
+    """
+
+    def __init__(self, cfg: MemoryConfig, hidden_size: int, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if generator is None:
+            generator = torch.Generator().manual_seed(cfg.seed)
+        self.heads, self.knn, self.n_keys = cfg.heads, cfg.knn, cfg.n_keys
+        self.half_dim = cfg.k_dim // 2
+        self.v_dim = cfg.v_dim or hidden_size
+        self.hidden_size = hidden_size
+
+        self.query = nn.Linear(hidden_size, cfg.heads * cfg.k_dim, bias=False)
+        _uniform_(self.query.weight, hidden_size ** -0.5, generator)
+        self.query_norm = nn.BatchNorm1d(cfg.heads * cfg.k_dim) if cfg.query_batchnorm else None
+        # keys_H2SQ: two sets of S half-keys per head.
+        self.keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, self.half_dim))
+        _uniform_(self.keys, self.half_dim ** -0.5, generator)
+        self.values: ValueTable = LocalValueTable(cfg.slots, self.v_dim, cfg.value_init_std, generator)
+        if cfg.gated:
+            # Meta's SiLU-gated value projection: out = W_o(mem * silu(W_g x)).
+            self.gate = nn.Linear(hidden_size, self.v_dim, bias=False)
+            self.out = nn.Linear(self.v_dim, hidden_size, bias=False)
+            _uniform_(self.gate.weight, hidden_size ** -0.5, generator)
+            _uniform_(self.out.weight, self.v_dim ** -0.5, generator)
+        else:
+            self.gate = self.out = None
+
+    def select(self, x_NC: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Product-key search: (indices_NHK global row ids, weights_NHK softmax over K, fp32)."""
+        N = x_NC.shape[0]
+        H, K, S, Q = self.heads, self.knn, self.n_keys, self.half_dim
+        query = self.query(x_NC)
+        if self.query_norm is not None:
+            query = self.query_norm(query)
+        query_NH2Q = query.view(N, H, 2, Q)
+        scores1_NHS = torch.einsum("nhq,hsq->nhs", query_NH2Q[:, :, 0], self.keys[:, 0])
+        scores2_NHS = torch.einsum("nhq,hsq->nhs", query_NH2Q[:, :, 1], self.keys[:, 1])
+        top1_NHK, idx1_NHK = scores1_NHS.topk(K, dim=-1)
+        top2_NHK, idx2_NHK = scores2_NHS.topk(K, dim=-1)
+        cand_scores_NHKK = top1_NHK.unsqueeze(-1) + top2_NHK.unsqueeze(-2)
+        cand_rows_NHKK = idx1_NHK.unsqueeze(-1) * S + idx2_NHK.unsqueeze(-2)
+        best_NHK, pos_NHK = cand_scores_NHKK.reshape(N, H, K * K).topk(K, dim=-1)
+        indices_NHK = cand_rows_NHKK.reshape(N, H, K * K).gather(-1, pos_NHK)
+        weights_NHK = F.softmax(best_NHK.float(), dim=-1)
+        return indices_NHK, weights_NHK
+
+    def forward(self, x_BTC: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, C = x_BTC.shape
+        x_NC = x_BTC.reshape(B * T, C)
+        indices_NHK, weights_NHK = self.select(x_NC)
+        token_mask_N = None if token_mask_BT is None else token_mask_BT.reshape(B * T)
+        read_ND = self.values.lookup(indices_NHK.reshape(B * T, -1), weights_NHK.reshape(B * T, -1),
+                                     token_mask_N)
+        read_ND = read_ND.to(x_BTC.dtype)
+        if self.gate is not None:
+            read_ND = self.out(read_ND * F.silu(self.gate(x_NC)))
+        return read_ND.view(B, T, -1)
+
+
+class MemoryContext:
+    """Per-forward state shared by a model's memory layers: the current token (padding) mask."""
+
+    def __init__(self) -> None:
+        self.attention_mask: torch.Tensor | None = None
+
+    def token_mask_for(self, x_BTC: torch.Tensor) -> torch.Tensor | None:
+        mask = self.attention_mask
+        if mask is None or mask.dim() != 2 or mask.shape[0] != x_BTC.shape[0]:
+            return None
+        # With a KV cache the mask covers past + new tokens; the layer sees only the new ones.
+        return mask[:, -x_BTC.shape[1]:]
+
+
+class MemoryMLP(nn.Module):
+    """Takes the place of a decoder layer's MLP.
+
+    additive: base_layer(x) + scale * memory(x), scale a learnable scalar (peft-style: the
+    original MLP is kept, frozen by default, as `base_layer`); replacement: memory(x) alone.
+    """
+
+    def __init__(self, memory: ProductKeyMemory, base_layer: nn.Module | None, scale_init: float,
+                 context: MemoryContext) -> None:
+        super().__init__()
+        self.memory = memory
+        self.base_layer = base_layer
+        self.scale = nn.Parameter(torch.tensor(float(scale_init))) if base_layer is not None else None
+        self._context = context  # plain attribute: not a submodule, not in state_dict
+
+    @property
+    def mode(self) -> str:
+        return "additive" if self.base_layer is not None else "replacement"
+
+    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+        read = self.memory(x_BTC, self._context.token_mask_for(x_BTC))
+        if self.base_layer is None:
+            return read
+        return self.base_layer(x_BTC) + self.scale.to(read.dtype) * read
