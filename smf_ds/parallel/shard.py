@@ -1,0 +1,34 @@
+"""shard_memory(model, group, strategy): swap every memory layer's local value table for a sharded one.
+
+A free function applied after the model is built (torchtitan-style): the memory code knows
+nothing of process groups. Every rank must hold the same local table before the call (memory
+init is seeded identically on every rank), each keeps only its part.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import ConfigError
+from ..memory.inject import memory_layers
+from ..memory.values import LocalValueTable
+from .sharded_values import ColumnShardedValueTable, RowShardedValueTable
+
+STRATEGIES = ("local", "row", "column")
+
+
+def shard_memory(model: nn.Module, group=None, strategy: str = "row", sizes: list[int] | None = None) -> nn.Module:
+    """strategy: 'local' (no change), 'row' or 'column'; sizes: optional uneven split per rank."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"memory.sharding: expected one of {list(STRATEGIES)}, got {strategy!r}")
+    if strategy == "local":
+        return model
+    sharded_cls = RowShardedValueTable if strategy == "row" else ColumnShardedValueTable
+    for _, mlp in memory_layers(model):
+        local = mlp.memory.values
+        if not isinstance(local, LocalValueTable):
+            raise ConfigError(f"memory.sharding: layer tables are already sharded ({type(local).__name__})")
+        kwargs = {"row_sizes": sizes} if strategy == "row" else {"col_sizes": sizes}
+        table = sharded_cls.from_full(local.weight, group, **kwargs)
+        table.requires_grad, table.track_access = local.requires_grad, local.track_access
+        mlp.memory.values = table
+    return model

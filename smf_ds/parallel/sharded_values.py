@@ -1,0 +1,160 @@
+"""Value tables split over the ranks of a process group.
+
+RowShardedValueTable: each rank holds a contiguous block of rows (uneven blocks allowed). A lookup
+sends this rank's unique rows to their owners (all-to-all), owners return the rows, and the
+backward sends the row gradients back to the owners, whose sinks collect them.
+
+ColumnShardedValueTable (Meta's "memory parallel"): each rank holds every row but only a slice of
+the value dim. Indices and weights are all-gathered, each rank reads its slice for every token of
+the group, and the slices go back to their tokens' ranks (all-to-all).
+
+Both are collectives: every rank of the group must call `lookup` (and backward) the same number
+of times, which holds in data-parallel training. Shape legend as in memory/values.py.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..memory.values import ValueTable, masked_counts, weighted_row_sum
+from .comm import all_gather_v, all_to_all_v, exchange_counts
+
+
+def even_split(total: int, parts: int) -> list[int]:
+    """Sizes of `parts` contiguous blocks of `total`, differing by at most one."""
+    return [total // parts + (1 if r < total % parts else 0) for r in range(parts)]
+
+
+def _bounds(sizes: list[int]) -> list[int]:
+    out = [0]
+    for s in sizes:
+        out.append(out[-1] + s)
+    return out
+
+
+def _check_sizes(sizes: list[int], total: int, world: int, what: str) -> list[int]:
+    if len(sizes) != world or sum(sizes) != total or min(sizes) < 0:
+        raise ValueError(f"{what}: expected {world} non-negative sizes summing to {total}, got {sizes}")
+    return list(sizes)
+
+
+class _ShardedTable(ValueTable):
+    def __init__(self, num_rows: int, dim: int, local_weight: torch.Tensor, group) -> None:
+        super().__init__()
+        self.num_rows, self.dim, self.group = num_rows, dim, group
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.register_buffer("weight", local_weight, persistent=False)
+
+    def _token_counts(self, n_tokens: int, device) -> list[int]:
+        mine = torch.tensor([n_tokens], dtype=torch.long, device=device)
+        return all_gather_v(mine, [1] * self.world, self.group).tolist()
+
+
+class RowShardedValueTable(_ShardedTable):
+    def __init__(self, num_rows: int, dim: int, local_weight: torch.Tensor, row_sizes: list[int], group=None) -> None:
+        super().__init__(num_rows, dim, local_weight, group)
+        self.row_sizes = _check_sizes(row_sizes, num_rows, self.world, "row_sizes")
+        self.row_bounds = _bounds(self.row_sizes)
+        self.start, self.stop = self.row_bounds[self.rank], self.row_bounds[self.rank + 1]
+        if tuple(local_weight.shape) != (self.stop - self.start, dim):
+            raise ValueError(f"row shard {self.rank}: expected local weight {(self.stop - self.start, dim)}, "
+                             f"got {tuple(local_weight.shape)}")
+        # Upper bounds of every shard but the last: searchsorted maps a row id to its owner.
+        self._inner_bounds = torch.tensor(self.row_bounds[1:-1], dtype=torch.long, device=local_weight.device)
+
+    @classmethod
+    def from_full(cls, full_weight: torch.Tensor, group=None, row_sizes: list[int] | None = None):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = row_sizes or even_split(full_weight.shape[0], world)
+        bounds = _bounds(_check_sizes(sizes, full_weight.shape[0], world, "row_sizes"))
+        local = full_weight[bounds[rank]:bounds[rank + 1]].clone()
+        return cls(full_weight.shape[0], full_weight.shape[1], local, sizes, group)
+
+    def owned_row_range(self):
+        return self.start, self.stop
+
+    def lookup(self, indices_NK, weights_NK, token_mask_N=None):
+        rows_U, inverse_NK = torch.unique(indices_NK, return_inverse=True)  # sorted: owners are contiguous
+        owners_U = torch.searchsorted(self._inner_bounds, rows_U, right=True)
+        send_counts = torch.bincount(owners_U, minlength=self.world)
+        recv_counts = exchange_counts(send_counts, self.group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        if self.track_access:  # counts travel with the row ids, so owners hold the counts of their rows
+            payload = torch.stack([rows_U, masked_counts(inverse_NK, token_mask_N, rows_U.numel())], dim=1)
+        else:
+            payload = rows_U.unsqueeze(1)
+        requested = all_to_all_v(payload, send, recv, self.group)
+        requested_rows = requested[:, 0]
+        if self.track_access:
+            self.sink.add_access(requested_rows, requested[:, 1])
+        served_RD = self.fetch(requested_rows)  # backward: row grads land in this owner's sink
+        rows_UD = all_to_all_v(served_RD, recv, send, self.group)
+        return weighted_row_sum(inverse_NK, rows_UD, weights_NK)
+
+    def gather_rows(self, rows_U):
+        return self.weight.index_select(0, rows_U - self.start)
+
+    def receive_row_grad(self, rows_U, grad_UD):
+        self.sink.add_grad(rows_U, grad_UD)
+
+    def full_weight(self):
+        with torch.no_grad():
+            return all_gather_v(self.weight, self.row_sizes, self.group)
+
+    def load_full_weight(self, weight):
+        if tuple(weight.shape) != (self.num_rows, self.dim):
+            raise ValueError(f"value table: expected a {(self.num_rows, self.dim)} table, got {tuple(weight.shape)}")
+        self.weight.copy_(weight[self.start:self.stop])
+
+
+class ColumnShardedValueTable(_ShardedTable):
+    def __init__(self, num_rows: int, dim: int, local_weight: torch.Tensor, col_sizes: list[int], group=None) -> None:
+        super().__init__(num_rows, dim, local_weight, group)
+        self.col_sizes = _check_sizes(col_sizes, dim, self.world, "col_sizes")
+        bounds = _bounds(self.col_sizes)
+        self.col_start, self.col_stop = bounds[self.rank], bounds[self.rank + 1]
+        if tuple(local_weight.shape) != (num_rows, self.col_stop - self.col_start):
+            raise ValueError(f"column shard {self.rank}: expected local weight "
+                             f"{(num_rows, self.col_stop - self.col_start)}, got {tuple(local_weight.shape)}")
+
+    @classmethod
+    def from_full(cls, full_weight: torch.Tensor, group=None, col_sizes: list[int] | None = None):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        sizes = col_sizes or even_split(full_weight.shape[1], world)
+        bounds = _bounds(_check_sizes(sizes, full_weight.shape[1], world, "col_sizes"))
+        local = full_weight[:, bounds[rank]:bounds[rank + 1]].clone()
+        return cls(full_weight.shape[0], full_weight.shape[1], local, sizes, group)
+
+    def lookup(self, indices_NK, weights_NK, token_mask_N=None):
+        n_tokens = indices_NK.shape[0]
+        sizes = self._token_counts(n_tokens, indices_NK.device)
+        all_indices_MK = all_gather_v(indices_NK, sizes, self.group)  # M = tokens of the whole group
+        all_weights_MK = all_gather_v(weights_NK, sizes, self.group)
+        rows_U, inverse_MK = torch.unique(all_indices_MK, return_inverse=True)
+        if self.track_access:  # every rank sees every token: counts are global on every rank
+            all_mask_M = None
+            if token_mask_N is not None:
+                all_mask_M = all_gather_v(token_mask_N.to(torch.uint8), sizes, self.group)
+            self.sink.add_access(rows_U, masked_counts(inverse_MK, all_mask_M, rows_U.numel()))
+        slice_MD = weighted_row_sum(inverse_MK, self.fetch(rows_U), all_weights_MK)
+        width = self.col_stop - self.col_start
+        received = all_to_all_v(slice_MD.reshape(-1), [s * width for s in sizes],
+                                [n_tokens * w for w in self.col_sizes], self.group)
+        parts = received.split([n_tokens * w for w in self.col_sizes])
+        return torch.cat([p.view(n_tokens, w) for p, w in zip(parts, self.col_sizes)], dim=1)
+
+    def gather_rows(self, rows_U):
+        return self.weight.index_select(0, rows_U)
+
+    def receive_row_grad(self, rows_U, grad_UD):
+        self.sink.add_grad(rows_U, grad_UD)
+
+    def full_weight(self):
+        with torch.no_grad():
+            columns = all_gather_v(self.weight.t().contiguous(), self.col_sizes, self.group)
+            return columns.t().contiguous()
+
+    def load_full_weight(self, weight):
+        if tuple(weight.shape) != (self.num_rows, self.dim):
+            raise ValueError(f"value table: expected a {(self.num_rows, self.dim)} table, got {tuple(weight.shape)}")
+        self.weight.copy_(weight[:, self.col_start:self.col_stop])
