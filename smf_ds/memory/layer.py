@@ -109,7 +109,8 @@ class MemoryMLP(nn.Module):
         super().__init__()
         self.memory = memory
         self.base_layer = base_layer
-        self.scale = nn.Parameter(torch.tensor(float(scale_init))) if base_layer is not None else None
+        # Shape (1,), not a 0-dim scalar: DeepSpeed's parameter broadcast cannot view 0-dim tensors.
+        self.scale = nn.Parameter(torch.full((1,), float(scale_init))) if base_layer is not None else None
         self._context = context  # plain attribute: not a submodule, not in state_dict
 
     @property
