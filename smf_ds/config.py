@@ -60,6 +60,40 @@ class MemoryConfig:
              self.sharding)
 
 
+SCORING_RULES = ("tfidf", "kl", "tf", "random", "dense-accessed", "dense-all")
+RULES_NEEDING_BACKGROUND = ("tfidf", "kl")
+
+
+@dataclass
+class SparseConfig:
+    """Which value rows train each optimizer step, and how (Lin et al. 2025)."""
+
+    scoring: Literal["tfidf", "kl", "tf", "random", "dense-accessed", "dense-all"] = "tfidf"
+    top_t: int = 512  # rows per memory table per optimizer step (clamped to the table size, with a warning)
+    background: str | None = None  # background stats file (smf-ds background); tfidf and kl need it
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # lr is memory.value_lr
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # adamw only; applied to a row only in steps that select it
+    max_grad_norm: float = 0.0  # clip of the value-row gradients (their own clip); 0 = off
+    kl_eps: float = 1e-8
+    seed: int = 0  # for the `random` rule
+
+    def validate(self, prefix: str = "sparse") -> None:
+        if self.top_t <= 0:
+            raise ConfigError(f"{prefix}.top_t: expected a positive number of rows per step, got {self.top_t}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{prefix}.betas: expected two numbers in [0, 1), got {self.betas}")
+        if self.eps <= 0:
+            raise ConfigError(f"{prefix}.eps: expected a positive number, got {self.eps}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError(f"{prefix}.weight_decay / {prefix}.max_grad_norm: expected >= 0, "
+                              f"got {self.weight_decay} / {self.max_grad_norm}")
+        if self.weight_decay > 0 and self.optimizer != "adamw":
+            raise ConfigError(f"{prefix}.weight_decay: only the adamw optimizer decays; "
+                              f"got optimizer={self.optimizer!r} with weight_decay={self.weight_decay}")
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = ""  # HF hub id or local directory
@@ -70,6 +104,7 @@ class ModelConfig:
 class SMFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    sparse: SparseConfig = field(default_factory=SparseConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ function (it is pickled into spawned processes) taking (rank, world_size, *args)
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -28,7 +29,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # Plain pickle bytes: tensors sent through the queue as shared memory would vanish
+        # with this process before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -49,7 +52,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
         for _ in range(world_size):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "ok":
-                results[rank] = payload
+                results[rank] = pickle.loads(payload)
             else:
                 errors.append(f"rank {rank} failed:\n{payload}")
                 break

@@ -18,6 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def coalesce_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the values of repeated row ids: (sorted unique rows, summed values)."""
+    unique_U, inverse = torch.unique(rows, return_inverse=True)
+    summed = values.new_zeros((unique_U.numel(),) + tuple(values.shape[1:]))
+    summed.index_add_(0, inverse, values)
+    return unique_U, summed
+
+
 class RowGradSink:
     """Collects (rows, grad rows) from every backward and (rows, counts) from every forward.
 
@@ -46,12 +54,7 @@ class RowGradSink:
         if not entries:
             shape = (0, width) if width is not None else (0,)
             return torch.empty(0, dtype=torch.long, device=device), torch.zeros(shape, dtype=dtype, device=device)
-        rows = torch.cat([r for r, _ in entries])
-        values = torch.cat([v for _, v in entries])
-        unique_U, inverse = torch.unique(rows, return_inverse=True)
-        summed = values.new_zeros((unique_U.numel(),) + tuple(values.shape[1:]))
-        summed.index_add_(0, inverse, values)
-        return unique_U, summed
+        return coalesce_rows(torch.cat([r for r, _ in entries]), torch.cat([v for _, v in entries]))
 
     def coalesced_grad(self, dim: int, dtype=torch.float32, device=None):
         """(rows_U sorted, grad_UD) summed over every backward since the last clear."""
@@ -108,6 +111,12 @@ class ValueTable(nn.Module, metaclass=abc.ABCMeta):
         self.sink = RowGradSink()
         self.requires_grad = True  # values train unless a train scope freezes them
         self.track_access = False  # record per-row read counts (SMF selection, background stats)
+        # Layout across processes, set by smf_ds.parallel (None: not split that way).
+        # row_group: ranks hold different rows; col_group: different slices of the value dim;
+        # replica_group: ranks hold identical copies whose reads and gradients must be summed.
+        self.row_group = None
+        self.col_group = None
+        self.replica_group = None
 
     def _anchor(self, like: torch.Tensor) -> torch.Tensor | None:
         if self.requires_grad and torch.is_grad_enabled():

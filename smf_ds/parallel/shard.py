@@ -6,6 +6,7 @@ init is seeded identically on every rank), each keeps only its part.
 """
 from __future__ import annotations
 
+import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError
@@ -21,6 +22,11 @@ def shard_memory(model: nn.Module, group=None, strategy: str = "row", sizes: lis
     if strategy not in STRATEGIES:
         raise ConfigError(f"memory.sharding: expected one of {list(STRATEGIES)}, got {strategy!r}")
     if strategy == "local":
+        # Each rank keeps a whole copy; with several ranks the copies' reads and gradients are
+        # summed at each optimizer step (smf_ds.sparse.stats), so the copies stay identical.
+        if dist.is_initialized() and dist.get_world_size(group) > 1:
+            for _, mlp in memory_layers(model):
+                mlp.memory.values.replica_group = group if group is not None else dist.group.WORLD
         return model
     sharded_cls = RowShardedValueTable if strategy == "row" else ColumnShardedValueTable
     for _, mlp in memory_layers(model):

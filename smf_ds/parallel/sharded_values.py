@@ -53,6 +53,7 @@ class _ShardedTable(ValueTable):
 class RowShardedValueTable(_ShardedTable):
     def __init__(self, num_rows: int, dim: int, local_weight: torch.Tensor, row_sizes: list[int], group=None) -> None:
         super().__init__(num_rows, dim, local_weight, group)
+        self.row_group = group if group is not None else dist.group.WORLD
         self.row_sizes = _check_sizes(row_sizes, num_rows, self.world, "row_sizes")
         self.row_bounds = _bounds(self.row_sizes)
         self.start, self.stop = self.row_bounds[self.rank], self.row_bounds[self.rank + 1]
@@ -110,6 +111,7 @@ class RowShardedValueTable(_ShardedTable):
 class ColumnShardedValueTable(_ShardedTable):
     def __init__(self, num_rows: int, dim: int, local_weight: torch.Tensor, col_sizes: list[int], group=None) -> None:
         super().__init__(num_rows, dim, local_weight, group)
+        self.col_group = group if group is not None else dist.group.WORLD
         self.col_sizes = _check_sizes(col_sizes, dim, self.world, "col_sizes")
         bounds = _bounds(self.col_sizes)
         self.col_start, self.col_stop = bounds[self.rank], bounds[self.rank + 1]

@@ -1,0 +1,121 @@
+"""Background access statistics: per row, in how many background batches it was read (df), how
+often it was read in all (counts), and the number of batches B.
+
+A background batch is one global batch (every rank's micro-batch of one step together), the same
+unit that training selects over, so df means "read somewhere in that step's batch" at any world
+size. Saved as safetensors (`layers.<i>.df`, `layers.<i>.counts`, metadata num_batches and the
+table shapes) and reused by later runs and by resume.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..config import ConfigError
+from ..memory.values import ValueTable
+from .stats import step_access, sum_over_row_owners
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BackgroundStats:
+    num_batches: int = 0
+    df: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_rows,) int64
+    counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_rows,) int64
+
+    @classmethod
+    def empty(cls, tables: list[tuple[int, ValueTable]]) -> "BackgroundStats":
+        return cls(0, {i: torch.zeros(t.num_rows, dtype=torch.long) for i, t in tables},
+                   {i: torch.zeros(t.num_rows, dtype=torch.long) for i, t in tables})
+
+    def add_step(self, tables: list[tuple[int, ValueTable]]) -> None:
+        """Fold the reads recorded in every table's sink into the stats (one background batch)."""
+        self.num_batches += 1
+        for layer, table in tables:
+            rows, counts = step_access(table)
+            read = rows[counts > 0].cpu()
+            self.df[layer].index_add_(0, read, torch.ones_like(read))
+            self.counts[layer].index_add_(0, rows.cpu(), counts.cpu())
+            table.sink.clear()
+
+    def finalize(self, tables: list[tuple[int, ValueTable]]) -> None:
+        """Row owners hold only their rows' stats (zeros elsewhere): sum the vectors over owners."""
+        for layer, table in tables:
+            self.df[layer] = sum_over_row_owners(table, self.df[layer])
+            self.counts[layer] = sum_over_row_owners(table, self.counts[layer])
+
+    def check_against(self, tables: list[tuple[int, ValueTable]], source: str = "background stats") -> None:
+        for layer, table in tables:
+            if layer not in self.df:
+                raise ConfigError(f"{source}: no statistics for memory layer {layer}; "
+                                  f"the stats have layers {sorted(self.df)}")
+            if self.df[layer].shape[0] != table.num_rows:
+                raise ConfigError(f"{source}: layer {layer} has stats for {self.df[layer].shape[0]} rows, "
+                                  f"but the memory table has {table.num_rows} rows (memory.n_keys ** 2); "
+                                  f"recompute them with `smf-ds background` for this memory config")
+        if self.num_batches <= 0:
+            raise ConfigError(f"{source}: num_batches is {self.num_batches}; expected at least one batch")
+
+    def owned(self, layer: int, table: ValueTable) -> tuple[torch.Tensor, torch.Tensor]:
+        start, stop = table.owned_row_range()
+        device = table.local_weight.device
+        return self.df[layer][start:stop].to(device), self.counts[layer][start:stop].to(device)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for layer in self.df:
+            tensors[f"layers.{layer}.df"] = self.df[layer].contiguous()
+            tensors[f"layers.{layer}.counts"] = self.counts[layer].contiguous()
+        meta = {"format_version": str(FORMAT_VERSION), "num_batches": str(self.num_batches),
+                "layers": json.dumps(sorted(self.df))}
+        save_file(tensors, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "BackgroundStats":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"sparse.background: file {path} not found; compute it with `smf-ds background`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                layers = json.loads(meta["layers"])
+                stats = cls(int(meta["num_batches"]),
+                            {i: f.get_tensor(f"layers.{i}.df") for i in layers},
+                            {i: f.get_tensor(f"layers.{i}.counts") for i in layers})
+        except (KeyError, ValueError, OSError, SafetensorError) as err:
+            raise ConfigError(f"sparse.background: {path} is not a background stats file "
+                              f"written by `smf-ds background` ({err})") from None
+        return stats
+
+
+def collect_background(tables: list[tuple[int, ValueTable]], run_forward, batches, progress=None) -> BackgroundStats:
+    """Run `run_forward(batch)` (no grad) on each background batch, recording reads.
+
+    Every rank must iterate the same number of batches (lookups are collectives when sharded).
+    """
+    stats = BackgroundStats.empty(tables)
+    previous = [(t.track_access, t.requires_grad) for _, t in tables]
+    for _, table in tables:
+        table.track_access = True
+        table.sink.clear()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                run_forward(batch)
+                stats.add_step(tables)
+                if progress is not None:
+                    progress.update(1)
+    finally:
+        for (_, table), (track, grad) in zip(tables, previous):
+            table.track_access, table.requires_grad = track, grad
+    stats.finalize(tables)
+    return stats
+

@@ -1,0 +1,79 @@
+"""This optimizer step's reads and row gradients of a value table, complete over ranks.
+
+After the last micro-batch, each process needs, for the rows (and columns) it updates, the counts
+and gradients summed over every micro-batch and every data-parallel rank:
+- local, one process: the sink already holds them;
+- row-sharded: owners received every rank's row ids (with counts) and gradients: their sinks are
+  complete for the rows they own;
+- column-sharded: indices were all-gathered, so every rank's counts are global, and its gradient
+  slice covers every token of the group;
+- replicated (local tables on several ranks): each copy saw only its rank's tokens, so the sparse
+  entries are all-gathered and summed here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..memory.values import ValueTable, coalesce_rows
+from ..parallel.comm import all_gather_v
+
+
+def _sum_over_replicas(group, rows: torch.Tensor, values: torch.Tensor):
+    world = dist.get_world_size(group)
+    sizes = all_gather_v(torch.tensor([rows.numel()], device=rows.device), [1] * world, group).tolist()
+    all_rows = all_gather_v(rows, sizes, group)
+    all_values = all_gather_v(values.contiguous(), sizes, group)
+    return coalesce_rows(all_rows, all_values)
+
+
+def step_access(table: ValueTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows sorted, read counts) of this step, global, for the rows this process holds."""
+    rows, counts = table.sink.coalesced_access(device=table.local_weight.device)
+    if table.replica_group is not None:
+        rows, counts = _sum_over_replicas(table.replica_group, rows, counts)
+    return rows, counts
+
+
+def step_grad(table: ValueTable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows sorted, summed gradient rows) of this step for this process's rows and columns."""
+    width = table.local_weight.shape[1]
+    rows, grad = table.sink.coalesced_grad(width, dtype=table.local_weight.dtype, device=table.local_weight.device)
+    if table.replica_group is not None:
+        rows, grad = _sum_over_replicas(table.replica_group, rows, grad)
+    return rows, grad
+
+
+def sum_over_row_owners(table: ValueTable, value: torch.Tensor) -> torch.Tensor:
+    """Sum a per-process partial over rows (e.g. a count total) into the whole table's value."""
+    if table.row_group is not None:
+        value = value.clone()
+        dist.all_reduce(value, group=table.row_group)
+    return value
+
+
+def sum_over_shards(table: ValueTable, value: torch.Tensor) -> torch.Tensor:
+    """Sum a partial over this process's part of the weights (rows or columns) over all parts."""
+    group = table.row_group if table.row_group is not None else table.col_group
+    if group is not None:
+        value = value.clone()
+        dist.all_reduce(value, group=group)
+    return value
+
+
+def gather_over_row_owners(table: ValueTable, values: torch.Tensor) -> torch.Tensor:
+    """Concatenate every row owner's `values` (variable lengths) in rank order; identity otherwise."""
+    if table.row_group is None:
+        return values
+    group = table.row_group
+    world = dist.get_world_size(group)
+    sizes = all_gather_v(torch.tensor([values.shape[0]], device=values.device), [1] * world, group).tolist()
+    return all_gather_v(values.contiguous(), sizes, group)
+
+
+def owned_dense(table: ValueTable, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Scatter sparse (global rows, values) into a dense vector over this process's rows."""
+    start, stop = table.owned_row_range()
+    dense = values.new_zeros((stop - start,) + tuple(values.shape[1:]))
+    dense.index_add_(0, rows - start, values)
+    return dense
