@@ -101,10 +101,56 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    method: Literal["smf", "lora", "full"] = "smf"
+    scope: Literal["values", "memory", "memory+scale"] = "values"  # what trains with method=smf
+    steps: int = 100  # optimizer steps
+    micro_batch_size: int = 4  # per rank
+    grad_accum: int = 1
+    lr: float = 1e-4  # dense parameters (LoRA, full finetuning, memory params); values use memory.value_lr
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # dense parameters
+    max_length: int = 256
+    zero_stage: int = 0  # 0-3, for the dense parameters
+    offload: bool = False  # ZeRO offload of optimizer state to CPU (stage >= 1)
+    seed: int = 0
+    log_every: int = 1
+    save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+
+    def validate(self, prefix: str = "train") -> None:
+        for key in ("steps", "micro_batch_size", "grad_accum", "max_length", "lora_r"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}.{key}: expected an integer >= 1, got {getattr(self, key)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"{prefix}.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload and self.zero_stage == 0:
+            raise ConfigError(f"{prefix}.offload: needs {prefix}.zero_stage >= 1")
+        if self.lr <= 0:
+            raise ConfigError(f"{prefix}.lr: expected a positive learning rate, got {self.lr}")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # MedMCQA-schema hub id or local file/dir: the task learned
+    background: str = ""  # OASST1-schema hub id or local file/dir: general text (background stats)
+    train_limit: int | None = None
+    background_batches: int = 2000  # B; a background batch has the training global batch's size
+    seed: int = 0
+
+
+@dataclass
 class SMFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    out_dir: str = "runs/default"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Memory checkpoints next to the engine's: each rank writes its own value-table part and sparse
+optimizer state, because DeepSpeed's checkpoint holds module parameters only (on rank 0 for ZeRO
+0-2) and the tables are not parameters.
+
+Layout: <dir>/<tag>/memory_rank<r>.safetensors (+ memory_meta.json from rank 0); <dir>/latest is
+written last, after every rank has finished, so an interrupted save never replaces a good one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..config import ConfigError
+from ..memory.values import ValueTable
+from ..parallel.process_group import barrier, get_rank, get_world_size
+
+
+def _layout(tables: list[tuple[int, ValueTable]]) -> dict:
+    out = {}
+    for layer, table in tables:
+        out[str(layer)] = {"class": type(table).__name__, "num_rows": table.num_rows, "dim": table.dim,
+                           "local_shape": list(table.local_weight.shape),
+                           "owned_rows": list(table.owned_row_range())}
+    return out
+
+
+def save_memory_checkpoint(directory: str | Path, tag: str, tables: list[tuple[int, ValueTable]],
+                           updater_state: dict[str, torch.Tensor] | None) -> None:
+    path = Path(directory) / tag
+    path.mkdir(parents=True, exist_ok=True)
+    rank = get_rank()
+    tensors = {f"values.{layer}": table.local_weight.detach().cpu().contiguous() for layer, table in tables}
+    for key, value in (updater_state or {}).items():
+        tensors[f"updater.{key}"] = value.detach().cpu().contiguous()
+    meta = {"world_size": str(get_world_size()), "layout": json.dumps(_layout(tables))}
+    tmp = path / f".memory_rank{rank:05d}.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path / f"memory_rank{rank:05d}.safetensors")
+    barrier()
+
+
+def mark_latest(directory: str | Path, tag: str) -> None:
+    """Point <dir>/latest_memory at `tag` once every rank's files are written."""
+    barrier()
+    if get_rank() == 0:
+        tmp = Path(directory) / ".latest_memory.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, Path(directory) / "latest_memory")
+    barrier()
+
+
+def latest_tag(directory: str | Path) -> str | None:
+    marker = Path(directory) / "latest_memory"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def load_memory_checkpoint(directory: str | Path, tag: str,
+                           tables: list[tuple[int, ValueTable]]) -> dict[str, torch.Tensor]:
+    """Restore this rank's table parts; returns the updater state tensors."""
+    rank = get_rank()
+    file = Path(directory) / tag / f"memory_rank{rank:05d}.safetensors"
+    if not file.is_file():
+        raise ConfigError(f"resume: {file} not found; the checkpoint was written by a different number "
+                          f"of ranks, or is incomplete")
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    saved_world = int(meta.get("world_size", -1))
+    if saved_world != get_world_size():
+        raise ConfigError(f"resume: {file} was written by {saved_world} ranks; this run has "
+                          f"{get_world_size()} (world_size must match to resume sharded tables)")
+    saved_layout, layout = json.loads(meta.get("layout", "{}")), _layout(tables)
+    if saved_layout != layout:
+        raise ConfigError(f"resume: {file} holds memory layout {saved_layout}, but the model has {layout}; "
+                          f"memory.* and memory.sharding must match the run being resumed")
+    tensors = load_file(str(file))
+    for layer, table in tables:
+        table.local_weight.copy_(tensors[f"values.{layer}"])
+        table.sink.clear()
+    return {k[len("updater."):]: v for k, v in tensors.items() if k.startswith("updater.")}

@@ -1,0 +1,58 @@
+"""The engine that trains the dense parameters: DeepSpeed when any dense parameter trains.
+
+SMF on value rows alone has no dense parameter, and DeepSpeed refuses to run backward without
+an optimizer; `ValuesOnlyEngine` then stands in with the same few calls (forward, backward with
+the 1/grad_accum loss scale DeepSpeed applies, step, checkpoint) so the loop has one shape.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..parallel.process_group import get_rank
+
+
+class ValuesOnlyEngine:
+    def __init__(self, model: nn.Module, grad_accum: int) -> None:
+        self.module = model
+        self.grad_accum = grad_accum
+        self.micro_steps = 0
+        self.global_steps = 0
+
+    def __call__(self, **batch):
+        return self.module(**batch)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self.micro_steps += 1
+        if self.micro_steps % self.grad_accum == 0:
+            self.global_steps += 1
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+        if get_rank() == 0:
+            path = Path(directory) / tag
+            path.mkdir(parents=True, exist_ok=True)
+            torch.save({"client_state": client_state, "global_steps": self.global_steps}, path / "engine_state.pt")
+
+    def load_checkpoint(self, directory: str, tag: str):
+        state = torch.load(Path(directory) / tag / "engine_state.pt", weights_only=False)
+        self.global_steps = state["global_steps"]
+        self.micro_steps = self.global_steps * self.grad_accum
+        return str(Path(directory) / tag), state["client_state"]
+
+
+def build_engine(model: nn.Module, params: list[nn.Parameter], ds_config: dict, grad_accum: int):
+    """DeepSpeed over `params` (ZeRO as configured), or ValuesOnlyEngine when `params` is empty."""
+    if not params:
+        return ValuesOnlyEngine(model, grad_accum)
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    return engine

@@ -1,0 +1,168 @@
+"""The training loop: dense parameters through the engine (DeepSpeed), value rows through the
+SMF updater after the last micro-batch of each optimizer step; TensorBoard and checkpoints.
+
+Methods: smf (memory injected; `train.scope` says what trains), lora (peft), full.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import SMFConfig, save_config
+from ..memory.inject import set_train_scope, value_tables
+from ..parallel.process_group import get_rank, get_world_size, is_distributed
+from ..sparse.background import BackgroundStats
+from ..sparse.step import SparseMemoryUpdater
+from .batches import GlobalBatchOrder, collate
+from .checkpoint import latest_tag, load_memory_checkpoint, mark_latest, save_memory_checkpoint
+from .ds_config import build_ds_config
+from .engine import build_engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    metrics: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def trainable_parameters(model: nn.Module, cfg: SMFConfig) -> tuple[nn.Module, list[nn.Parameter]]:
+    """Apply the method: returns the (possibly wrapped) model and its dense trainable params."""
+    method = cfg.train.method
+    if method == "smf":
+        return model, set_train_scope(model, cfg.train.scope)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, list(model.parameters())
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=cfg.train.lora_dropout,
+                      target_modules=list(cfg.train.lora_targets), task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def _mean_over_ranks(value: float) -> float:
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / get_world_size()
+
+
+class Trainer:
+    def __init__(self, cfg: SMFConfig, model: nn.Module, examples: list[dict], pad_id: int,
+                 background: BackgroundStats | None = None, run_dir: str | Path | None = None) -> None:
+        self.cfg, self.examples, self.pad_id = cfg, examples, pad_id
+        self.run_dir = Path(run_dir or cfg.out_dir)
+        self.rank, self.world = get_rank(), get_world_size()
+        torch.manual_seed(cfg.train.seed)
+        self.model, params = trainable_parameters(model, cfg)
+        self.engine = build_engine(self.model, params, build_ds_config(cfg), cfg.train.grad_accum)
+        self.tables = value_tables(self.model) if cfg.train.method == "smf" else []
+        self.updater = None
+        if self.tables:
+            self.updater = SparseMemoryUpdater(self.tables, cfg.sparse, cfg.memory.value_lr, background,
+                                               grad_divisor=self.world)
+        self.order = GlobalBatchOrder(len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum,
+                                      self.world, cfg.train.seed)
+        self.step = 0
+        self.writer = None
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def _batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        idx = self.order.indices(step, self.rank, micro)
+        batch = collate([self.examples[i] for i in idx], self.pad_id)
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def train_step(self) -> tuple[float, dict]:
+        self.engine.train()
+        losses = []
+        for micro in range(self.cfg.train.grad_accum):
+            loss = self.engine(**self._batch(self.step, micro)).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(float(loss.detach()))
+        metrics = self.updater.step() if self.updater is not None else {}
+        self.step += 1
+        return _mean_over_ranks(sum(losses) / len(losses)), metrics
+
+    def _log(self, loss: float, metrics: dict) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("train/loss", loss, self.step)
+        for key, value in metrics.items():
+            if not math.isnan(value):
+                self.writer.add_scalar(f"smf/{key}", value, self.step)
+
+    def save(self) -> None:
+        tag = f"step{self.step:07d}"
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag, client_state={"step": self.step})
+        save_memory_checkpoint(self.checkpoint_dir, tag, self.tables,
+                               self.updater.state_dict() if self.updater else None)
+        mark_latest(self.checkpoint_dir, tag)
+
+    def resume(self) -> bool:
+        """Continue from the latest complete checkpoint in the run dir; False when there is none."""
+        tag = latest_tag(self.checkpoint_dir)
+        if tag is None:
+            return False
+        _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag)
+        state = load_memory_checkpoint(self.checkpoint_dir, tag, self.tables)
+        if self.updater is not None:
+            self.updater.load_state_dict(state)
+        self.step = int(client_state["step"])
+        log.info("resumed from %s at step %d", tag, self.step)
+        return True
+
+    def fit(self, steps: int | None = None, progress: bool = False) -> TrainResult:
+        total = steps if steps is not None else self.cfg.train.steps
+        result = TrainResult()
+        start = time.time()
+        bar = None
+        if progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="train", unit="step")
+        save_every = self.cfg.train.save_every
+        while self.step < total:
+            loss, metrics = self.train_step()
+            if self.updater is not None and self.step % self.cfg.train.log_every == 0:
+                metrics.update(self.updater.usage_metrics())
+            result.losses.append(loss)
+            result.metrics.append(metrics)
+            if self.step % self.cfg.train.log_every == 0:
+                self._log(loss, metrics)
+            if save_every and self.step % save_every == 0 and self.step < total:
+                self.save()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+        if bar is not None:
+            bar.close()
+        self.save()
+        if self.writer is not None:
+            self.writer.flush()
+        result.steps, result.seconds = self.step, time.time() - start
+        return result
