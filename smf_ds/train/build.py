@@ -1,0 +1,58 @@
+"""Build what a run needs from its config: tokenizer, model with memory (sharded), background."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import ConfigError, SMFConfig
+from ..memory.inject import inject_memory, value_tables
+from ..parallel.process_group import get_world_size
+from ..parallel.shard import shard_memory
+from ..sparse.background import BackgroundStats
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer_and_model(cfg: SMFConfig):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = cfg.model.name_or_path
+    if not source:
+        raise ConfigError("model.name_or_path: expected an HF hub id or a local model directory, got ''")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.model.dtype])
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path={source!r}: could not load a tokenizer and causal LM "
+                          f"from it ({err})") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return tokenizer, model
+
+
+def add_memory(model, cfg: SMFConfig, adapter_dir: str | None = None):
+    """Inject memory (from a saved adapter when given), then shard its tables over the ranks."""
+    if cfg.train.method != "smf":
+        return model
+    if adapter_dir:
+        from ..memory.adapter import load_memory_adapter
+
+        model = load_memory_adapter(model, adapter_dir)
+    else:
+        model = inject_memory(model, cfg.memory)
+    if get_world_size() > 1 or cfg.memory.sharding != "local":
+        shard_memory(model, None, cfg.memory.sharding)
+    return model
+
+
+def load_background(cfg: SMFConfig, model) -> BackgroundStats | None:
+    if not cfg.sparse.background:
+        return None
+    stats = BackgroundStats.load(cfg.sparse.background)
+    stats.check_against(value_tables(model), f"sparse.background={cfg.sparse.background}")
+    return stats
