@@ -49,13 +49,13 @@ def check_memory_config(model: nn.Module, cfg: MemoryConfig) -> None:
             f"replaces the MLP output directly (mode={cfg.mode})")
 
 
-def _attention_mask_hook(context: MemoryContext):
-    def hook(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]  # CausalLM.forward(input_ids, attention_mask, ...)
-        context.attention_mask = mask
-    return hook
+def _attention_mask_hook(module, args, kwargs):
+    # The context is looked up on the module, not closed over: a deep copy of the model
+    # (copy.deepcopy keeps hook functions as they are) then feeds its own memory layers.
+    mask = kwargs.get("attention_mask")
+    if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+        mask = args[1]  # CausalLM.forward(input_ids, attention_mask, ...)
+    module._smf_memory_context.attention_mask = mask
 
 
 def inject_memory(model: nn.Module, cfg: MemoryConfig) -> nn.Module:
@@ -73,9 +73,11 @@ def inject_memory(model: nn.Module, cfg: MemoryConfig) -> nn.Module:
         memory = ProductKeyMemory(cfg, hidden, generator)
         base = layers[i].mlp if cfg.mode == "additive" else None
         wrapper = MemoryMLP(memory, base, cfg.scale_init, context)
+        wrapper.train(layers[i].training)  # new modules follow the model's train/eval mode
         layers[i].mlp = wrapper.to(device=ref.device, dtype=ref.dtype)
     model.smf_memory_config = cfg
-    model._smf_mask_hook = model.register_forward_pre_hook(_attention_mask_hook(context), with_kwargs=True)
+    model._smf_memory_context = context
+    model._smf_mask_hook = model.register_forward_pre_hook(_attention_mask_hook, with_kwargs=True)
     return model
 
 

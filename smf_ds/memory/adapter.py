@@ -1,0 +1,337 @@
+"""Save and load the memory of an injected model on its own (peft-style adapter), or merged.
+
+Adapter directory (`save_memory_adapter` / `load_memory_adapter`):
+
+    memory_config.json           {"format", "format_version", "memory": MemoryConfig as a dict,
+                                  "base_model": {"model_type", "hidden_size", "num_hidden_layers"}}
+    memory_adapter.safetensors   every memory tensor, named by decoder layer:
+                                  layers.6.memory.query.weight, layers.6.memory.keys,
+                                  layers.6.memory.gate.weight, layers.6.memory.out.weight,
+                                  layers.6.memory.query_norm.* (incl. running stats),
+                                  layers.6.scale (additive mode), layers.6.values (the whole table)
+
+Merged directory (`save_merged` / `load_merged`): the base model as `save_pretrained` writes it,
+under the original parameter names (the `base_layer` inside each memory MLP unwrapped, memory
+tensors left out; in replacement mode the replaced MLPs are gone, so their weights are absent),
+plus the adapter files above. `load_merged` loads the base model, expects exactly those MLP
+weights to be missing, and injects and loads the memory.
+
+Distributed: value tables may be sharded, and `full_weight()` is then a collective. Call the
+save functions on every rank; tensors are gathered on every rank and files written by rank 0
+only, followed by a barrier. Loading reads the files on every rank, each keeping its own part.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ConfigError, MemoryConfig, from_dict
+from .inject import decoder_layers, inject_memory, memory_layers, value_tables
+from .layer import MemoryMLP
+
+CONFIG_NAME = "memory_config.json"
+WEIGHTS_NAME = "memory_adapter.safetensors"
+FORMAT_NAME = "smf-ds-memory-adapter"
+FORMAT_VERSION = 1
+
+# What the saved tensors mean: an adapter loads only into memory built with the same values.
+# The other MemoryConfig fields (scale_init, value_init_std, seed, value_lr, sharding) are
+# initialisation or training knobs that the loaded tensors make irrelevant.
+STRUCTURAL_FIELDS = ("layers", "n_keys", "heads", "knn", "k_dim", "v_dim", "mode", "gated", "query_batchnorm")
+BASE_MODEL_FIELDS = ("model_type", "hidden_size", "num_hidden_layers")
+
+
+class AdapterError(ConfigError):
+    """A memory adapter file is missing, corrupt, or does not fit the model; names file and field."""
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _gathered(params, modifier_rank: int | None = None):
+    """Whole parameters inside the block even if ZeRO-3 partitioned them (a collective then)."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed  # only reached when DeepSpeed ZeRO-3 is in use
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+
+
+def _memory_config(model: nn.Module) -> MemoryConfig:
+    cfg = getattr(model, "smf_memory_config", None)
+    if cfg is None:
+        raise AdapterError("model: no memory is injected into this model; nothing to save "
+                           "(inject_memory or load_memory_adapter first)")
+    return cfg
+
+
+def _memory_state(mlp: MemoryMLP, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a MemoryMLP that belongs to the memory (not the wrapped base MLP)."""
+    return {k: v for k, v in mlp.state_dict(keep_vars=keep_vars).items() if not k.startswith("base_layer.")}
+
+
+def _base_model_info(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    return {field: getattr(config, field, None) for field in BASE_MODEL_FIELDS}
+
+
+def _resolved(cfg: MemoryConfig, field: str, hidden_size: int):
+    value = getattr(cfg, field)
+    if field == "v_dim" and value is None:
+        return hidden_size
+    if field == "layers":
+        return sorted(value)
+    return value
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# adapter
+
+
+def save_memory_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write memory_config.json and memory_adapter.safetensors into `directory`.
+
+    Call on every rank when value tables are sharded (gathering them is a collective); only
+    rank 0 writes. Returns the directory.
+    """
+    cfg = _memory_config(model)
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for i, mlp in memory_layers(model):
+        with _gathered(list(mlp.memory.parameters()) + ([mlp.scale] if mlp.scale is not None else [])):
+            for key, tensor in _memory_state(mlp).items():
+                tensors[f"layers.{i}.{key}"] = tensor.detach().cpu().clone().contiguous()
+        table = mlp.memory.values
+        with torch.no_grad():
+            full = table.full_weight()  # every rank: a collective for sharded tables
+        tensors[f"layers.{i}.values"] = full.detach().cpu().clone().contiguous()
+
+    if _rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "memory": dataclasses.asdict(cfg),
+            "base_model": _base_model_info(model),
+        }
+        _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(
+            tensors, str(p), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}))
+        _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
+    _barrier()
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> tuple[MemoryConfig, dict]:
+    """(MemoryConfig, base-model info) from `directory`/memory_config.json, checked."""
+    file = Path(directory) / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterError(f"{file}: not found; expected a memory adapter directory written by "
+                           f"save_memory_adapter or save_merged")
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise AdapterError(f"{file}: format: expected {FORMAT_NAME!r}, got {got!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterError(f"{file}: format_version: expected an integer <= {FORMAT_VERSION}, got {version!r}")
+    for section in ("memory", "base_model"):
+        if not isinstance(meta.get(section), dict):
+            raise AdapterError(f"{file}: {section}: expected a mapping, got {meta.get(section)!r}")
+    try:
+        cfg = from_dict(MemoryConfig, meta["memory"], "memory")
+        cfg.validate()
+    except ConfigError as err:
+        raise AdapterError(f"{file}: {err}") from None
+    return cfg, meta["base_model"]
+
+
+def _check_base_model(model: nn.Module, base: dict, file: Path) -> None:
+    have = _base_model_info(model)
+    for field in BASE_MODEL_FIELDS:
+        if base.get(field) != have[field]:
+            raise AdapterError(f"{file}: base_model.{field}: the adapter was saved from a model with "
+                               f"{field}={base.get(field)!r}, but this model has {field}={have[field]!r}")
+
+
+def _check_same_memory(model: nn.Module, cfg: MemoryConfig, file: Path) -> None:
+    have = model.smf_memory_config
+    hidden = model.config.hidden_size
+    for field in STRUCTURAL_FIELDS:
+        saved, mine = _resolved(cfg, field, hidden), _resolved(have, field, hidden)
+        if saved != mine:
+            raise AdapterError(f"{file}: memory.{field}: the adapter has {saved!r}, but the memory already "
+                               f"injected into this model has {mine!r}")
+
+
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise AdapterError(f"{file}: not found; the memory adapter weights are missing")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise AdapterError(f"{file}: cannot be read as safetensors ({type(err).__name__}: {err})") from None
+
+
+def load_memory_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load an adapter into `model` (injecting the memory first if the model has none).
+
+    The base model must match (model_type, hidden_size, num_hidden_layers); memory that is
+    already injected must match the adapter's structure. Every rank calls it; each keeps its
+    part of a sharded table. Returns the model.
+    """
+    directory = Path(directory)
+    cfg, base = read_adapter_config(directory)
+    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    _check_base_model(model, base, config_file)
+    if getattr(model, "smf_memory_config", None) is None:
+        tensors = _read_tensors(weights_file)  # before injecting: a bad file leaves the model alone
+        inject_memory(model, cfg)
+    else:
+        _check_same_memory(model, cfg, config_file)
+        tensors = _read_tensors(weights_file)
+
+    targets: dict[str, torch.Tensor] = {}
+    for i, mlp in memory_layers(model):
+        for key, tensor in _memory_state(mlp, keep_vars=True).items():
+            targets[f"layers.{i}.{key}"] = tensor
+    tables = dict(value_tables(model))
+    expected = set(targets) | {f"layers.{i}.values" for i in tables}
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise AdapterError(f"{weights_file}: tensors do not match memory_config.json: "
+                           f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, tensor in tensors.items():
+        if name in targets:  # ds_shape: the whole shape of a ZeRO-3 partitioned parameter
+            want = tuple(getattr(targets[name], "ds_shape", targets[name].shape))
+        else:
+            table = tables[int(name.split(".")[1])]
+            want = (table.num_rows, table.dim)
+        if tuple(tensor.shape) != want:
+            raise AdapterError(f"{weights_file}: {name}: expected shape {want}, got {tuple(tensor.shape)}")
+
+    with torch.no_grad():
+        params = [t for t in targets.values() if isinstance(t, nn.Parameter)]
+        with _gathered(params, modifier_rank=0):
+            for name, target in targets.items():
+                target.copy_(tensors[name])
+        for i, table in tables.items():
+            table.load_full_weight(tensors[f"layers.{i}.values"].to(table.local_weight.dtype))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# merged: base model (save_pretrained) + adapter in one directory
+
+
+def _memory_mlp_names(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, MemoryMLP)]
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict under the original HF names: memory left out, base_layer unwrapped."""
+    prefixes = [name + "." for name in _memory_mlp_names(model)]
+    out = {}
+    for key, tensor in model.state_dict().items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = tensor
+        elif key[len(prefix):].startswith("base_layer."):
+            out[prefix + key[len(prefix) + len("base_layer."):]] = tensor
+    return out
+
+
+def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, **save_pretrained_kwargs) -> Path:
+    """One self-contained directory: the base model (save_pretrained) + the memory adapter.
+
+    Call on every rank when value tables are sharded; only rank 0 writes. Returns the directory.
+    """
+    _memory_config(model)
+    directory = Path(directory)
+    with _gathered(list(model.parameters())):
+        state = base_state_dict(model)
+        if _rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            model.save_pretrained(directory, state_dict=state, **save_pretrained_kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)
+    save_memory_adapter(model, directory)  # ends with a barrier
+    return directory
+
+
+class _CaptureLoadReport(logging.Filter):
+    """Holds back transformers' LOAD REPORT so load_merged can decide whether it is news."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+
+def load_merged(directory: str | Path, **from_pretrained_kwargs):
+    """Load a directory written by `save_merged`: the base model with its memory, ready to use.
+
+    In replacement mode the replaced MLPs' weights are absent from the directory by design; their
+    absence is expected and not reported. Any other missing or unexpected weight is reported as
+    transformers reports it. Keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    cfg, _ = read_adapter_config(directory)  # fail early if this is not a merged directory
+    want_info = from_pretrained_kwargs.pop("output_loading_info", False)
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    capture = _CaptureLoadReport()
+    hf_logger.addFilter(capture)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True,
+                                                           **from_pretrained_kwargs)
+    finally:
+        hf_logger.removeFilter(capture)
+
+    expected_missing = set()
+    if cfg.mode == "replacement":
+        layers = decoder_layers(model)
+        layers_name = next(name for name, module in model.named_modules() if module is layers)
+        prefixes = tuple(f"{layers_name}.{i}.mlp." for i in cfg.layers)
+        expected_missing = {k for k in info["missing_keys"] if k.startswith(prefixes)}
+    info["missing_keys"] = set(info["missing_keys"]) - expected_missing
+    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"] or info["error_msgs"]:
+        for record in capture.records:
+            hf_logger.handle(record)
+
+    load_memory_adapter(model, directory)
+    return (model, info) if want_info else model

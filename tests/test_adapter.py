@@ -1,0 +1,345 @@
+"""Memory adapter and merged-directory save/load: equal logits after a round trip, clear errors."""
+import json
+import logging
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from smf_ds.config import ConfigError, MemoryConfig
+from smf_ds.memory.adapter import (CONFIG_NAME, WEIGHTS_NAME, load_memory_adapter, load_merged,
+                                   save_memory_adapter, save_merged)
+from smf_ds.memory.inject import inject_memory, memory_layers, value_tables
+
+VOCAB = 96
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls on a busy 2-core machine are 10-100x faster single-threaded.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# transformers is imported inside the functions that use it (see _TinyLM).
+
+
+def tiny_qwen2(hidden=32, layers=3, tie=False, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def mem_cfg(**kw):
+    base = dict(layers=[0, 2], n_keys=6, heads=2, knn=3, k_dim=8, scale_init=0.5, seed=1)
+    base.update(kw)
+    return MemoryConfig(**base)
+
+
+def batch():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    return ids, mask
+
+
+def logits(model):
+    ids, mask = batch()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def scramble_memory(model, seed=123):
+    """Move every memory tensor away from its seeded init, so a no-op load cannot pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, mlp in memory_layers(model):
+            for name, t in mlp.named_parameters():
+                if not name.startswith("base_layer."):
+                    t.add_(torch.randn(t.shape, generator=g) * 0.3)
+            norm = mlp.memory.query_norm
+            if norm is not None:
+                norm.running_mean.copy_(torch.randn(norm.running_mean.shape, generator=g))
+                norm.running_var.copy_(torch.rand(norm.running_var.shape, generator=g) + 0.5)
+                norm.num_batches_tracked.fill_(17)
+        for _, table in value_tables(model):
+            table.weight.add_(torch.randn(table.weight.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base")
+    tiny_qwen2().save_pretrained(d)
+    return d
+
+
+def fresh(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_dir).eval()
+
+
+CASES = [
+    dict(mode="additive", gated=True),
+    dict(mode="additive", gated=False),
+    dict(mode="replacement", gated=True),
+    dict(mode="replacement", gated=False, query_batchnorm=True),
+    dict(mode="additive", gated=True, query_batchnorm=True, v_dim=20),
+]
+
+
+@pytest.mark.parametrize("kw", CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_adapter_round_trip_gives_equal_logits(base_dir, tmp_path, kw):
+    model = inject_memory(fresh(base_dir), mem_cfg(**kw))
+    scramble_memory(model)
+    expected = logits(model)
+    save_memory_adapter(model, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME}
+
+    saved = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert saved["base_model"] == {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 3}
+    assert saved["memory"]["mode"] == kw["mode"] and saved["format_version"] == 1
+    with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
+        keys = set(f.keys())
+        assert tuple(f.get_tensor("layers.2.values").shape) == (36, kw.get("v_dim") or 32)
+    assert "layers.0.memory.query.weight" in keys and "layers.2.memory.keys" in keys
+    assert ("layers.0.scale" in keys) == (kw["mode"] == "additive")
+    assert ("layers.0.memory.gate.weight" in keys) == kw["gated"]
+    if kw.get("query_batchnorm"):
+        assert {"layers.0.memory.query_norm.running_mean", "layers.0.memory.query_norm.running_var",
+                "layers.0.memory.query_norm.num_batches_tracked"} <= keys
+    assert not any("base_layer" in k for k in keys)
+
+    # Into a model without memory: injected from the saved config, then loaded.
+    loaded = load_memory_adapter(fresh(base_dir), tmp_path)
+    assert loaded.smf_memory_config == model.smf_memory_config
+    assert torch.equal(logits(loaded), expected)
+    # The load did something: a fresh injection of the same config differs.
+    assert not torch.allclose(logits(inject_memory(fresh(base_dir), mem_cfg(**kw))), expected)
+
+
+def test_load_into_model_that_already_has_memory(base_dir, tmp_path):
+    model = inject_memory(fresh(base_dir), mem_cfg())
+    scramble_memory(model)
+    save_memory_adapter(model, tmp_path)
+    # Same structure, different init/training knobs: loads.
+    other = inject_memory(fresh(base_dir), mem_cfg(seed=9, scale_init=0.0, value_lr=0.5))
+    assert torch.equal(logits(load_memory_adapter(other, tmp_path)), logits(model))
+    # Different structure: the error names the field.
+    for field, value in [("knn", 2), ("n_keys", 7), ("layers", [0, 1]), ("mode", "replacement"),
+                         ("gated", False), ("v_dim", 16)]:
+        mismatched = inject_memory(fresh(base_dir), mem_cfg(**{field: value}))
+        with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: memory\.{field}\b"):
+            load_memory_adapter(mismatched, tmp_path)
+
+
+def test_load_into_different_base_model_names_the_field(base_dir, tmp_path):
+    model = inject_memory(fresh(base_dir), mem_cfg())
+    save_memory_adapter(model, tmp_path)
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: base_model\.hidden_size.*48"):
+        load_memory_adapter(tiny_qwen2(hidden=48), tmp_path)
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: base_model\.num_hidden_layers.*4"):
+        load_memory_adapter(tiny_qwen2(layers=4), tmp_path)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: base_model\.model_type.*llama"):
+        load_memory_adapter(llama, tmp_path)
+    # A failed load leaves the model without memory.
+    assert getattr(llama, "smf_memory_config", None) is None and not memory_layers(llama)
+
+
+def test_missing_or_corrupt_files_name_the_file(base_dir, tmp_path):
+    model = inject_memory(fresh(base_dir), mem_cfg())
+    save_memory_adapter(model, tmp_path)
+    weights = (tmp_path / WEIGHTS_NAME).read_bytes()
+
+    (tmp_path / WEIGHTS_NAME).unlink()
+    target = fresh(base_dir)
+    with pytest.raises(ConfigError, match=rf"{WEIGHTS_NAME}: not found"):
+        load_memory_adapter(target, tmp_path)
+    assert not memory_layers(target)  # nothing injected when the weights cannot be read
+
+    (tmp_path / WEIGHTS_NAME).write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ConfigError, match=rf"{WEIGHTS_NAME}: cannot be read"):
+        load_memory_adapter(fresh(base_dir), tmp_path)
+
+    (tmp_path / WEIGHTS_NAME).write_bytes(weights)
+    good_config = (tmp_path / CONFIG_NAME).read_text()
+    (tmp_path / CONFIG_NAME).write_text(good_config[:40])
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: not valid JSON"):
+        load_memory_adapter(fresh(base_dir), tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(good_config.replace('"knn": 3', '"knnn": 3'))
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: unknown config key 'memory.knnn'"):
+        load_memory_adapter(fresh(base_dir), tmp_path)
+    (tmp_path / CONFIG_NAME).unlink()
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: not found"):
+        load_memory_adapter(fresh(base_dir), tmp_path)
+
+
+def test_adapter_weights_that_do_not_match_the_config_are_an_error(base_dir, tmp_path):
+    model = inject_memory(fresh(base_dir), mem_cfg())
+    save_memory_adapter(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["memory"]["gated"] = False  # config now says ungated; the file still holds gate/out
+    meta["memory"]["v_dim"] = None
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=rf"{WEIGHTS_NAME}: tensors do not match.*gate"):
+        load_memory_adapter(fresh(base_dir), tmp_path)
+
+
+def test_save_without_memory_is_an_error(base_dir, tmp_path):
+    with pytest.raises(ConfigError, match="no memory is injected"):
+        save_memory_adapter(fresh(base_dir), tmp_path)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>")
+
+
+@pytest.mark.parametrize("mode,tie", [("additive", True), ("replacement", False), ("replacement", True)])
+def test_merged_round_trip(tmp_path, mode, tie):
+    base = tiny_qwen2(tie=tie)
+    base_keys = set(base.state_dict()) - ({"lm_head.weight"} if tie else set())
+    model = inject_memory(base, mem_cfg(mode=mode, query_batchnorm=True))
+    scramble_memory(model)
+    expected = logits(model)
+    out = tmp_path / "merged"
+    save_merged(model, out, tokenizer=_tiny_tokenizer())
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"} <= names
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        saved_keys = set(f.keys())
+    replaced = {k for k in base_keys if mode == "replacement" and any(f"layers.{i}.mlp." in k for i in (0, 2))}
+    assert saved_keys == base_keys - replaced  # original names; no memory, no base_layer, tied head once
+
+    records = _Records()
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addHandler(records)
+    try:
+        loaded = load_merged(out)
+    finally:
+        hf_logger.removeHandler(records)
+    assert not [m for m in records.messages if "LOAD REPORT" in m]  # replaced MLPs missing by design
+    assert not loaded.training
+    assert torch.equal(logits(loaded), expected)
+    if tie:
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+    # The injected model itself is unchanged by saving.
+    assert torch.equal(logits(model), expected)
+
+
+def test_load_merged_still_reports_unexpected_missing_weights(tmp_path):
+    model = inject_memory(tiny_qwen2(), mem_cfg(mode="replacement"))
+    out = tmp_path / "merged"
+    save_merged(model, out)
+    # Drop one weight that is not a replaced MLP's: transformers' report must come through.
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(out / "model.safetensors"))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    records = _Records()
+    hf_logger = logging.getLogger("transformers.modeling_utils")
+    hf_logger.addHandler(records)
+    try:
+        _, info = load_merged(out, output_loading_info=True)
+    finally:
+        hf_logger.removeHandler(records)
+    assert info["missing_keys"] == {"model.layers.1.mlp.up_proj.weight"}
+    assert [m for m in records.messages if "LOAD REPORT" in m]
+
+
+def test_load_merged_on_a_plain_model_directory_names_the_file(base_dir):
+    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: not found"):
+        load_merged(base_dir)
+
+
+# --- sharded tables: every rank gathers, rank 0 writes --------------------------------------
+
+
+class _TinyLM(nn.Module):
+    """What inject_memory needs (config, model.layers[i].mlp) without transformers: the spawned
+    workers then import only torch and smf_ds, which keeps this test a few seconds."""
+
+    def __init__(self, hidden=32, n_layers=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.config = types.SimpleNamespace(model_type="qwen2", hidden_size=hidden, num_hidden_layers=n_layers)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.Module() for _ in range(n_layers))
+        for layer in self.model.layers:
+            layer.mlp = nn.Linear(hidden, hidden)
+
+    def forward(self, x_BTC, attention_mask=None):
+        for layer in self.model.layers:
+            x_BTC = x_BTC + layer.mlp(x_BTC)
+        return x_BTC
+
+
+def _tiny_lm_out(model):
+    with torch.no_grad():
+        return model(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)))
+
+
+def _sharded_save_worker(rank, world, out_dir):
+    from smf_ds.parallel.shard import shard_memory
+
+    same_shards = {}
+    for strategy in ("row", "column"):
+        model = inject_memory(_TinyLM(), mem_cfg())
+        scramble_memory(model)  # identical on every rank (seeded)
+        shard_memory(model, None, strategy)
+        for _, table in value_tables(model):
+            assert tuple(table.local_weight.shape) != (table.num_rows, table.dim)  # really sharded
+        save_memory_adapter(model, Path(out_dir) / strategy)  # every rank: gathering is a collective
+        # Every rank loads the whole file back into its own shard.
+        other = inject_memory(_TinyLM(), mem_cfg(seed=3))
+        shard_memory(other, None, strategy)
+        load_memory_adapter(other, Path(out_dir) / strategy)
+        same_shards[strategy] = all(torch.equal(a.local_weight, b.local_weight)
+                                    for (_, a), (_, b) in zip(value_tables(model), value_tables(other)))
+    return same_shards
+
+
+def test_sharded_tables_save_whole_and_load_back(tmp_path):
+    from distributed import run_distributed
+
+    results = run_distributed(_sharded_save_worker, 2, str(tmp_path))
+    assert results == [{"row": True, "column": True}] * 2
+    reference = inject_memory(_TinyLM(), mem_cfg())
+    scramble_memory(reference)
+    for strategy in ("row", "column"):
+        assert {p.name for p in (tmp_path / strategy).iterdir()} == {CONFIG_NAME, WEIGHTS_NAME}
+        loaded = load_memory_adapter(_TinyLM(), tmp_path / strategy)  # whole tables into local ones
+        for (_, a), (_, b) in zip(value_tables(loaded), value_tables(reference)):
+            assert torch.equal(a.weight, b.weight)
+        assert torch.equal(_tiny_lm_out(loaded), _tiny_lm_out(reference))
