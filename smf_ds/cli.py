@@ -1,0 +1,90 @@
+"""smf-ds: train | background | eval | demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import ConfigError, load_config
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (defaults < this file < key=value overrides)")
+    p.add_argument("--memory-adapter", help="start from a saved memory adapter directory")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. memory.knn=32")
+
+
+def _cmd_train(args) -> dict:
+    from .parallel.process_group import init_process_group
+    from .train.run import train_main
+
+    cfg = load_config(args.config, args.overrides)
+    init_process_group()
+    return train_main(cfg, args.memory_adapter, resume=args.resume)
+
+
+def _cmd_background(args) -> dict:
+    from .parallel.process_group import init_process_group
+    from .train.run import background_main
+
+    cfg = load_config(args.config, args.overrides)
+    init_process_group()
+    return {"background": str(background_main(cfg, args.memory_adapter, args.out))}
+
+
+def _cmd_eval(args) -> dict:
+    from .eval.cli import run_eval
+
+    return run_eval(args)
+
+
+def _cmd_demo(args) -> dict:
+    from .experiment.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smf-ds", description="Sparse Memory Finetuning on DeepSpeed")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="finetune with SMF, LoRA or full finetuning")
+    _add_run_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("background", help="background access statistics for the tfidf / kl rules")
+    _add_run_arguments(p)
+    p.add_argument("--out", help="stats file (default: <out_dir>/background.safetensors)")
+    p.set_defaults(func=_cmd_background)
+
+    p = sub.add_parser("eval", help="MedMCQA / WikiText / TriviaQA evaluation")
+    from .eval.cli import add_eval_arguments
+
+    add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job on the embedded synthetic world")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except ConfigError as err:
+        print(f"smf-ds {args.command}: {err}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""`smf-ds train` and `smf-ds background`: from a run config to a trained model / stats file."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, SMFConfig
+from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
+from ..data.oasst import load_oasst_texts
+from ..memory.inject import value_tables
+from ..parallel.process_group import get_rank, get_world_size
+from ..sparse.background import collect_background
+from .batches import GlobalBatchOrder, collate, tokenize_prompt_answer, tokenize_text
+from .build import add_memory, load_background, load_tokenizer_and_model
+from .loop import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def task_examples(cfg: SMFConfig, tokenizer) -> list[dict]:
+    if not cfg.data.train:
+        raise ConfigError("data.train: expected a MedMCQA-schema hub id or local file, got ''")
+    examples, report = load_medmcqa(cfg.data.train, limit=cfg.data.train_limit, seed=cfg.data.seed)
+    if report.issues:
+        log.warning("data.train=%s:\n%s", cfg.data.train, report.format())
+    prompt = MedMCQAPrompt()
+    return [tokenize_prompt_answer(tokenizer, *prompt.training_pair(ex), cfg.train.max_length) for ex in examples]
+
+
+def text_examples(texts: list[str], tokenizer, max_length: int) -> list[dict]:
+    return [e for e in (tokenize_text(tokenizer, t, max_length) for t in texts) if e["input_ids"]]
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, progress: bool = True):
+    """B background batches of the training global batch's size, split over ranks; saved as safetensors."""
+    if not cfg.data.background:
+        raise ConfigError("data.background: expected an OASST1-schema hub id or local file, got ''")
+    examples = text_examples(load_oasst_texts(cfg.data.background), tokenizer, cfg.train.max_length)
+    order = GlobalBatchOrder(len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum,
+                             get_world_size(), cfg.data.seed)
+    batches = cfg.data.background_batches
+    if batches * order.global_batch > len(examples):
+        log.warning("data.background: %d batches of %d need %d texts, %s has %d: texts are reused",
+                    batches, order.global_batch, batches * order.global_batch, cfg.data.background, len(examples))
+    model.eval()
+    device = _device(model)
+
+    def run_forward(step: int) -> None:
+        for micro in range(cfg.train.grad_accum):
+            batch = collate([examples[i] for i in order.indices(step, get_rank(), micro)], tokenizer.pad_token_id)
+            model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+
+    bar = None
+    if progress and get_rank() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=batches, desc="background", unit="batch")
+    stats = collect_background(value_tables(model), run_forward, range(batches), bar)
+    if bar is not None:
+        bar.close()
+    if get_rank() == 0:
+        stats.save(out_path)
+    return stats
+
+
+def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | None = None) -> Path:
+    tokenizer, model = load_tokenizer_and_model(cfg)
+    model = add_memory(model, cfg, adapter_dir)
+    out_path = Path(out or Path(cfg.out_dir) / "background.safetensors")
+    compute_background(cfg, model, tokenizer, out_path)
+    return out_path
+
+
+def _gathered(cfg: SMFConfig, model):
+    """Under ZeRO-3 parameters are partitioned: gather them whole for saving."""
+    if cfg.train.zero_stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
+    """What a run leaves for evaluation: the memory adapter (smf), the LoRA adapter, or the model."""
+    cfg, model = trainer.cfg, trainer.model
+    method = cfg.train.method
+    target = out_dir / {"smf": "memory_adapter", "lora": "lora_adapter", "full": "model"}[method]
+    with _gathered(cfg, model):
+        if method == "smf":
+            from ..memory.adapter import save_memory_adapter
+
+            save_memory_adapter(model, target)  # collective for sharded tables; rank 0 writes
+        elif get_rank() == 0:
+            model.save_pretrained(str(target))
+            tokenizer.save_pretrained(str(target))
+    return target
+
+
+def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    tokenizer, model = load_tokenizer_and_model(cfg)
+    model = add_memory(model, cfg, adapter_dir)
+    background = load_background(cfg, model) if cfg.train.method == "smf" else None
+    examples = task_examples(cfg, tokenizer)
+    trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id, background)
+    if resume and trainer.resume():
+        log.info("resumed at step %d", trainer.step)
+    result = trainer.fit(progress=progress)
+    artifact = save_trained(trainer, tokenizer, Path(cfg.out_dir))
+    summary = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
+               "seconds": result.seconds, "artifact": str(artifact), "world_size": get_world_size()}
+    if get_rank() == 0:
+        (Path(cfg.out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
