@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, SMFConfig
+from ..config import ConfigError, SMFConfig, save_config
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.oasst import load_oasst_texts
 from ..memory.inject import value_tables
@@ -76,6 +76,8 @@ def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | N
     model = add_memory(model, cfg, adapter_dir)
     out_path = Path(out or Path(cfg.out_dir) / "background.safetensors")
     compute_background(cfg, model, tokenizer, out_path)
+    if get_rank() == 0:  # the config that produced the stats, next to them
+        save_config(cfg, out_path.with_suffix(".config.yaml"))
     return out_path
 
 
