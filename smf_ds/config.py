@@ -238,6 +238,13 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _load_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:  # its own message names only "<unicode string>"
+        raise ConfigError(f"{where}: not valid YAML ({err})") from None
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """['memory.knn=32', 'memory.layers=[1,2]'] -> nested dict; values are parsed as YAML."""
     data: dict = {}
@@ -245,7 +252,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, e.g. memory.knn=32")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_dotted(data, key.strip(), _load_yaml(raw, f"override '{item}'") if raw.strip() else None)
     return data
 
 
@@ -267,7 +274,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path}: not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _load_yaml(path.read_text(), f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         try:

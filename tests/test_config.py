@@ -1,0 +1,147 @@
+"""Config: defaults < YAML < overrides; errors name the dotted key; save/load round trip."""
+import dataclasses
+
+import pytest
+
+from smf_ds.config import (ConfigError, MemoryConfig, SMFConfig, SparseConfig, load_config, parse_overrides,
+                           save_config)
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file_or_overrides():
+    cfg = load_config()
+    assert cfg == SMFConfig()
+    assert cfg.memory.layers == [6, 12, 18] and cfg.memory.knn == 16 and cfg.sparse.scoring == "tfidf"
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    path = write(tmp_path, """
+memory:
+  knn: 8
+  n_keys: 32
+  layers: [1, 2]
+sparse:
+  top_t: 64
+  scoring: kl
+""")
+    cfg = load_config(path)
+    assert (cfg.memory.knn, cfg.memory.n_keys, cfg.memory.layers) == (8, 32, [1, 2])  # from YAML
+    assert cfg.memory.heads == MemoryConfig().heads  # untouched: default
+    assert (cfg.sparse.top_t, cfg.sparse.scoring) == (64, "kl")
+
+    cfg = load_config(path, ["memory.knn=4", "memory.layers=[3]", "sparse.optimizer=adamw",
+                             "memory.v_dim=64", "memory.value_init_std=1"])
+    assert cfg.memory.knn == 4 and cfg.memory.layers == [3]  # override beats YAML
+    assert cfg.memory.n_keys == 32 and cfg.sparse.top_t == 64  # YAML kept where not overridden
+    assert cfg.sparse.optimizer == "adamw" and cfg.memory.v_dim == 64
+    assert cfg.memory.value_init_std == 1.0 and isinstance(cfg.memory.value_init_std, float)  # int -> float
+
+    # Overrides without a file apply on top of the defaults; null / empty set an optional to None.
+    cfg = load_config(None, ["memory.v_dim=null", "sparse.background="])
+    assert cfg.memory.v_dim is None and cfg.sparse.background is None
+    assert cfg.memory.knn == MemoryConfig().knn
+
+
+def test_empty_yaml_file_means_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == SMFConfig()
+
+
+def test_parse_overrides_nests_and_parses_yaml_values():
+    assert parse_overrides(["memory.knn=32", "memory.layers=[1, 2]", "memory.gated=false", "out_dir=runs/x"]) == {
+        "memory": {"knn": 32, "layers": [1, 2], "gated": False}, "out_dir": "runs/x"}
+    with pytest.raises(ConfigError, match="override 'memory.knn': expected key=value"):
+        parse_overrides(["memory.knn"])
+    with pytest.raises(ConfigError, match=r"override 'memory.layers=\[1,2': not valid YAML"):
+        parse_overrides(["memory.layers=[1,2"])
+    with pytest.raises(ConfigError, match="override 'memory.knn.x': 'knn' is not a section"):
+        parse_overrides(["memory.knn=3", "memory.knn.x=1"])
+
+
+def test_unknown_key_names_the_dotted_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'memory\.knnn'"):
+        load_config(None, ["memory.knnn=4"])
+    path = write(tmp_path, "memory:\n  knnn: 4\n")
+    with pytest.raises(ConfigError, match=rf"config file {path}: unknown config key 'memory\.knnn'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"unknown config key 'memroy'"):
+        load_config(None, ["memroy.knn=4"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("memory.knn=abc", r"memory\.knn: expected an integer"),
+    ("memory.knn=2.5", r"memory\.knn: expected an integer"),
+    ("memory.knn=true", r"memory\.knn: expected an integer"),  # a bool is not an int
+    ("memory.gated=1", r"memory\.gated: expected true or false"),
+    ("memory.layers=3", r"memory\.layers: expected a list"),
+    ("memory.layers=[1, x]", r"memory\.layers\[1\]: expected an integer"),
+    ("memory.mode=subtractive", r"memory\.mode: expected one of \['additive', 'replacement'\]"),
+    ("memory.v_dim=wide", r"memory\.v_dim: expected int or NoneType"),
+    ("sparse.eps=small", r"sparse\.eps: expected a number"),
+    ("out_dir=3", r"out_dir: expected a string"),
+    ("memory=3", r"memory: expected a mapping of MemoryConfig fields"),
+])
+def test_wrong_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [override])
+
+
+def test_wrong_type_in_yaml_names_file_and_key(tmp_path):
+    path = write(tmp_path, "sparse:\n  top_t: many\n")
+    with pytest.raises(ConfigError, match=rf"config file {path}: sparse\.top_t: expected an integer"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override,key", [
+    (["memory.knn=16", "memory.n_keys=8"], r"memory\.knn: expected 1 <= knn <= n_keys \(= 8\), got 16"),
+    (["memory.knn=0"], r"memory\.knn"),
+    (["memory.k_dim=7"], r"memory\.k_dim: expected an even integer"),
+    (["memory.layers=[]"], r"memory\.layers: expected at least one"),
+    (["memory.layers=[2, 2]"], r"memory\.layers: expected distinct"),
+    (["memory.heads=0"], r"memory\.heads"),
+    (["memory.v_dim=0"], r"memory\.v_dim"),
+    (["memory.value_lr=0"], r"memory\.value_lr"),
+    (["sparse.top_t=0"], r"sparse\.top_t"),
+    (["sparse.betas=[0.9]"], r"sparse\.betas"),
+    (["sparse.weight_decay=0.1"], r"sparse\.weight_decay: only the adamw optimizer decays"),
+])
+def test_validate_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, override)
+
+
+def test_validate_on_the_dataclass_itself():
+    with pytest.raises(ConfigError, match=r"memory\.knn"):
+        MemoryConfig(n_keys=4, knn=5).validate()
+    with pytest.raises(ConfigError, match=r"sparse\.top_t"):
+        SparseConfig(top_t=-1).validate()
+
+
+def test_file_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=rf"config file {missing}: not found"):
+        load_config(missing)
+    bad = write(tmp_path, "memory: [1, 2\n", "bad.yaml")
+    with pytest.raises(ConfigError, match=rf"config file {bad}: not valid YAML"):
+        load_config(bad)
+    listy = write(tmp_path, "- 1\n- 2\n", "list.yaml")
+    with pytest.raises(ConfigError, match=rf"config file {listy}: expected a mapping at the top level"):
+        load_config(listy)
+
+
+def test_save_then_load_round_trip(tmp_path):
+    cfg = load_config(None, ["memory.knn=4", "memory.n_keys=16", "memory.layers=[0, 5]", "memory.v_dim=null",
+                             "memory.mode=replacement", "memory.value_init_std=0.02",
+                             "sparse.scoring=kl", "sparse.betas=[0.8, 0.95]", "out_dir=runs/abc"])
+    path = tmp_path / "sub" / "config.yaml"
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    # And once more through the file: stable.
+    save_config(again, tmp_path / "again.yaml")
+    assert (tmp_path / "again.yaml").read_text() == path.read_text()
