@@ -59,8 +59,8 @@ def demo_overrides(world: dict[str, Path], base: Path, method: str, run_dir: Pat
               "train.micro_batch_size=8", "train.max_length=96", f"out_dir={run_dir}"]
     if method == "smf":
         return common + ["memory.layers=[1,2]", "memory.n_keys=32", "memory.heads=4", "memory.knn=8",
-                         "memory.k_dim=32", "memory.scale_init=1.0", "memory.value_lr=2.0",
-                         "sparse.scoring=tfidf", "sparse.top_t=64", "data.background_batches=40"]
+                         "memory.k_dim=32", "memory.scale_init=1.0", "memory.value_lr=50.0",
+                         "sparse.scoring=tfidf", "sparse.top_t=128", "data.background_batches=40"]
     if method == "lora":
         return common + ["train.lr=0.003", "train.lora_r=8", "train.lora_alpha=16"]
     return common + ["train.lr=0.001"]

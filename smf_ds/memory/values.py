@@ -118,6 +118,23 @@ class ValueTable(nn.Module, metaclass=abc.ABCMeta):
         self.col_group = None
         self.replica_group = None
 
+    def _apply(self, fn, recurse=True):
+        """Move with the model, but keep the table's own dtype (fp32 by default).
+
+        `model.to(torch.bfloat16)` would otherwise round the values too, and SGD steps with the
+        large value learning rates of SMF would then mostly round away. Rows are read in the
+        table's dtype; the layer casts its output to the activations' dtype.
+        """
+        weight = self._buffers.pop("weight")
+        try:
+            super()._apply(fn, recurse)
+            target = fn(torch.empty(0, dtype=weight.dtype, device=weight.device))
+        finally:
+            self._buffers["weight"] = weight
+        if target.device != weight.device:
+            self._buffers["weight"] = weight.to(target.device)
+        return self
+
     def _anchor(self, like: torch.Tensor) -> torch.Tensor | None:
         if self.requires_grad and torch.is_grad_enabled():
             return torch.empty(0, device=like.device, requires_grad=True)
