@@ -310,7 +310,7 @@ def _tiny_lm_out(model):
         return model(torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3)))
 
 
-def _sharded_save_worker(rank, world, out_dir):
+def _sharded_save_worker(out_dir):
     from smf_ds.parallel.shard import shard_memory
 
     same_shards = {}
@@ -330,16 +330,53 @@ def _sharded_save_worker(rank, world, out_dir):
     return same_shards
 
 
-def test_sharded_tables_save_whole_and_load_back(tmp_path):
+def _zero3_worker(out_dir):
+    import deepspeed
+
+    from smf_ds.memory.inject import set_train_scope
+
+    model = inject_memory(_TinyLM(), mem_cfg())
+    scramble_memory(model)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+              "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "torch_adam": True}},
+              "zero_optimization": {"stage": 3}}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=set_train_scope(model, "memory+scale"),
+                                      config=config)
+    partitioned = all(p.numel() == 0 for _, mlp in memory_layers(engine.module) for p in mlp.memory.parameters())
+    save_memory_adapter(engine.module, Path(out_dir) / "zero3_saved")  # gathers the partitioned params
+    load_memory_adapter(engine.module, Path(out_dir) / "other")  # writes into partitioned params
+    save_memory_adapter(engine.module, Path(out_dir) / "zero3_reloaded")
+    return partitioned
+
+
+def _distributed_worker(rank, world, out_dir):
+    return {"sharded": _sharded_save_worker(out_dir), "zero3_partitioned": _zero3_worker(out_dir)}
+
+
+def test_distributed_save_and_load(tmp_path):
+    """Two gloo ranks (one spawn for both parts, to keep the suite fast): row/column-sharded value
+    tables are saved whole and loaded back into shards; ZeRO-3-partitioned memory params are
+    gathered for saving and written through on loading."""
+    from safetensors.torch import load_file
+
     from distributed import run_distributed
 
-    results = run_distributed(_sharded_save_worker, 2, str(tmp_path))
-    assert results == [{"row": True, "column": True}] * 2
-    reference = inject_memory(_TinyLM(), mem_cfg())
+    reference, other = inject_memory(_TinyLM(), mem_cfg()), inject_memory(_TinyLM(), mem_cfg())
     scramble_memory(reference)
+    scramble_memory(other, seed=9)
+    save_memory_adapter(other, tmp_path / "other")
+
+    results = run_distributed(_distributed_worker, 2, str(tmp_path), timeout=600)
+    assert results == [{"sharded": {"row": True, "column": True}, "zero3_partitioned": True}] * 2
+
     for strategy in ("row", "column"):
         assert {p.name for p in (tmp_path / strategy).iterdir()} == {CONFIG_NAME, WEIGHTS_NAME}
         loaded = load_memory_adapter(_TinyLM(), tmp_path / strategy)  # whole tables into local ones
         for (_, a), (_, b) in zip(value_tables(loaded), value_tables(reference)):
             assert torch.equal(a.weight, b.weight)
         assert torch.equal(_tiny_lm_out(loaded), _tiny_lm_out(reference))
+
+    save_memory_adapter(reference, tmp_path / "reference")
+    for saved, want in [("zero3_saved", "reference"), ("zero3_reloaded", "other")]:
+        a, b = load_file(tmp_path / saved / WEIGHTS_NAME), load_file(tmp_path / want / WEIGHTS_NAME)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), saved
