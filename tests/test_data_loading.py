@@ -1,0 +1,121 @@
+"""Loaders: every local format gives the same rows in the hub schema; limit and seeded subsample."""
+import json
+
+import pytest
+
+from smf_ds.data import samples
+from smf_ds.data.loading import DataSourceError, load_rows, select_indices
+from smf_ds.data.medmcqa import MedMCQAExample, MedMCQAPrompt, load_medmcqa
+from smf_ds.data.oasst import load_oasst, load_oasst_texts
+from smf_ds.data.triviaqa import load_triviaqa
+from smf_ds.data.wikitext import join_docs, load_wikitext
+
+FORMATS = ("jsonl", "json", "parquet", "disk")
+
+
+def _path(tmp_path, name, fmt):
+    return tmp_path / (name if fmt == "disk" else f"{name}.{fmt}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_loads_the_same_examples(tmp_path, fmt):
+    rows = samples.medmcqa_rows(12, seed=3, multi_every=4)
+    ref, _ = load_medmcqa(str(samples.write_rows(rows, tmp_path / "ref.jsonl")))
+    ex, report = load_medmcqa(str(samples.write_rows(rows, _path(tmp_path, "m", fmt))))
+    assert [e.question for e in ex] == [e.question for e in ref]
+    assert [(e.options, e.answer, e.row) for e in ex] == [(e.options, e.answer, e.row) for e in ref]
+    assert report.n_rows == 12 and report.n_malformed == 0 and report.n_filtered == 3
+    assert len(ex) == 9 and all(r.index == i for i, r in enumerate(ex))
+
+    tq, rep = load_triviaqa(str(samples.write_rows(samples.triviaqa_rows(5, seed=3), _path(tmp_path, "t", fmt))))
+    assert len(tq) == 5 and rep.n_malformed == 0
+    assert tq[0].aliases[0] == tq[0].value and tq[0].value.lower() in tq[0].aliases
+
+    docs, rep = load_wikitext(str(samples.write_rows(samples.wikitext_rows(3, seed=3), _path(tmp_path, "w", fmt))))
+    assert len(docs) == 3 and rep.n_malformed == 0 and all(d.title for d in docs)
+    assert join_docs(docs).count(" = = ") == 3 * 2  # one section heading per article
+
+    texts, rep = load_oasst(str(samples.write_rows(samples.oasst_rows(5, seed=3), _path(tmp_path, "o", fmt))))
+    assert len(texts) == 4  # 5 trees, 1 German; rank-0 assistant reply of each English tree
+    assert rep.n_filtered == 15 - 4
+
+
+def test_json_object_with_a_data_list_and_jsonl_with_json_suffix(tmp_path):
+    rows = samples.triviaqa_rows(3)
+    (tmp_path / "a.json").write_text(json.dumps({"version": 1.0, "data": rows}))
+    (tmp_path / "b.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert load_rows(str(tmp_path / "a.json")).rows == rows
+    assert load_rows(str(tmp_path / "b.json")).rows == rows
+
+
+def test_missing_paths_and_unknown_hub_ids_name_the_source(tmp_path):
+    with pytest.raises(DataSourceError, match="no such file"):
+        load_rows(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataSourceError, match="unsupported file type"):
+        (tmp_path / "x.csv").write_text("a,b\n")
+        load_rows(str(tmp_path / "x.csv"))
+    with pytest.raises(DataSourceError, match="smf-ds-test/does-not-exist"):
+        load_rows("smf-ds-test/does-not-exist", split="test")  # offline in tests: fails fast, names the id
+
+
+def test_save_to_disk_dataset_dict_picks_the_split(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    dd = DatasetDict({"validation": Dataset.from_list(samples.medmcqa_rows(4, seed=1)),
+                      "train": Dataset.from_list(samples.medmcqa_rows(7, seed=2))})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    ex, _ = load_medmcqa(str(tmp_path / "dd"), split="train")
+    assert len(ex) == 7
+    with pytest.raises(DataSourceError, match="split 'test'"):
+        load_medmcqa(str(tmp_path / "dd"), split="test")
+
+
+def test_limit_and_seeded_subsample():
+    assert select_indices(10) == list(range(10))
+    assert select_indices(10, limit=3) == [0, 1, 2]
+    a = select_indices(100, sample=10, seed=1)
+    assert a == select_indices(100, sample=10, seed=1) and a != select_indices(100, sample=10, seed=2)
+    assert a == sorted(a) and len(set(a)) == 10
+    assert select_indices(100, sample=10, seed=1, limit=4) == a[:4]
+    assert select_indices(5, sample=50) == list(range(5))
+    with pytest.raises(ValueError, match="limit"):
+        select_indices(5, limit=-1)
+
+
+def test_limit_and_sample_through_a_loader(tmp_path):
+    path = samples.write_rows(samples.medmcqa_rows(30, seed=4), tmp_path / "m.jsonl")
+    full, _ = load_medmcqa(str(path))
+    first, _ = load_medmcqa(str(path), limit=5)
+    assert [e.row for e in first] == [0, 1, 2, 3, 4] and [e.index for e in first] == [0, 1, 2, 3, 4]
+    sub, _ = load_medmcqa(str(path), sample=6, seed=7)
+    assert [e.row for e in sub] == select_indices(30, sample=6, seed=7)
+    docs, _ = load_wikitext(str(samples.write_rows(samples.wikitext_rows(5), tmp_path / "w.jsonl")), limit=2)
+    assert len(docs) == 2
+
+
+def test_oasst_texts_and_rank_filter(tmp_path):
+    path = samples.write_rows(samples.oasst_rows(5, seed=3), tmp_path / "o.jsonl")
+    assert len(load_oasst_texts(str(path))) == 4
+    assert len(load_oasst_texts(str(path), max_rank=1)) == 8
+    assert len(load_oasst_texts(str(path), lang="de")) == 1
+
+
+def test_medmcqa_prompt_default_training_pair_and_custom_template():
+    ex = MedMCQAExample(0, 0, "x", "Which organ?", ["liver", "heart", "lung", "skin"], 1, exp="It pumps.")
+    p = MedMCQAPrompt()
+    assert p.prompt(ex) == ("Medical exam question:\nQuestion: Which organ?\nA. liver\nB. heart\nC. lung\n"
+                            "D. skin\nAnswer:")
+    assert p.continuation(ex, 2, "letter") == " C" and p.continuation(ex, 2, "answer") == " C. lung"
+    assert p.training_pair(ex) == (p.prompt(ex), " B. heart\nExplanation: It pumps.")
+    custom = MedMCQAPrompt(template="Q: {question} ({A}/{B}/{C}/{D})\nA:")
+    assert custom.prompt(ex) == "Q: Which organ? (liver/heart/lung/skin)\nA:"
+    with pytest.raises(ValueError, match="unknown placeholder {answer}"):
+        MedMCQAPrompt(template="{question} {answer}")
+
+
+def test_cop_letters_are_accepted(tmp_path):
+    rows = samples.medmcqa_rows(4, seed=5)
+    for row, cop in zip(rows, ["a", "B", " c ", 3]):
+        row["cop"] = cop
+    ex, rep = load_medmcqa(str(samples.write_rows(rows, tmp_path / "m.jsonl")))
+    assert [e.answer for e in ex] == [0, 1, 2, 3] and rep.n_malformed == 0
