@@ -380,3 +380,21 @@ def test_distributed_save_and_load(tmp_path):
     for saved, want in [("zero3_saved", "reference"), ("zero3_reloaded", "other")]:
         a, b = load_file(tmp_path / saved / WEIGHTS_NAME), load_file(tmp_path / want / WEIGHTS_NAME)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), saved
+
+
+def test_weights_that_do_not_fit_leave_the_model_as_it_was(base_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for mode in ("additive", "replacement"):
+        save_memory_adapter(inject_memory(fresh(base_dir), mem_cfg(mode=mode)), tmp_path)
+        tensors = load_file(tmp_path / WEIGHTS_NAME)
+        tensors["layers.2.values"] = tensors["layers.2.values"][:-1].contiguous()
+        save_file(tensors, tmp_path / WEIGHTS_NAME)
+        target = fresh(base_dir)
+        before, mlps = logits(target), [layer.mlp for layer in target.model.layers]
+        with pytest.raises(ConfigError, match=rf"{WEIGHTS_NAME}: layers\.2\.values: expected shape \(36, 32\)"):
+            load_memory_adapter(target, tmp_path)
+        assert [layer.mlp for layer in target.model.layers] == mlps
+        assert getattr(target, "smf_memory_config", None) is None and not target._forward_pre_hooks
+        assert torch.equal(logits(target), before)
+        inject_memory(target, mem_cfg())  # can still be injected

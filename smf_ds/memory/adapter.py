@@ -210,15 +210,35 @@ def load_memory_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """
     directory = Path(directory)
     cfg, base = read_adapter_config(directory)
-    config_file, weights_file = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config_file = directory / CONFIG_NAME
     _check_base_model(model, base, config_file)
-    if getattr(model, "smf_memory_config", None) is None:
-        tensors = _read_tensors(weights_file)  # before injecting: a bad file leaves the model alone
-        inject_memory(model, cfg)
-    else:
+    if getattr(model, "smf_memory_config", None) is not None:
         _check_same_memory(model, cfg, config_file)
-        tensors = _read_tensors(weights_file)
+        _load_tensors(model, _read_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+        return model
+    tensors = _read_tensors(directory / WEIGHTS_NAME)  # before injecting: an unreadable file changes nothing
+    originals = {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if i in cfg.layers}
+    inject_memory(model, cfg)
+    try:
+        _load_tensors(model, tensors, directory / WEIGHTS_NAME)
+    except BaseException:
+        _undo_injection(model, originals)  # a file that does not fit leaves the model as it was
+        raise
+    return model
 
+
+def _undo_injection(model: nn.Module, originals: dict[int, nn.Module]) -> None:
+    layers = decoder_layers(model)
+    for i, mlp in originals.items():
+        layers[i].mlp = mlp
+    model._smf_mask_hook.remove()
+    for attr in ("smf_memory_config", "_smf_memory_context", "_smf_mask_hook"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
+    """Check the adapter tensors against the injected memory, then copy them in."""
     targets: dict[str, torch.Tensor] = {}
     for i, mlp in memory_layers(model):
         for key, tensor in _memory_state(mlp, keep_vars=True).items():
@@ -245,7 +265,6 @@ def load_memory_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                 target.copy_(tensors[name])
         for i, table in tables.items():
             table.load_full_weight(tensors[f"layers.{i}.values"].to(table.local_weight.dtype))
-    return model
 
 
 # ---------------------------------------------------------------------------------------------
