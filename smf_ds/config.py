@@ -161,7 +161,25 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+@dataclass(frozen=True)
+class _Override:
+    """A `key=value` override: the raw text, and the text parsed as YAML."""
+
+    raw: str
+    parsed: Any
+
+
+def _wants_text(tp: Any, value: _Override) -> bool:
+    """A string field takes an override's raw text (`data.train=on` stays 'on', not True)."""
+    if tp is str:
+        return True
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    return str in options and value.parsed is not None
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
+    if isinstance(value, _Override):
+        value = value.raw if _wants_text(tp, value) else value.parsed
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -245,15 +263,27 @@ def _load_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: not valid YAML ({err})") from None
 
 
-def parse_overrides(overrides: list[str]) -> dict:
-    """['memory.knn=32', 'memory.layers=[1,2]'] -> nested dict; values are parsed as YAML."""
+def _override_tree(overrides: list[str]) -> dict:
     data: dict = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}': expected key=value, e.g. memory.knn=32")
         key, raw = item.split("=", 1)
-        _set_dotted(data, key.strip(), _load_yaml(raw, f"override '{item}'") if raw.strip() else None)
+        parsed = _load_yaml(raw, f"override '{item}'") if raw.strip() else None
+        _set_dotted(data, key.strip(), _Override(raw.strip(), parsed))
     return data
+
+
+def _parsed(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _parsed(v) for k, v in node.items()}
+    return node.parsed if isinstance(node, _Override) else node
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['memory.knn=32', 'memory.layers=[1,2]'] -> nested dict; values are parsed as YAML
+    (load_config keeps the raw text for string fields)."""
+    return _parsed(_override_tree(overrides))
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -282,7 +312,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             cfg = from_dict(cls, data)
         except ConfigError as err:
             raise ConfigError(f"config file {path}: {err}") from None
-    data = _merge(data, parse_overrides(overrides or []))
+    data = _merge(data, _override_tree(overrides or []))
     cfg = from_dict(cls, data)
     validate(cfg)
     return cfg
