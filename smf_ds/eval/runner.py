@@ -1,0 +1,218 @@
+"""Run evaluation tasks: load and check the data, evaluate (sharded over ranks), summarize, write files.
+
+Every rank loads the same data and builds the same batch plan; each runs its share of the
+batches and the per-example records are gathered on every rank (smf_ds.eval.batching), so the
+metrics every rank computes are those of a single-process run. Rank 0 writes, into `out_dir`:
+
+  <task>.predictions.jsonl   one record per evaluated example (per window for wikitext), in order
+  <task>.malformed.jsonl     one line per problem found in the data: row, field, problem
+  summary.json               {"tasks": {task: result}, "settings", "world_size", ...}
+
+A task's result: {"task", "source", "n" (examples evaluated), "metric", "value", "ci95",
+"metrics" ({name: {"value", "ci95", "n"}}), "n_rows", "n_malformed", "n_filtered",
+"n_available", "warnings", "predictions", "malformed_report", "seconds"}. `n` always equals the
+number of records written; a run that asked for more examples than the data holds says so in
+"warnings".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..data import medmcqa as medmcqa_data
+from ..data import triviaqa as triviaqa_data
+from ..data import wikitext as wikitext_data
+from ..data.loading import load_rows, take
+from ..data.medmcqa import MedMCQAPrompt
+from ..data.validation import ValidationReport
+from .batching import resolve_shard
+from .medmcqa import MODES, check_modes, evaluate_medmcqa, summarize_medmcqa
+from .triviaqa import evaluate_triviaqa, summarize_triviaqa
+from .wikitext import evaluate_perplexity, summarize_perplexity
+
+TASKS = ("medmcqa", "wikitext", "triviaqa")
+
+
+@dataclass
+class EvalSettings:
+    # data sources (hub id or local path) in the datasets' own schemas
+    medmcqa: str = medmcqa_data.HUB_ID
+    medmcqa_split: str = medmcqa_data.DEFAULT_SPLIT
+    triviaqa: str = triviaqa_data.HUB_ID
+    triviaqa_config: str | None = triviaqa_data.HUB_CONFIG
+    triviaqa_split: str = triviaqa_data.DEFAULT_SPLIT
+    wikitext: str = wikitext_data.HUB_ID
+    wikitext_config: str | None = wikitext_data.HUB_CONFIG
+    wikitext_split: str = wikitext_data.DEFAULT_SPLIT
+    # which examples: per task, None = all (wikitext counts articles)
+    limit: dict[str, int | None] = field(default_factory=dict)
+    sample: dict[str, int | None] = field(default_factory=dict)
+    seed: int = 0
+    strict: bool = False
+    # MedMCQA
+    medmcqa_modes: tuple[str, ...] = MODES  # the first is the headline metric
+    medmcqa_prompt: MedMCQAPrompt = field(default_factory=MedMCQAPrompt)
+    # TriviaQA
+    triviaqa_template: str = triviaqa_data.DEFAULT_TEMPLATE
+    max_new_tokens: int = 32
+    # WikiText
+    max_length: int = 1024
+    stride: int = 512
+    # batching
+    batch_size: int = 64  # MedMCQA sequences per forward
+    gen_batch_size: int = 32  # TriviaQA prompts per generate call
+    ppl_batch_size: int = 8  # WikiText windows per forward
+    # bootstrap
+    n_boot: int = 1000
+    boot_seed: int = 0
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["medmcqa_modes"] = list(self.medmcqa_modes)
+        return out
+
+
+def check_tasks(tasks: Sequence[str]) -> list[str]:
+    tasks = [t.strip() for t in tasks if t.strip()]
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"--tasks: expected a comma-separated subset of {','.join(TASKS)}, got {','.join(tasks) or '(none)'}")
+    return list(dict.fromkeys(tasks))
+
+
+def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _data_fields(report: ValidationReport, n_available: int, n: int, limit, sample) -> dict:
+    warnings = []
+    asked = min(x for x in (limit, sample) if x is not None) if (limit is not None or sample is not None) else None
+    if asked is not None and asked > n:
+        warnings.append(f"asked for {asked} examples, but only {n_available} well-formed examples are available; "
+                        f"evaluated {n}")
+    if report.n_malformed:
+        warnings.append(f"{report.n_malformed} malformed rows skipped (see the malformed report)")
+    return {**report.summary(), "n_available": n_available, "limit": limit, "sample": sample, "warnings": warnings}
+
+
+def _headline(result: dict, metric: str) -> dict:
+    m = result["metrics"][metric]
+    result.update(metric=metric, value=m["value"], ci95=m["ci95"])
+    return result
+
+
+def run_medmcqa(model, tokenizer, s: EvalSettings, rank, world_size, progress) -> tuple[list[dict], dict, ValidationReport]:
+    modes = check_modes(s.medmcqa_modes)
+    rows = load_rows(s.medmcqa, split=s.medmcqa_split)
+    all_examples, report = medmcqa_data.parse_medmcqa(rows, strict=s.strict)
+    limit, sample = s.limit.get("medmcqa"), s.sample.get("medmcqa")
+    examples = take(all_examples, limit, sample, s.seed)
+    records = evaluate_medmcqa(model, tokenizer, examples, s.medmcqa_prompt, modes, s.batch_size, rank, world_size,
+                               progress)
+    result = {"task": "medmcqa", "n": len(records), "metrics": summarize_medmcqa(records, modes, s.n_boot, s.boot_seed),
+              "modes": list(modes), **_data_fields(report, len(all_examples), len(records), limit, sample)}
+    return records, _headline(result, f"accuracy_{modes[0]}"), report
+
+
+def run_triviaqa(model, tokenizer, s: EvalSettings, rank, world_size, progress) -> tuple[list[dict], dict, ValidationReport]:
+    rows = load_rows(s.triviaqa, split=s.triviaqa_split, config=s.triviaqa_config)
+    all_examples, report = triviaqa_data.parse_triviaqa(rows, strict=s.strict)
+    limit, sample = s.limit.get("triviaqa"), s.sample.get("triviaqa")
+    examples = take(all_examples, limit, sample, s.seed)
+    records = evaluate_triviaqa(model, tokenizer, examples, s.triviaqa_template, s.max_new_tokens, s.gen_batch_size,
+                                rank, world_size, progress)
+    result = {"task": "triviaqa", "n": len(records), "metrics": summarize_triviaqa(records, s.n_boot, s.boot_seed),
+              **_data_fields(report, len(all_examples), len(records), limit, sample)}
+    return records, _headline(result, "contains"), report
+
+
+def run_wikitext(model, tokenizer, s: EvalSettings, rank, world_size, progress) -> tuple[list[dict], dict, ValidationReport]:
+    rows = load_rows(s.wikitext, split=s.wikitext_split, config=s.wikitext_config)
+    all_docs, report = wikitext_data.parse_wikitext(rows, strict=s.strict)
+    limit, sample = s.limit.get("wikitext"), s.sample.get("wikitext")
+    docs = take(all_docs, limit, sample, s.seed)
+    text = wikitext_data.join_docs(docs)
+    records = evaluate_perplexity(model, tokenizer, text, max_length=s.max_length, stride=s.stride,
+                                  batch_size=s.ppl_batch_size, rank=rank, world_size=world_size, progress=progress)
+    metrics = summarize_perplexity(records, s.n_boot, s.boot_seed)
+    n_tokens = metrics.pop("n_tokens_scored")
+    result = {"task": "wikitext", "n": len(records), "unit": "window", "n_docs": len(docs),
+              "n_lines": sum(len(d.lines) for d in docs), "n_tokens_scored": n_tokens,
+              "max_length": s.max_length, "stride": s.stride, "metrics": metrics,
+              **_data_fields(report, len(all_docs), len(docs), limit, sample)}
+    return records, _headline(result, "perplexity"), report
+
+
+RUNNERS: dict[str, Callable] = {"medmcqa": run_medmcqa, "wikitext": run_wikitext, "triviaqa": run_triviaqa}
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | None = None,
+              out_dir: str | Path | None = None, progress: bool = False, rank: int | None = None,
+              world_size: int | None = None, echo: Callable[[str], None] | None = _stderr,
+              meta: dict | None = None) -> dict:
+    """Evaluate `tasks` and return the summary (identical on every rank; rank 0 writes the files).
+
+    `rank` / `world_size` default to the process group; world_size=1 evaluates everything in
+    this process without any collective. `meta` (e.g. the model id) is added to the summary.
+    """
+    settings = settings or EvalSettings()
+    tasks = check_tasks(tasks)
+    rank, world_size = resolve_shard(rank, world_size)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for task in tasks:
+            start = time.perf_counter()
+            records, result, report = RUNNERS[task](model, tokenizer, settings, rank, world_size, progress)
+            if len(records) != result["n"]:
+                raise RuntimeError(f"{task}: {len(records)} records but n = {result['n']}")
+            result["source"] = report.source
+            result["seconds"] = round(time.perf_counter() - start, 3)
+            if rank == 0 and echo is not None and (report.n_malformed or report.n_filtered or result["warnings"]):
+                echo(report.format())
+                for w in result["warnings"]:
+                    echo(f"{task}: warning: {w}")
+            if out is not None:
+                result["predictions"] = str(out / f"{task}.predictions.jsonl")
+                result["malformed_report"] = str(out / f"{task}.malformed.jsonl")
+                if rank == 0:
+                    _write_jsonl(out / f"{task}.predictions.jsonl", records)
+                    report.write_jsonl(out / f"{task}.malformed.jsonl")
+            results[task] = result
+    finally:
+        model.train(was_training)
+    summary = {**(meta or {}), "tasks": results, "world_size": world_size, "settings": settings.to_dict()}
+    if out is not None and rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    if rank == 0 and echo is not None:
+        echo(format_summary(summary))
+    return summary
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{'task':<10} {'n':>7} {'metric':<18} {'value':>9}  95% CI"]
+    for task, r in summary["tasks"].items():
+        for name, m in r["metrics"].items():
+            lo, hi = m["ci95"]
+            lines.append(f"{task:<10} {m['n']:>7} {name:<18} {_fmt(m['value']):>9}  [{_fmt(lo)}, {_fmt(hi)}]")
+    return "\n".join(lines)
+

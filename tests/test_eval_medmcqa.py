@@ -1,0 +1,85 @@
+"""MedMCQA: batched scoring equals one forward per option (every mode), and the scorer's mechanics."""
+import numpy as np
+import pytest
+import torch
+from fixtures_eval import eval_world, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
+
+from smf_ds.data.medmcqa import MedMCQAPrompt, load_medmcqa
+from smf_ds.eval.medmcqa import MODES, evaluate_medmcqa, summarize_medmcqa
+from smf_ds.eval.reference import loglikelihood, medmcqa_one_by_one
+from smf_ds.eval.scoring import build_rows, score_requests
+
+
+@pytest.fixture(scope="module")
+def examples(eval_world):
+    ex, report = load_medmcqa(str(eval_world.medmcqa))
+    assert report.n_filtered == 4 and len(ex) == 20
+    return ex
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm, examples):
+    model, tok = tiny_lm
+    return medmcqa_one_by_one(model, tok, examples, modes=MODES)
+
+
+@pytest.mark.parametrize("batch_size", [7, 64])
+def test_batched_equals_one_at_a_time_for_every_mode(tiny_lm, examples, reference, batch_size):
+    model, tok = tiny_lm
+    batched = evaluate_medmcqa(model, tok, examples, modes=MODES, batch_size=batch_size)
+    assert len(batched) == len(reference) == len(examples)
+    for b, r, ex in zip(batched, reference, examples):
+        assert (b["index"], b["row"], b["id"], b["gold"]) == (ex.index, ex.row, ex.id, "ABCD"[ex.answer])
+        for mode in MODES:
+            assert b[f"pred_{mode}"] == r[f"pred_{mode}"]
+            assert b[f"correct_{mode}"] == r[f"correct_{mode}"]
+        for kind in ("letter", "answer"):
+            np.testing.assert_allclose(b[f"ll_{kind}"], r[f"ll_{kind}"], atol=1e-4, rtol=0)
+            assert b[f"n_tokens_{kind}"] == r[f"n_tokens_{kind}"]
+    # the modes really differ somewhere on this data (else the test would not tell them apart)
+    assert any(b["pred_answer"] != b["pred_answer_norm"] for b in batched) or \
+        any(b["pred_letter"] != b["pred_answer"] for b in batched)
+
+
+def test_letter_mode_reads_four_options_from_one_row(tiny_lm, examples):
+    model, tok = tiny_lm
+    ctx = tok("Answer:", add_special_tokens=False)["input_ids"]
+    conts = [tok(f" {c}", add_special_tokens=False)["input_ids"] for c in "ABCD"]
+    assert all(len(c) == 1 for c in conts)
+    rows = build_rows([(ctx, c) for c in conts] + [(ctx, conts[0] + conts[1])])
+    assert len(rows) == 2 and len(rows[0].items) == 4
+
+
+def test_scores_equal_direct_loglikelihood_with_mixed_lengths(tiny_lm):
+    model, tok = tiny_lm
+    g = torch.Generator().manual_seed(0)
+    requests = []
+    for _ in range(13):
+        n_ctx, n_cont = int(torch.randint(1, 30, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g))
+        ids = torch.randint(1, len(tok), (n_ctx + n_cont,), generator=g).tolist()
+        requests.append((ids[:n_ctx], ids[n_ctx:]))
+    got = score_requests(model, requests, tok.pad_token_id, batch_size=5)
+    want = [loglikelihood(model, c, x) for c, x in requests]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_custom_template_and_mode_subset(tiny_lm, examples):
+    model, tok = tiny_lm
+    prompt = MedMCQAPrompt(template="Q: {question}\n(A) {opa} (B) {opb} (C) {opc} (D) {opd}\nAnswer:")
+    recs = evaluate_medmcqa(model, tok, examples[:5], prompt, modes=("answer_norm",), batch_size=3)
+    ref = medmcqa_one_by_one(model, tok, examples[:5], prompt, modes=("answer_norm",))
+    assert [r["pred_answer_norm"] for r in recs] == [r["pred_answer_norm"] for r in ref]
+    assert "pred_letter" not in recs[0] and "ll_letter" not in recs[0]
+    with pytest.raises(ValueError, match="modes"):
+        evaluate_medmcqa(model, tok, examples[:1], modes=("letters",))
+
+
+def test_summary_has_accuracy_and_interval_per_mode(tiny_lm, examples):
+    model, tok = tiny_lm
+    recs = evaluate_medmcqa(model, tok, examples, batch_size=64)
+    summary = summarize_medmcqa(recs, MODES, n_boot=200, seed=0)
+    for mode in MODES:
+        m = summary[f"accuracy_{mode}"]
+        assert m["n"] == len(examples)
+        assert m["value"] == pytest.approx(np.mean([r[f"correct_{mode}"] for r in recs]))
+        assert m["ci95"][0] <= m["value"] <= m["ci95"][1]

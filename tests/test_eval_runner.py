@@ -1,0 +1,168 @@
+"""The eval runner and CLI: sharded over 2 gloo ranks == 1 rank; files, malformed reports, flags."""
+import json
+import os
+
+import pytest
+import torch
+from distributed import run_distributed
+from fixtures_eval import eval_world, load_tiny, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
+
+from smf_ds.data import samples
+from smf_ds.data.validation import MalformedRowError
+from smf_ds.eval import cli
+from smf_ds.eval.runner import EvalSettings, run_tasks
+
+TASKS = ["medmcqa", "wikitext", "triviaqa"]
+
+
+def _settings(world) -> EvalSettings:
+    return EvalSettings(medmcqa=str(world.medmcqa), triviaqa=str(world.triviaqa), wikitext=str(world.wikitext),
+                        max_length=48, stride=24, max_new_tokens=6, batch_size=12, gen_batch_size=5,
+                        ppl_batch_size=3, n_boot=200)
+
+
+def _without_timing(summary):
+    out = json.loads(json.dumps(summary))
+    out.pop("world_size")
+    for result in out["tasks"].values():
+        result.pop("seconds")
+        result.pop("predictions", None)
+        result.pop("malformed_report", None)
+    return out
+
+
+def _eval_worker(rank, world_size, world, out_sharded, out_single):
+    model, tok = load_tiny(world.model_dir)
+    sharded = run_tasks(model, tok, TASKS, _settings(world), out_dir=out_sharded, echo=None)
+    single = None
+    if rank == 0:  # the one-process twin, in the same process (same kernels and threads)
+        single = run_tasks(model, tok, TASKS, _settings(world), out_dir=out_single, rank=0, world_size=1, echo=None)
+    return sharded, single
+
+
+def test_two_ranks_equal_one_rank(eval_world, tmp_path):
+    out2, out1 = tmp_path / "w2", tmp_path / "w1"
+    (r0, single), (r1, _) = run_distributed(_eval_worker, 2, eval_world, str(out2), str(out1))
+    assert r0["world_size"] == 2 and single["world_size"] == 1
+    assert _without_timing(r0) == _without_timing(r1) == _without_timing(single)
+    for task in TASKS:
+        sharded = (out2 / f"{task}.predictions.jsonl").read_text()
+        assert sharded == (out1 / f"{task}.predictions.jsonl").read_text()
+        assert len(sharded.splitlines()) == r0["tasks"][task]["n"] > 0
+    assert r0["tasks"]["medmcqa"]["n"] == 20 and r0["tasks"]["triviaqa"]["n"] == 20
+
+
+def test_summary_fields_files_and_consistency_with_the_records(tiny_lm, eval_world, tmp_path):
+    model, tok = tiny_lm
+    s = _settings(eval_world)
+    s.limit = {"medmcqa": 7, "triviaqa": 50}
+    summary = run_tasks(model, tok, TASKS, s, out_dir=tmp_path, echo=None)
+    med, wiki, tqa = (summary["tasks"][t] for t in TASKS)
+    assert med["n"] == 7 and med["metric"] == "accuracy_letter" and med["n_filtered"] == 4
+    assert set(med["metrics"]) == {"accuracy_letter", "accuracy_answer", "accuracy_answer_norm"}
+    records = [json.loads(x) for x in (tmp_path / "medmcqa.predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(7))
+    assert med["value"] == pytest.approx(sum(r["correct_letter"] for r in records) / 7)
+    assert tqa["n"] == 20 and any("asked for 50" in w for w in tqa["warnings"])
+    assert tqa["metric"] == "contains" and set(tqa["metrics"]) == {"contains", "em", "f1"}
+    assert wiki["metric"] == "perplexity" and wiki["unit"] == "window" and wiki["n_docs"] == 4
+    assert wiki["ci95"][0] < wiki["value"] < wiki["ci95"][1]
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["tasks"]["medmcqa"]["value"] == med["value"]
+    assert (tmp_path / "wikitext.malformed.jsonl").read_text() == ""
+
+
+def test_malformed_rows_are_reported_counted_and_not_evaluated(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    rows = samples.medmcqa_rows(10, seed=4)
+    rows[2]["cop"] = 5
+    rows[6]["opa"] = ""
+    path = samples.write_rows(rows, tmp_path / "bad.jsonl")
+    messages = []
+    s = EvalSettings(medmcqa=str(path), n_boot=50)
+    summary = run_tasks(model, tok, ["medmcqa"], s, out_dir=tmp_path / "out", echo=messages.append)
+    r = summary["tasks"]["medmcqa"]
+    assert (r["n_rows"], r["n_malformed"], r["n"]) == (10, 2, 8)
+    assert any("bad.jsonl row 2 (line 3): field 'cop'" in m for m in messages)
+    assert any("bad.jsonl row 6 (line 7): field 'opa'" in m for m in messages)
+    report = [json.loads(x) for x in (tmp_path / "out" / "medmcqa.malformed.jsonl").read_text().splitlines()]
+    assert [(x["row"], x["field"]) for x in report] == [(2, "cop"), (6, "opa")]
+    preds = [json.loads(x) for x in (tmp_path / "out" / "medmcqa.predictions.jsonl").read_text().splitlines()]
+    assert [p["row"] for p in preds] == [0, 1, 3, 4, 5, 7, 8, 9]
+    s.strict = True
+    with pytest.raises(MalformedRowError, match="bad.jsonl row 2 .*field 'cop'"):
+        run_tasks(model, tok, ["medmcqa"], s, echo=None)
+
+
+def test_cli_end_to_end_with_flags(eval_world, tmp_path, capsys):
+    out = tmp_path / "cli"
+    argv = ["--model", str(eval_world.model_dir), "--tasks", "medmcqa,triviaqa,wikitext",
+            "--medmcqa", str(eval_world.medmcqa), "--triviaqa", str(eval_world.triviaqa),
+            "--wikitext", str(eval_world.wikitext), "--limit", "medmcqa=5,triviaqa=4,wikitext=1",
+            "--medmcqa-modes", "answer_norm,letter", "--max-length", "32", "--stride", "16",
+            "--max-new-tokens", "4", "--n-boot", "50", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model"] == str(eval_world.model_dir) and summary["memory_adapter"] is None
+    assert summary["tasks"]["medmcqa"]["metric"] == "accuracy_answer_norm"
+    assert [summary["tasks"][t]["n"] for t in ("medmcqa", "triviaqa")] == [5, 4]
+    assert summary["tasks"]["wikitext"]["n_docs"] == 1
+    assert "accuracy_answer_norm" in capsys.readouterr().err  # the summary table
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "medmcqa,mmlu"], "--tasks"),
+    (["--medmcqa-modes", "letter,lettr"], "--medmcqa-modes"),
+    (["--limit", "trivia=5"], "--limit: unknown task 'trivia'"),
+    (["--stride", "600", "--max-length", "512"], "--stride"),
+    (["--medmcqa-template", "{question} {answer}"], "--medmcqa-template"),
+    (["--memory-adapter", "/nonexistent/adapter"], "--memory-adapter /nonexistent/adapter"),
+    (["--medmcqa", "/nonexistent/medmcqa.jsonl", "--tasks", "medmcqa"], "/nonexistent/medmcqa.jsonl"),
+])
+def test_cli_errors_name_the_flag(eval_world, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--model", str(eval_world.model_dir), "--no-progress", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_template_flags_accept_files_and_escapes(tmp_path):
+    import argparse
+
+    parser = cli.add_eval_arguments(argparse.ArgumentParser())
+    (tmp_path / "t.txt").write_text("Q: {question}\nA) {opa}\nB) {opb}\nC) {opc}\nD) {opd}\nAnswer:\n")
+    args = parser.parse_args(["--model", "m", "--medmcqa-template", str(tmp_path / "t.txt"),
+                              "--triviaqa-template", "Q: {question}\\nA:", "--sample", "9", "--limit", "3"])
+    s = cli.settings_from_args(args)
+    assert s.medmcqa_prompt.template == "Q: {question}\nA) {opa}\nB) {opb}\nC) {opc}\nD) {opd}\nAnswer:"
+    assert s.triviaqa_template == "Q: {question}\nA:"
+    assert s.limit == {"medmcqa": 3, "wikitext": 3, "triviaqa": 3} and s.sample["triviaqa"] == 9
+
+
+def test_memory_adapter_flag_loads_the_adapter(eval_world, tmp_path):
+    adapter = pytest.importorskip("smf_ds.memory.adapter")
+    from smf_ds.config import MemoryConfig
+    from smf_ds.memory.inject import inject_memory
+
+    model, tok = load_tiny(eval_world.model_dir)
+    inject_memory(model, MemoryConfig(layers=[1], n_keys=4, heads=1, knn=2, k_dim=8, seed=1))
+    with torch.no_grad():
+        for _, mlp in [(i, layer.mlp) for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, "memory")]:
+            if mlp.scale is not None:
+                mlp.scale.fill_(1.0)  # make the memory matter for the outputs
+    adapter.save_memory_adapter(model, tmp_path / "adapter")
+    s = _settings(eval_world)
+    s.limit = {"medmcqa": 4, "triviaqa": 3, "wikitext": 1}
+    with_memory = run_tasks(model, tok, TASKS, s, echo=None)
+
+    args = cli.add_eval_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        ["--model", str(eval_world.model_dir), "--memory-adapter", str(tmp_path / "adapter"),
+         "--medmcqa", str(eval_world.medmcqa), "--triviaqa", str(eval_world.triviaqa),
+         "--wikitext", str(eval_world.wikitext), "--limit", "medmcqa=4,triviaqa=3,wikitext=1",
+         "--max-length", "48", "--stride", "24", "--max-new-tokens", "6", "--batch-size", "12",
+         "--gen-batch-size", "5", "--ppl-batch-size", "3", "--n-boot", "200", "--no-progress"])
+    via_cli = cli.run_eval(args)
+    base = run_tasks(load_tiny(eval_world.model_dir)[0], tok, TASKS, s, echo=None)
+    ppl = lambda summary: summary["tasks"]["wikitext"]["value"]  # noqa: E731
+    assert ppl(via_cli) == pytest.approx(ppl(with_memory), rel=1e-5)
+    assert ppl(via_cli) != pytest.approx(ppl(base), rel=1e-5)  # the memory changes the model
