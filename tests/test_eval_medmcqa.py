@@ -7,7 +7,7 @@ from fixtures_eval import eval_world, one_thread, tiny_lm  # noqa: F401 - pytest
 from smf_ds.data.medmcqa import MedMCQAPrompt, load_medmcqa
 from smf_ds.eval.medmcqa import MODES, evaluate_medmcqa, summarize_medmcqa
 from smf_ds.eval.reference import loglikelihood, medmcqa_one_by_one
-from smf_ds.eval.scoring import build_rows, score_requests
+from smf_ds.eval.scoring import build_rows, score_requests, score_shared_context
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +61,22 @@ def test_scores_equal_direct_loglikelihood_with_mixed_lengths(tiny_lm):
     got = score_requests(model, requests, tok.pad_token_id, batch_size=5)
     want = [loglikelihood(model, c, x) for c, x in requests]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_shared_context_scores_equal_direct_loglikelihood(tiny_lm):
+    """Each context read once, continuations of 1..8 tokens on its KV cache, vs one full forward each."""
+    model, tok = tiny_lm
+    g = torch.Generator().manual_seed(1)
+    rand = lambda lo, hi: int(torch.randint(lo, hi, (1,), generator=g))  # noqa: E731
+    groups = []
+    for _ in range(9):
+        ctx = torch.randint(1, len(tok), (rand(1, 30),), generator=g).tolist()
+        conts = [torch.randint(1, len(tok), (rand(1, 9),), generator=g).tolist() for _ in range(rand(1, 6))]
+        groups.append((ctx, conts))
+    for batch_size in (1, 4, 16):
+        got = score_shared_context(model, groups, tok.pad_token_id, batch_size=batch_size)
+        for (ctx, conts), scores in zip(groups, got):
+            np.testing.assert_allclose(scores, [loglikelihood(model, ctx, c) for c in conts], atol=1e-4, rtol=0)
 
 
 def test_custom_template_and_mode_subset(tiny_lm, examples):

@@ -151,6 +151,20 @@ def test_memory_adapter_flag_loads_the_adapter(eval_world, tmp_path):
             if mlp.scale is not None:
                 mlp.scale.fill_(1.0)  # make the memory matter for the outputs
     adapter.save_memory_adapter(model, tmp_path / "adapter")
+    # batched scoring and generation through the memory layers equal the one-at-a-time loops
+    from smf_ds.data.medmcqa import load_medmcqa
+    from smf_ds.data.triviaqa import load_triviaqa
+    from smf_ds.eval.medmcqa import evaluate_medmcqa
+    from smf_ds.eval.reference import medmcqa_one_by_one, triviaqa_one_by_one
+    from smf_ds.eval.triviaqa import evaluate_triviaqa
+
+    mcq = load_medmcqa(str(eval_world.medmcqa), limit=6)[0]
+    got, want = evaluate_medmcqa(model, tok, mcq, batch_size=4), medmcqa_one_by_one(model, tok, mcq)
+    assert [g["pred_answer_norm"] for g in got] == [w["pred_answer_norm"] for w in want]
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g["ll_answer"], w["ll_answer"])) < 1e-4
+    tqa = load_triviaqa(str(eval_world.triviaqa), limit=6)[0]
+    assert evaluate_triviaqa(model, tok, tqa, max_new_tokens=5, batch_size=4) == \
+        triviaqa_one_by_one(model, tok, tqa, max_new_tokens=5)
     s = _settings(eval_world)
     s.limit = {"medmcqa": 4, "triviaqa": 3, "wikitext": 1}
     with_memory = run_tasks(model, tok, TASKS, s, echo=None)

@@ -93,7 +93,7 @@ def test_llama_architecture_batched_equals_unbatched(tiny_lm, examples):
     """The same checks on a tiny Llama (rotary positions from explicit / generate-derived position ids)."""
     from smf_ds.data.tiny import build_tiny_model
     from smf_ds.eval.reference import loglikelihood
-    from smf_ds.eval.scoring import score_requests
+    from smf_ds.eval.scoring import score_requests, score_shared_context
 
     _, tok = tiny_lm
     llama = build_tiny_model(tok, arch="llama", seed=3)
@@ -101,5 +101,7 @@ def test_llama_architecture_batched_equals_unbatched(tiny_lm, examples):
     want = [generate_one(llama, tok, p, max_new_tokens=6) for p in prompts]
     assert generate_batched(llama, tok, prompts, max_new_tokens=6, batch_size=4) == want
     requests = [(p[:-3], p[-3:]) for p in prompts]
-    got = score_requests(llama, requests, tok.pad_token_id, batch_size=4)
-    assert got == pytest.approx([loglikelihood(llama, c, x) for c, x in requests], abs=1e-4)
+    want = [loglikelihood(llama, c, x) for c, x in requests]
+    assert score_requests(llama, requests, tok.pad_token_id, batch_size=4) == pytest.approx(want, abs=1e-4)
+    shared = score_shared_context(llama, [(c, [x, x[:1]]) for c, x in requests], tok.pad_token_id, batch_size=4)
+    assert [s[0] for s in shared] == pytest.approx(want, abs=1e-4)

@@ -74,7 +74,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     t.add_argument("--max-length", type=int, default=1024, help="WikiText: tokens per window")
     t.add_argument("--stride", type=int, default=512, help="WikiText: window stride (<= --max-length)")
     b = p.add_argument_group("batching and statistics")
-    b.add_argument("--batch-size", type=int, default=64, help="MedMCQA: sequences per forward")
+    b.add_argument("--batch-size", type=int, default=32, help="MedMCQA: questions per batch (all their options with them)")
     b.add_argument("--gen-batch-size", type=int, default=32, help="TriviaQA: prompts per generate call")
     b.add_argument("--ppl-batch-size", type=int, default=8, help="WikiText: windows per forward")
     b.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")

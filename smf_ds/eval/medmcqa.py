@@ -2,12 +2,13 @@
 
 Modes (each is a prediction per question, argmax over the four options; ties go to the first):
 
-  letter       log p(" B" | prompt)                        (one row per question: the four
-                                                             one-token continuations share it)
+  letter       log p(" B" | prompt)
   answer       log p(" B. {option text}" | prompt), summed over its tokens
   answer_norm  the same divided by its number of tokens (length-normalized)
 
-All options of many questions go through the model in one forward batch (smf_ds.eval.scoring).
+Many questions go through the model in one batch, each prompt read once: its KV cache then
+scores all of its continuations (letters from the prompt's last logits, answers in a second
+short pass; smf_ds.eval.scoring.score_shared_context).
 Per-example records hold every option's log-likelihood, so predictions can be compared across
 models later (paired).
 """
@@ -20,7 +21,7 @@ import numpy as np
 from ..data.medmcqa import LETTERS, MedMCQAExample, MedMCQAPrompt
 from .batching import pad_id_of
 from .bootstrap import bootstrap_mean
-from .scoring import score_requests
+from .scoring import score_shared_context
 
 MODES = ("letter", "answer", "answer_norm")
 KIND = {"letter": "letter", "answer": "answer", "answer_norm": "answer"}
@@ -35,13 +36,17 @@ def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
 
 def tokenize_medmcqa(tokenizer, examples: Sequence[MedMCQAExample], prompt: MedMCQAPrompt, kinds: Sequence[str]
                      ) -> tuple[list[list[int]], dict[str, list[list[list[int]]]]]:
-    """(context ids per example, {kind: [example][option] continuation ids}); no special tokens."""
-    enc = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"] if texts else []  # noqa: E731
-    contexts = enc([prompt.prompt(ex) for ex in examples])
-    conts = {}
-    for kind in kinds:
-        flat = enc([prompt.continuation(ex, o, kind) for ex in examples for o in range(4)])
-        conts[kind] = [flat[4 * i:4 * i + 4] for i in range(len(examples))]
+    """(context ids per example, {kind: [example][option] continuation ids}); no special tokens.
+
+    Prompt and continuation are tokenized separately (each distinct text once: the letter
+    continuations " A".." D" are shared by every question).
+    """
+    texts = [prompt.prompt(ex) for ex in examples]
+    cont_texts = {k: [prompt.continuation(ex, o, k) for ex in examples for o in range(4)] for k in kinds}
+    unique = list(dict.fromkeys([*texts, *(t for k in kinds for t in cont_texts[k])]))
+    ids = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
+    contexts = [ids[t] for t in texts]
+    conts = {k: [[ids[t] for t in cont_texts[k][4 * i:4 * i + 4]] for i in range(len(examples))] for k in kinds}
     return contexts, conts
 
 
@@ -66,24 +71,20 @@ def make_record(ex: MedMCQAExample, modes: Sequence[str], ll: dict[str, list[flo
 
 
 def evaluate_medmcqa(model, tokenizer, examples: Sequence[MedMCQAExample], prompt: MedMCQAPrompt | None = None,
-                     modes: Sequence[str] = MODES, batch_size: int = 64, rank: int | None = None,
+                     modes: Sequence[str] = MODES, batch_size: int = 32, rank: int | None = None,
                      world_size: int | None = None, progress: bool = False) -> list[dict]:
-    """One record per example, in example order, on every rank (batches sharded, results gathered)."""
+    """One record per example, in example order, on every rank (batches sharded, results gathered).
+
+    `batch_size` counts questions; all continuations of a question go in its batch.
+    """
     prompt = prompt or MedMCQAPrompt()
     modes = check_modes(modes)
     kinds = list(dict.fromkeys(KIND[m] for m in modes))
     contexts, conts = tokenize_medmcqa(tokenizer, examples, prompt, kinds)
-    requests, where = [], []
-    for kind in kinds:
-        for i in range(len(examples)):
-            for o in range(4):
-                requests.append((contexts[i], conts[kind][i][o]))
-                where.append((kind, i, o))
-    scores = score_requests(model, requests, pad_id_of(tokenizer), batch_size, rank, world_size, progress,
-                            desc="medmcqa")
-    ll = [{k: [0.0] * 4 for k in kinds} for _ in examples]
-    for (kind, i, o), s in zip(where, scores):
-        ll[i][kind][o] = s
+    groups = [(contexts[i], [conts[k][i][o] for k in kinds for o in range(4)]) for i in range(len(examples))]
+    scores = score_shared_context(model, groups, pad_id_of(tokenizer), batch_size, rank, world_size, progress,
+                                  desc="medmcqa")
+    ll = [{k: scores[i][4 * j:4 * j + 4] for j, k in enumerate(kinds)} for i in range(len(examples))]
     return [make_record(ex, modes, ll[i], {k: [len(c) for c in conts[k][i]] for k in kinds})
             for i, ex in enumerate(examples)]
 

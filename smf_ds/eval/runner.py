@@ -64,7 +64,7 @@ class EvalSettings:
     max_length: int = 1024
     stride: int = 512
     # batching
-    batch_size: int = 64  # MedMCQA sequences per forward
+    batch_size: int = 32  # MedMCQA questions per batch (with all their options)
     gen_batch_size: int = 32  # TriviaQA prompts per generate call
     ppl_batch_size: int = 8  # WikiText windows per forward
     # bootstrap

@@ -1,5 +1,9 @@
 """Batched log-likelihood of continuations: sum over the continuation's tokens of log p(token | prefix).
 
+Two engines: `score_requests` (independent (context, continuation) pairs; WikiText windows) and
+`score_shared_context` (one context, several continuations; a MedMCQA question and its options:
+the context is read once and the continuations run on its KV cache).
+
 A request is (context_ids, continuation_ids), tokenized separately and concatenated (the same
 convention as training, smf_ds.train.batches.tokenize_prompt_answer). The model reads
 context + continuation[:-1] (the last continuation token is only a target). Requests whose model
@@ -41,14 +45,14 @@ def build_rows(requests: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[
     return list(rows.values())
 
 
-def forward_last(model, input_ids, attention_mask, position_ids, keep: int) -> torch.Tensor:
-    """Logits of the last `keep` positions, [B, keep, V]."""
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+def forward_last(model, keep: int, **kwargs):
+    """model(**kwargs) computing only the last `keep` positions' logits where the model allows it.
+
+    Returns the model output; its `.logits` are [B, >= keep, V] (slice [:, -keep:])."""
     try:
-        logits = model(**kwargs, logits_to_keep=keep).logits
+        return model(**kwargs, logits_to_keep=keep)
     except TypeError:  # a model without logits_to_keep
-        logits = model(**kwargs).logits
-    return logits[:, -keep:]
+        return model(**kwargs)
 
 
 @torch.no_grad()
@@ -70,7 +74,10 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
         brows = [rows[i] for i in batch]
         ids, mask, pos = left_pad([r.input_ids for r in brows], pad_id, device)
         keep = max(len(r.input_ids) - start for r in brows for _, start, _ in r.items)
-        logits = forward_last(model, ids, mask, pos, keep)
+        if bool(mask.all()):  # no padding in this batch: plain causal attention (the fast SDPA path)
+            mask = pos = None
+        logits = forward_last(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos,
+                              use_cache=False).logits[:, -keep:]
         # Flatten (row, kept column, target) over every target token of every item; an item's
         # tokens are contiguous, so per-item sums are a reduceat over `starts`.
         b_idx, k_idx, tgt, owners, starts = [], [], [], [], []
@@ -99,3 +106,99 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     if len(gathered) != len(requests):
         raise RuntimeError(f"scoring: {len(gathered)} of {len(requests)} requests came back from the ranks")
     return [gathered[r] for r in range(len(requests))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared contexts: one context, several continuations (a question and its options).
+
+
+def _expand_cache(cache, index: torch.Tensor):
+    """The KV cache with its batch rows taken in `index` order (rows may repeat)."""
+    if cache is not None and hasattr(cache, "reorder_cache"):
+        cache.reorder_cache(index)
+        return cache
+    raise TypeError(f"shared-context scoring needs a KV cache with reorder_cache(); got {type(cache).__name__}")
+
+
+@torch.no_grad()
+def score_shared_context(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], pad_id: int,
+                         batch_size: int = 32, rank: int | None = None, world_size: int | None = None,
+                         progress: bool = False, desc: str = "scoring") -> list[list[float]]:
+    """Log-likelihood of every continuation of every (context, [continuations]) group.
+
+    The context is read once, not once per continuation: pass 1 runs `batch_size` contexts
+    (left-padded, explicit position ids) with a KV cache and keeps the last position's logits,
+    which score every continuation's first token; pass 2 runs the continuations' remaining
+    tokens (right-padded) on top of the cache, each row's cache row copied from its context.
+    A one-token continuation (a letter) costs nothing beyond pass 1. Same numbers as
+    `score_requests` and as one unpadded forward per continuation, up to float rounding.
+    Batches of groups are sharded over ranks and the results gathered on every rank.
+    """
+    rank, world_size = resolve_shard(rank, world_size)
+    for g, (ctx, conts) in enumerate(groups):
+        if len(ctx) == 0 or any(len(c) == 0 for c in conts):
+            raise ValueError(f"group {g}: empty context or empty continuation")
+    batches = plan_batches([len(ctx) for ctx, _ in groups], batch_size)
+    device = model_device(model)
+    local: list[tuple[int, list[float]]] = []
+    bar = progress_bar(len(my_batches(batches, rank, world_size)), desc, progress, rank)
+    for batch in my_batches(batches, rank, world_size):
+        ids, mask, pos = left_pad([groups[g][0] for g in batch], pad_id, device)
+        out = forward_last(model, 1, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        first_lp = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]
+        sums = {g: [0.0] * len(groups[g][1]) for g in batch}
+        # first continuation token of every continuation, from pass 1
+        rows_b, tgt, slots = [], [], []
+        for b, g in enumerate(batch):
+            for c, cont in enumerate(groups[g][1]):
+                rows_b.append(b)
+                tgt.append(cont[0])
+                slots.append((g, c))
+        first = first_lp[torch.tensor(rows_b, device=device), torch.tensor(tgt, device=device)].double().cpu()
+        parts: dict[tuple[int, int], list[float]] = {s: [v] for s, v in zip(slots, first.tolist())}
+        # pass 2: the rest of every longer continuation, on top of its context's cache
+        longer = [(b, g, c) for b, g in enumerate(batch) for c, cont in enumerate(groups[g][1]) if len(cont) > 1]
+        if longer:
+            inputs = [list(groups[g][1][c][:-1]) for _, g, c in longer]
+            n_max = max(len(x) for x in inputs)
+            cont_ids = torch.full((len(longer), n_max), pad_id, dtype=torch.long)
+            cont_mask = torch.zeros((len(longer), n_max), dtype=torch.long)
+            for r, x in enumerate(inputs):
+                cont_ids[r, :len(x)] = torch.tensor(x)
+                cont_mask[r, :len(x)] = 1
+            index = torch.tensor([b for b, _, _ in longer], device=device)
+            cache = _expand_cache(out.past_key_values, index)
+            full_mask = torch.cat([mask.index_select(0, index), cont_mask.to(device)], dim=1)
+            ctx_len = mask.sum(-1).index_select(0, index)
+            cont_pos = ctx_len[:, None] + torch.arange(n_max, device=device)[None, :]
+            logits = model(input_ids=cont_ids.to(device), attention_mask=full_mask, position_ids=cont_pos,
+                           past_key_values=cache, use_cache=True).logits  # [R, n_max, V]
+            r_idx, j_idx, t_idx = [], [], []
+            for r, (_, g, c) in enumerate(longer):
+                cont = groups[g][1][c]
+                for j in range(len(cont) - 1):  # position j predicts cont[j + 1]
+                    r_idx.append(r)
+                    j_idx.append(j)
+                    t_idx.append(cont[j + 1])
+            r_t = torch.tensor(r_idx, device=device)
+            j_t = torch.tensor(j_idx, device=device)
+            t_t = torch.tensor(t_idx, device=device)
+            token_lp = torch.empty(len(t_idx), dtype=torch.float32, device=device)
+            for s in range(0, len(t_idx), CE_CHUNK):
+                sl = slice(s, s + CE_CHUNK)
+                token_lp[sl] = -F.cross_entropy(logits[r_t[sl], j_t[sl]].float(), t_t[sl], reduction="none")
+            values = token_lp.double().cpu().tolist()
+            k = 0
+            for _, g, c in longer:
+                n = len(groups[g][1][c]) - 1
+                parts[(g, c)].extend(values[k:k + n])
+                k += n
+        for (g, c), vals in parts.items():
+            sums[g][c] = sum(vals)  # Python floats (float64), fixed order
+        local.extend(sums.items())
+        bar.update(1)
+    bar.close()
+    gathered = dict(gather_objects(local, world_size))
+    if len(gathered) != len(groups):
+        raise RuntimeError(f"scoring: {len(gathered)} of {len(groups)} groups came back from the ranks")
+    return [gathered[g] for g in range(len(groups))]
