@@ -69,3 +69,11 @@ def test_batched_windows_equal_one_window_per_forward(tiny_lm, eval_world):
         b = summarize_perplexity(want, n_boot=100)["perplexity"]
         assert a["value"] == pytest.approx(b["value"], rel=1e-5)
         assert a["ci95"][0] < a["value"] < a["ci95"][1]
+
+
+def test_equal_length_batches_never_mix_lengths():
+    from smf_ds.eval.batching import plan_batches
+
+    lengths = [8, 8, 8, 5, 8, 8, 3]
+    assert plan_batches(lengths, 3, equal_lengths=True) == [[0, 1, 2], [4, 5], [3], [6]]
+    assert plan_batches(lengths, 3) == [[0, 1, 2], [4, 5, 3], [6]]

@@ -58,15 +58,16 @@ def forward_last(model, keep: int, **kwargs):
 @torch.no_grad()
 def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int,
                    batch_size: int = 64, rank: int | None = None, world_size: int | None = None,
-                   progress: bool = False, desc: str = "scoring") -> list[float]:
+                   progress: bool = False, desc: str = "scoring", equal_lengths: bool = False) -> list[float]:
     """Log-likelihood (token log-probs in float32, summed in float64) of every request.
 
     Batches are sharded over ranks (see batching) and the results gathered: every rank returns
-    the full list, in request order.
+    the full list, in request order. `equal_lengths`: batches never mix input lengths (no
+    padding, plain causal attention; see batching.plan_batches).
     """
     rank, world_size = resolve_shard(rank, world_size)
     rows = build_rows(requests)
-    batches = plan_batches([len(r.input_ids) for r in rows], batch_size)
+    batches = plan_batches([len(r.input_ids) for r in rows], batch_size, equal_lengths)
     device = model_device(model)
     local: list[tuple[int, float]] = []
     bar = progress_bar(len(my_batches(batches, rank, world_size)), desc, progress, rank)

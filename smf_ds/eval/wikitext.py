@@ -68,8 +68,9 @@ def evaluate_perplexity(model, tokenizer, text: str | None = None, ids: Sequence
     ids = list(ids)
     windows = make_windows(len(ids), max_length, stride)
     requests = [(ids[w.begin:w.first], ids[w.first:w.end]) for w in windows]
+    # All windows but the last have max_length tokens: equal-length batches need no padding mask.
     ll = score_requests(model, requests, pad_id_of(tokenizer), batch_size, rank, world_size, progress,
-                        desc="wikitext")
+                        desc="wikitext", equal_lengths=True)
     return [{"index": w.index, "begin": w.begin, "end": w.end, "n_tokens": w.n_scored, "nll": -s}
             for w, s in zip(windows, ll)]
 
