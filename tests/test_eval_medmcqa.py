@@ -99,3 +99,14 @@ def test_summary_has_accuracy_and_interval_per_mode(tiny_lm, examples):
         assert m["n"] == len(examples)
         assert m["value"] == pytest.approx(np.mean([r[f"correct_{mode}"] for r in recs]))
         assert m["ci95"][0] <= m["value"] <= m["ci95"][1]
+
+
+def test_non_finite_logits_fail_naming_the_example(tiny_lm, examples):
+    model, tok = tiny_lm
+    old = model.lm_head.weight.data.clone()
+    try:
+        model.lm_head.weight.data[:] = float("nan")
+        with pytest.raises(FloatingPointError, match="medmcqa: example 0 has a non-finite log-likelihood"):
+            evaluate_medmcqa(model, tok, examples[:2])
+    finally:
+        model.lm_head.weight.data.copy_(old)

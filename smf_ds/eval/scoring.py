@@ -14,6 +14,7 @@ longest continuation in the batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -106,7 +107,18 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     gathered = dict(gather_objects(local, world_size))
     if len(gathered) != len(requests):
         raise RuntimeError(f"scoring: {len(gathered)} of {len(requests)} requests came back from the ranks")
-    return [gathered[r] for r in range(len(requests))]
+    out = [gathered[r] for r in range(len(requests))]
+    _check_finite(out, desc)
+    return out
+
+
+def _check_finite(values, desc: str) -> None:
+    """A NaN/inf log-likelihood means NaN/inf logits; fail naming the example instead of reporting NaN."""
+    for i, v in enumerate(values):
+        for x in (v if isinstance(v, list) else [v]):
+            if not math.isfinite(x):
+                raise FloatingPointError(f"{desc}: example {i} has a non-finite log-likelihood ({x}); the model "
+                                         f"produced NaN/inf logits (dtype overflow, or broken weights?)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,4 +214,6 @@ def score_shared_context(model, groups: Sequence[tuple[Sequence[int], Sequence[S
     gathered = dict(gather_objects(local, world_size))
     if len(gathered) != len(groups):
         raise RuntimeError(f"scoring: {len(gathered)} of {len(groups)} groups came back from the ranks")
-    return [gathered[g] for g in range(len(groups))]
+    out = [gathered[g] for g in range(len(groups))]
+    _check_finite(out, desc)
+    return out
