@@ -119,3 +119,10 @@ def test_cop_letters_are_accepted(tmp_path):
         row["cop"] = cop
     ex, rep = load_medmcqa(str(samples.write_rows(rows, tmp_path / "m.jsonl")))
     assert [e.answer for e in ex] == [0, 1, 2, 3] and rep.n_malformed == 0
+
+
+def test_a_folder_of_parquet_files_ignores_the_hub_config(tmp_path):
+    folder = tmp_path / "tqa"
+    samples.write_rows(samples.triviaqa_rows(4, seed=1), folder / "validation-00000.parquet")
+    ex, report = load_triviaqa(str(folder), split="validation", config="rc.nocontext")
+    assert len(ex) == 4 and report.n_malformed == 0

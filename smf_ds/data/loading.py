@@ -9,7 +9,8 @@
   * a local ``.parquet`` file,
   * a directory written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (a
     DatasetDict picks `split`), or any other directory ``datasets.load_dataset`` reads,
-  * otherwise an HF hub id, read with ``datasets.load_dataset(source, config, split=split)``.
+  * otherwise an HF hub id, read with ``datasets.load_dataset(source, config, split=split)``
+    (`config` applies to hub ids only).
 
 Rows stay in the dataset's own schema (plain dicts); the task modules check and convert them.
 JSON files are parsed with the json module rather than Arrow so that a row of the wrong type
@@ -143,8 +144,8 @@ def load_rows(source: str | os.PathLike, split: str | None = None, config: str |
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return _from_datasets_object(datasets.load_from_disk(str(path)), str(path), split)
-        try:
-            obj = datasets.load_dataset(str(path), config, split=split)
+        try:  # a folder of data files; `config` names hub configs and does not apply here
+            obj = datasets.load_dataset(str(path), split=split)
         except Exception as err:  # noqa: BLE001 - re-raised with the source named
             raise DataSourceError(f"{path}: could not read this directory as a dataset ({err})") from err
         return _from_datasets_object(obj, f"{path}[{split}]" if split else str(path), None)
