@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Time, count the bytes sent by, and size one memory-value lookup step, per sharding strategy.
 
-What runs (one "step" = forward + backward + sink.clear()):
+What runs (one "step" = forward + backward + gradients of t rows + sink.clear()):
 
   lookup  the value-table lookup alone, `table.lookup(indices_NK, weights_NK)` on a table of N rows
-          x d (default 256, fp32) -> `out.backward(grad)` with a seeded random upstream gradient ->
-          `table.sink.clear()` (weights.grad reset). T tokens (default 2,048) per rank, each reading
+          x d (default 256, fp32) -> `out.backward(grad)` with a seeded random upstream gradient
+          (the backward records reads and token gradients; it forms no row gradients) ->
+          `step_grad(table, rows)`: the summed gradients of --grad-rows (512, SMF's top-t) rows
+          spaced evenly over the table, the same on every rank, as an SMF step asks for them
+          (replicas all-reduce them) -> `table.sink.clear()` (weights.grad reset). T tokens (default 2,048) per rank, each reading
           H x knn (4 x 32 = 128) rows: per token and head, knn *distinct* rows (as product keys
           give), drawn uniformly; softmax weights over each head's knn, requiring grad. Seeded per
           rank (ranks read different tokens). Read counts are recorded (`track_access`, as in SMF
@@ -23,7 +26,7 @@ What runs (one "step" = forward + backward + sink.clear()):
           squares (or with sqrt(N) < knn) skip it.
 
 Strategies: local (the whole table; with 2 processes each rank holds a replica and does its own
-lookups, no communication: replicas are summed at the optimizer step, outside this step), row
+lookups; only the t rows' gradients are all-reduced), row
 (`RowShardedValueTable.from_full`), column (`ColumnShardedValueTable.from_full`), each at 1
 process (a gloo group of one: sharded code paths run, nothing leaves the rank) and 2 processes
 (torch.multiprocessing spawn + gloo on this machine). Threads: --threads per process, default
@@ -143,7 +146,7 @@ def shard(weight, strategy: str, world: int):
     from smf_ds.parallel.sharded_values import ColumnShardedValueTable, RowShardedValueTable
     if strategy == "local":
         table = LocalValueTable(weight.shape[0], weight.shape[1], weight=weight)
-        if world > 1:  # as shard_memory does: replicas, summed at the optimizer step (not here)
+        if world > 1:  # as shard_memory does: replicas, whose selected rows' grads are all-reduced
             table.replica_group = dist.group.WORLD
         return table
     cls = RowShardedValueTable if strategy == "row" else ColumnShardedValueTable
@@ -162,6 +165,7 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
     import torch.distributed as dist
     from smf_ds.config import MemoryConfig
     from smf_ds.memory.layer import ProductKeyMemory
+    from smf_ds.sparse.stats import step_grad
     cases = []
     for n in a.sizes:
         n_keys = layer_n_keys(n, a.knn) if a.layer else None
@@ -173,6 +177,7 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
             weight = layer.values.weight
         else:
             weight = torch.randn(n, a.dim, generator=torch.Generator().manual_seed(a.seed)) * a.dim ** -0.5
+        grad_rows = torch.linspace(0, n - 1, min(a.grad_rows, n)).long().unique()
         for draw in a.draws:
             table = shard(weight, strategy, world)
             table.track_access = a.track_access
@@ -181,6 +186,7 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
             def step(table=table, idx=idx, w=w, grad=grad):
                 out = table.lookup(idx, w)
                 out.backward(grad)
+                step_grad(table, grad_rows)
                 w.grad = None
                 table.sink.clear()
 
@@ -487,6 +493,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default cores // procs)")
     ap.add_argument("--out", default="bench_results/memory.json")
     ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--grad-rows", type=int, default=512, help="rows whose gradients a lookup step forms (SMF's top-t)")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--knn", type=int, default=32)
     ap.add_argument("--k-dim", type=int, default=256, help="layer query/key dim")

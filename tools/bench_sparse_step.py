@@ -7,10 +7,11 @@ of an N x d value table (d = 256, fp32): per token and head, knn distinct rows d
 memory layer they come from the key scores). Indices, weights, the upstream gradient, the table
 and the background df (B = 1,000 batches) are seeded random and identical for both paths.
 
-  ours   LocalValueTable.lookup (forward) -> backward (FetchRows hands the grads of the U rows
-         read to the table's sink) -> SparseMemoryUpdater.step(): coalesce reads and row grads,
-         tfidf scores against BackgroundStats, global top-t (512), SGD on those rows, metrics,
-         sink cleared.
+  ours   LocalValueTable.lookup (forward: embedding_bag straight on the table) -> backward (the
+         weights' gradient, and the reads + per-token output gradient recorded in the table's
+         sink; no row gradients formed) -> SparseMemoryUpdater.step(): coalesce reads, tfidf
+         scores against BackgroundStats, global top-t (512), gradients of those 512 rows only,
+         SGD on them, metrics, sink cleared.
   paper  the table as an nn.Parameter (N x d); F.embedding_bag(mode="sum", per_sample_weights)
          forward -> backward gives a dense N x d gradient -> a hook on the parameter computes the
          read counts with torch.bincount over N, the same tfidf score (dense over N), top-t with
@@ -28,8 +29,8 @@ load hit every case alike. Reported: median and min over --steps (all samples in
 time (time.perf_counter). The machine may be shared: other processes' share of all CPU time
 during each case's timed steps (/proc/stat busy time minus this process's utime + stime) is
 recorded, and above 10% the summary warns that the timings are inflated. Ours' step is also
-taken apart with the library's own functions (backward, coalesce reads, coalesce grads,
-selection, grads of the selected rows, grad norm, optimizer update, bookkeeping + sink clear).
+taken apart with the library's own functions (backward, coalesce reads, selection, grads of the
+selected rows, grad norm, optimizer update, bookkeeping + sink clear).
 
 Memory. Two measurements of the step, per size, in one fresh subprocess per path (the two side by
 side), on a freshly built table, after --warmup steps and the next forward:
@@ -42,8 +43,8 @@ side), on a freshly built table, after --warmup steps and the next forward:
   tensor alloc peak  cross-check, tensors only: one more step under torch.profiler
                (profile_memory=True); from its CPU allocator events, the most bytes allocated during
                the step alive at once (private event tree API; null where torch lacks it). The
-               profiler does not see frees of tensors allocated before it started (ours: the rows
-               the forward gathered and saved for the backward), so this is an upper bound on the
+               profiler does not see frees of tensors allocated before it started (ours: the reads
+               the forward saved for the backward), so this is an upper bound on the
                growth; the RSS number credits them.
 Also: forward growth (RSS, same method around the forward: what the forward keeps for the
 backward), and the persistent state a path keeps between steps: exact (nbytes of AdamW's exp_avg
@@ -283,13 +284,12 @@ def time_all(a) -> dict:
 def ours_breakdown(p: Ours, a) -> dict:
     """The pieces of our step, timed one by one with the library's own functions (medians).
 
-    Mirrors SparseMemoryUpdater.step() for one local table: coalesce reads, coalesce grads,
-    select, gather the selected rows' grads, grad norm, optimizer update, bookkeeping (usage
-    counters, sink.clear() which frees the row grads).
+    Mirrors SparseMemoryUpdater.step() for one local table: coalesce reads, select, form the
+    selected rows' grads from the recorded reads, grad norm, optimizer update, bookkeeping (usage
+    counters, sink.clear() which frees the recorded reads and token gradients).
     """
     from smf_ds.sparse.selection import select_rows
     from smf_ds.sparse.stats import step_access, step_grad
-    from smf_ds.sparse.step import _grads_for
     u, table = p.updater, p.table
     pieces: dict[str, list[float]] = {}
 
@@ -306,12 +306,10 @@ def ours_breakdown(p: Ours, a) -> dict:
         t = tick("backward", t)
         rows, counts = step_access(table)
         t = tick("coalesce_reads", t)
-        grad_rows, grad = step_grad(table)
-        t = tick("coalesce_grads", t)
         sel = select_rows(u.cfg.scoring, u.top_t[0], table, 0, rows, counts, u.background,
                           u.step_count, u.cfg.seed, u.cfg.kl_eps)
         t = tick("select_top_t", t)
-        g = _grads_for(sel, grad_rows, grad)
+        _, g = step_grad(table, sel)
         t = tick("grads_of_selected", t)
         math.sqrt(float(g.double().pow(2).sum()))
         t = tick("grad_norm", t)
@@ -320,7 +318,6 @@ def ours_breakdown(p: Ours, a) -> dict:
         u.ever_updated[0][sel] = True
         u.window_counts[0].index_add_(0, rows, counts)
         float(u.ever_updated[0].sum())
-        del grad_rows, grad
         table.sink.clear()
         u.step_count += 1
         tick("bookkeeping", t)

@@ -1,13 +1,18 @@
-"""Memory value tables: one interface, a local implementation, sparse row gradients.
+"""Memory value tables: one interface, a local implementation, deferred sparse row gradients.
 
-Shape legend: N tokens, K rows read per token (heads * knn), U unique rows of a lookup, D value
-dim (a column shard's width when sharded), R rows held by this process.
+Shape legend: N tokens, K rows read per token (heads * knn), E reads (a flat list of them), B output
+bags (tokens), U unique rows read, S rows selected for an update, D value dim (a column shard's
+width when sharded), R rows held by this process.
 
 A table's weight is a non-persistent buffer, never an `nn.Parameter`: DeepSpeed would broadcast,
 all-reduce, ZeRO-partition and checkpoint-on-rank-0 any parameter, and a sharded table must
-escape all four. Gradients reach the table through `FetchRows`, an autograd function whose
-backward hands (unique rows x D) to the table's `RowGradSink`; no dense N x D gradient exists.
-Whatever optimizes the table (the sparse optimizer) reads the sink.
+escape all four.
+
+Gradients are sparse and deferred. A lookup is an `embedding_bag` straight on the table (no copy
+of the rows read), and its backward records the reads and the output gradient in the table's
+`RowGradSink` instead of forming row gradients. SMF then asks the sink for the gradients of the
+few rows it selected: a step costs O(reads + S x D) and never O(U x D) or O(table), which is what
+keeps it flat in the table's size. No dense N x D gradient of the table ever exists.
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ import abc
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# Reads turned into gradient rows at once when many rows are asked for (bounds the step's scratch).
+_GRAD_CHUNK = 1 << 16
 
 
 def coalesce_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,19 +35,23 @@ def coalesce_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tenso
 
 
 class RowGradSink:
-    """Collects (rows, grad rows) from every backward and (rows, counts) from every forward.
+    """A table's deferred row gradients (from every backward) and read counts (every forward).
 
-    Entries are kept per lookup and coalesced on demand, so gradient accumulation over
-    micro-batches costs nothing until the optimizer step, and no state grows with table size.
+    A gradient entry (rows_E, weights_E, bags_E, grad_BD) says: read e took row rows_E[e] with
+    weight weights_E[e] into output bag bags_E[e], whose gradient is grad_BD[bags_E[e]]. rows_E
+    may be N x K with bags_E None: then the bag of read (n, k) is n. A row's gradient is the sum
+    of weights_E[e] * grad_BD[bags_E[e]] over its reads, over every entry since the last clear
+    (so gradient accumulation over micro-batches costs nothing until the optimizer step).
     """
 
     def __init__(self) -> None:
-        self.grad_entries: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.grad_entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self.access_entries: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def add_grad(self, rows_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
-        if rows_U.numel():
-            self.grad_entries.append((rows_U, grad_UD))
+    def add_grad(self, rows_E: torch.Tensor, weights_E: torch.Tensor, bags_E: torch.Tensor | None,
+                 grad_BD: torch.Tensor) -> None:
+        if rows_E.numel():
+            self.grad_entries.append((rows_E, weights_E, bags_E, grad_BD))
 
     def add_access(self, rows_U: torch.Tensor, counts_U: torch.Tensor) -> None:
         if rows_U.numel():
@@ -49,40 +61,58 @@ class RowGradSink:
         self.grad_entries.clear()
         self.access_entries.clear()
 
-    @staticmethod
-    def _coalesce(entries, width: int | None, dtype, device):
-        if not entries:
-            shape = (0, width) if width is not None else (0,)
-            return torch.empty(0, dtype=torch.long, device=device), torch.zeros(shape, dtype=dtype, device=device)
-        return coalesce_rows(torch.cat([r for r, _ in entries]), torch.cat([v for _, v in entries]))
+    def read_rows(self, device=None) -> torch.Tensor:
+        """Sorted unique rows that any recorded backward read."""
+        if not self.grad_entries:
+            return torch.empty(0, dtype=torch.long, device=device)
+        return torch.unique(torch.cat([rows.reshape(-1) for rows, *_ in self.grad_entries]))
 
-    def coalesced_grad(self, dim: int, dtype=torch.float32, device=None):
-        """(rows_U sorted, grad_UD) summed over every backward since the last clear."""
-        return self._coalesce(self.grad_entries, dim, dtype, device)
+    def row_grad(self, rows_S: torch.Tensor, width: int, dtype=torch.float32, device=None) -> torch.Tensor:
+        """grad_SD of the sorted unique `rows_S` (zeros for rows no backward read)."""
+        out = torch.zeros((rows_S.numel(), width), dtype=dtype, device=device if device is not None else rows_S.device)
+        if rows_S.numel() == 0:
+            return out
+        last = rows_S.numel() - 1
+        for rows_E, weights_E, bags_E, grad_BD in self.grad_entries:
+            per_bag = rows_E.shape[1] if rows_E.dim() == 2 else 1
+            flat_rows, flat_weights = rows_E.reshape(-1), weights_E.reshape(-1)
+            pos_E = torch.searchsorted(rows_S, flat_rows).clamp_(max=last)
+            hits = (rows_S[pos_E] == flat_rows).nonzero().squeeze(1)
+            for chunk in hits.split(_GRAD_CHUNK):
+                bags = chunk // per_bag if bags_E is None else bags_E[chunk]
+                contrib = grad_BD.index_select(0, bags).to(dtype) * flat_weights[chunk].to(dtype).unsqueeze(1)
+                out.index_add_(0, pos_E[chunk], contrib)
+        return out
+
+    def coalesced_grad(self, width: int, dtype=torch.float32, device=None):
+        """(rows read sorted, their gradient rows) over every backward since the last clear."""
+        rows = self.read_rows(device)
+        return rows, self.row_grad(rows, width, dtype, device)
 
     def coalesced_access(self, device=None):
         """(rows_U sorted, counts_U) summed over every forward since the last clear."""
-        return self._coalesce(self.access_entries, None, torch.long, device)
+        entries = self.access_entries
+        if not entries:
+            return torch.empty(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
+        if len(entries) == 1:  # one lookup: its rows are already sorted and unique
+            return entries[0]
+        return coalesce_rows(torch.cat([r for r, _ in entries]), torch.cat([c for _, c in entries]))
 
 
-class FetchRows(torch.autograd.Function):
-    """rows_UD = table.gather_rows(rows_U); backward: table.receive_row_grad(rows_U, grad_UD).
-
-    `anchor` is an empty tensor requiring grad, so the output joins the autograd graph even
-    though the table weight itself is not a leaf that autograd sees.
-    """
-
-    @staticmethod
-    def forward(ctx, anchor, table, rows_U):  # noqa: D102
-        ctx.table = table
-        ctx.save_for_backward(rows_U)
-        return table.gather_rows(rows_U)
+class RecordRowGrad(torch.autograd.Function):
+    """Identity on a lookup's output bags; the backward records the reads and the bags' gradient
+    in the sink (see RowGradSink). `anchor` is an empty tensor requiring grad, so the output joins
+    the autograd graph even when nothing else upstream trains (values-only scope)."""
 
     @staticmethod
-    def backward(ctx, grad_UD):  # noqa: D102
-        (rows_U,) = ctx.saved_tensors
-        ctx.table.receive_row_grad(rows_U, grad_UD)
-        return None, None, None
+    def forward(ctx, anchor, out_BD, sink, rows_E, weights_E, bags_E):  # noqa: D102
+        ctx.sink, ctx.reads = sink, (rows_E, weights_E, bags_E)
+        return out_BD.view_as(out_BD)
+
+    @staticmethod
+    def backward(ctx, grad_BD):  # noqa: D102
+        ctx.sink.add_grad(*ctx.reads, grad_BD)
+        return None, grad_BD, None, None, None, None
 
 
 def masked_counts(inverse_NK: torch.Tensor, token_mask_N: torch.Tensor | None, num_unique: int) -> torch.Tensor:
@@ -92,9 +122,10 @@ def masked_counts(inverse_NK: torch.Tensor, token_mask_N: torch.Tensor | None, n
     return torch.bincount(inverse_NK.reshape(-1), minlength=num_unique)
 
 
-def weighted_row_sum(inverse_NK: torch.Tensor, rows_UD: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-    """out_ND = sum_k weights[n,k] * rows[inverse[n,k]], without materialising N x K x D."""
-    return F.embedding_bag(inverse_NK, rows_UD, per_sample_weights=weights_NK.to(rows_UD.dtype), mode="sum")
+def read_counts(indices_NK: torch.Tensor, token_mask_N: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted unique rows, how often unmasked tokens read each)."""
+    rows_U, inverse_NK = torch.unique(indices_NK, return_inverse=True)
+    return rows_U, masked_counts(inverse_NK, token_mask_N, rows_U.numel())
 
 
 class ValueTable(nn.Module, metaclass=abc.ABCMeta):
@@ -135,30 +166,28 @@ class ValueTable(nn.Module, metaclass=abc.ABCMeta):
             self._buffers["weight"] = weight.to(target.device)
         return self
 
-    def _anchor(self, like: torch.Tensor) -> torch.Tensor | None:
-        if self.requires_grad and torch.is_grad_enabled():
-            return torch.empty(0, device=like.device, requires_grad=True)
-        return None
+    def bag_lookup(self, weight: torch.Tensor, rows_E: torch.Tensor, weights_E: torch.Tensor,
+                   offsets_B: torch.Tensor | None = None, record_rows_E: torch.Tensor | None = None,
+                   bags_E: torch.Tensor | None = None) -> torch.Tensor:
+        """out_BD = weighted sum of the rows each bag reads, straight from `weight` (this process's
+        part); differentiable in the weights; the backward records the reads for the sink.
 
-    def fetch(self, rows_U: torch.Tensor) -> torch.Tensor:
-        anchor = self._anchor(rows_U)
-        if anchor is None:
-            return self.gather_rows(rows_U)
-        return FetchRows.apply(anchor, self, rows_U)
+        rows_E index `weight`: N x K (bag n reads row n) or flat with `offsets_B`.
+        record_rows_E: the same reads as global row ids, if they differ from rows_E.
+        """
+        weights_E = weights_E.to(weight.dtype)
+        out_BD = F.embedding_bag(rows_E, weight, offsets_B, per_sample_weights=weights_E, mode="sum")
+        if not (self.requires_grad and torch.is_grad_enabled()):
+            return out_BD
+        anchor = torch.empty(0, device=weight.device, requires_grad=True)
+        rows = rows_E if record_rows_E is None else record_rows_E
+        return RecordRowGrad.apply(anchor, out_BD, self.sink, rows, weights_E.detach(), bags_E)
 
     # --- what each implementation provides ----------------------------------------------------
     @abc.abstractmethod
     def lookup(self, indices_NK: torch.Tensor, weights_NK: torch.Tensor,
                token_mask_N: torch.Tensor | None = None) -> torch.Tensor:
         """out_ND = sum_k weights[n,k] * V[indices[n,k]]; differentiable in weights, rows to sink."""
-        ...
-
-    @abc.abstractmethod
-    def gather_rows(self, rows_U: torch.Tensor) -> torch.Tensor:
-        ...
-
-    @abc.abstractmethod
-    def receive_row_grad(self, rows_U: torch.Tensor, grad_UD: torch.Tensor) -> None:
         ...
 
     # --- state held by this process (a shard when sharded) ------------------------------------
@@ -199,16 +228,9 @@ class LocalValueTable(ValueTable):
         self.register_buffer("weight", weight, persistent=False)
 
     def lookup(self, indices_NK, weights_NK, token_mask_N=None):
-        rows_U, inverse_NK = torch.unique(indices_NK, return_inverse=True)
         if self.track_access:
-            self.sink.add_access(rows_U, masked_counts(inverse_NK, token_mask_N, rows_U.numel()))
-        return weighted_row_sum(inverse_NK, self.fetch(rows_U), weights_NK)
-
-    def gather_rows(self, rows_U):
-        return self.weight.index_select(0, rows_U)
-
-    def receive_row_grad(self, rows_U, grad_UD):
-        self.sink.add_grad(rows_U, grad_UD)
+            self.sink.add_access(*read_counts(indices_NK, token_mask_N))
+        return self.bag_lookup(self.weight, indices_NK, weights_NK)
 
     def full_weight(self):
         return self.weight

@@ -1,7 +1,7 @@
 """Differentiable variable-size all-to-all, and a count of the bytes this process sends.
 
-Every exchange of the sharded value tables goes through `all_to_all_v` (or `exchange_counts`),
-so `CommStats` sees all of it; benchmarks read it instead of guessing from shapes.
+Every exchange of the value tables goes through `all_to_all_v`, `exchange_counts` or
+`all_reduce_sum`, so `CommStats` sees all of it; benchmarks read it instead of guessing from shapes.
 """
 from __future__ import annotations
 
@@ -60,6 +60,15 @@ def all_to_all_v(x: torch.Tensor, send_splits: list[int], recv_splits: list[int]
     if torch.is_grad_enabled() and x.requires_grad:
         return _AllToAllV.apply(x, send_splits, recv_splits, group)
     return _all_to_all(x, send_splits, recv_splits, group)
+
+
+def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
+    """In-place sum over the group, counted as a ring all-reduce sends: 2 (W-1)/W of the bytes."""
+    world = dist.get_world_size(group)
+    COMM_STATS.bytes_sent += 2 * (world - 1) * x.numel() * x.element_size() // world
+    COMM_STATS.calls += 1
+    dist.all_reduce(x, group=group)
+    return x
 
 
 def exchange_counts(send_counts: torch.Tensor, group=None) -> torch.Tensor:

@@ -1,12 +1,18 @@
 """Value tables split over the ranks of a process group.
 
 RowShardedValueTable: each rank holds a contiguous block of rows (uneven blocks allowed). A lookup
-sends this rank's unique rows to their owners (all-to-all), owners return the rows, and the
-backward sends the row gradients back to the owners, whose sinks collect them.
+sends each read (row id, token, weight) to the row's owner (all-to-all); each owner sums, per
+token, the rows it holds (a partial output, N x D per requesting rank) and sends the partials
+back (all-to-all), where they are added. The backward sends each token's output gradient to the
+owners, whose sinks record it with the reads (row gradients are formed later, for the selected
+rows only). Bytes per lookup are O(reads + tokens x D x ranks), independent of the table's
+size and of how many distinct rows are read; returning the distinct rows read instead would cost
+U x D, and U grows with the table until it nears the number of reads.
 
 ColumnShardedValueTable (Meta's "memory parallel"): each rank holds every row but only a slice of
 the value dim. Indices and weights are all-gathered, each rank reads its slice for every token of
-the group, and the slices go back to their tokens' ranks (all-to-all).
+the group, and the slices go back to their tokens' ranks (all-to-all); each rank's sink records
+the gradient of its slice for every token of the group.
 
 Both are collectives: every rank of the group must call `lookup` (and backward) the same number
 of times, which holds in data-parallel training. Shape legend as in memory/values.py.
@@ -16,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..memory.values import ValueTable, masked_counts, weighted_row_sum
+from ..memory.values import ValueTable, read_counts
 from .comm import all_gather_v, all_to_all_v, exchange_counts
 
 
@@ -75,28 +81,33 @@ class RowShardedValueTable(_ShardedTable):
         return self.start, self.stop
 
     def lookup(self, indices_NK, weights_NK, token_mask_N=None):
-        rows_U, inverse_NK = torch.unique(indices_NK, return_inverse=True)  # sorted: owners are contiguous
-        owners_U = torch.searchsorted(self._inner_bounds, rows_U, right=True)
-        send_counts = torch.bincount(owners_U, minlength=self.world)
-        recv_counts = exchange_counts(send_counts, self.group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        if self.track_access:  # counts travel with the row ids, so owners hold the counts of their rows
-            payload = torch.stack([rows_U, masked_counts(inverse_NK, token_mask_N, rows_U.numel())], dim=1)
-        else:
-            payload = rows_U.unsqueeze(1)
-        requested = all_to_all_v(payload, send, recv, self.group)
-        requested_rows = requested[:, 0]
+        n_tokens, per_token = indices_NK.shape
+        rows_E = indices_NK.reshape(-1)
+        owners_E = torch.searchsorted(self._inner_bounds, rows_E, right=True)
+        by_owner = torch.argsort(owners_E, stable=True)  # keeps token order within each owner
+        send = torch.bincount(owners_E, minlength=self.world).tolist()
+        recv = exchange_counts(torch.tensor(send, device=rows_E.device), self.group).tolist()
+        tokens_E = by_owner // per_token
+        counted_E = (torch.ones_like(tokens_E) if token_mask_N is None
+                     else token_mask_N.reshape(-1)[tokens_E].long())
+        ids = all_to_all_v(torch.stack([rows_E[by_owner], tokens_E, counted_E], dim=1), send, recv, self.group)
+        weights = all_to_all_v(weights_NK.reshape(-1)[by_owner], send, recv, self.group)
+        my_rows, their_tokens, counted = ids.unbind(1)
         if self.track_access:
-            self.sink.add_access(requested_rows, requested[:, 1])
-        served_RD = self.fetch(requested_rows)  # backward: row grads land in this owner's sink
-        rows_UD = all_to_all_v(served_RD, recv, send, self.group)
-        return weighted_row_sum(inverse_NK, rows_UD, weights_NK)
+            self.sink.add_access(*read_counts(my_rows[counted.bool()], None))
 
-    def gather_rows(self, rows_U):
-        return self.weight.index_select(0, rows_U - self.start)
-
-    def receive_row_grad(self, rows_U, grad_UD):
-        self.sink.add_grad(rows_U, grad_UD)
+        # One bag per (requesting rank, token); requesters' tokens are stacked in rank order, and
+        # the reads arrive sorted by bag (rank order, then token order), as embedding_bag needs.
+        token_counts = self._token_counts(n_tokens, rows_E.device)
+        first_bag = torch.tensor([0] + token_counts[:-1], device=rows_E.device).cumsum(0)
+        source = torch.repeat_interleave(torch.arange(self.world, device=rows_E.device),
+                                         torch.tensor(recv, device=rows_E.device))
+        bags = first_bag[source] + their_tokens
+        offsets = torch.searchsorted(bags, torch.arange(sum(token_counts), device=bags.device))
+        partial_BD = self.bag_lookup(self.weight, my_rows - self.start, weights, offsets,
+                                     record_rows_E=my_rows, bags_E=bags)
+        partials = all_to_all_v(partial_BD, token_counts, [n_tokens] * self.world, self.group)
+        return partials.view(self.world, n_tokens, self.dim).sum(0)
 
     def full_weight(self):
         with torch.no_grad():
@@ -132,24 +143,17 @@ class ColumnShardedValueTable(_ShardedTable):
         sizes = self._token_counts(n_tokens, indices_NK.device)
         all_indices_MK = all_gather_v(indices_NK, sizes, self.group)  # M = tokens of the whole group
         all_weights_MK = all_gather_v(weights_NK, sizes, self.group)
-        rows_U, inverse_MK = torch.unique(all_indices_MK, return_inverse=True)
         if self.track_access:  # every rank sees every token: counts are global on every rank
             all_mask_M = None
             if token_mask_N is not None:
                 all_mask_M = all_gather_v(token_mask_N.to(torch.uint8), sizes, self.group)
-            self.sink.add_access(rows_U, masked_counts(inverse_MK, all_mask_M, rows_U.numel()))
-        slice_MD = weighted_row_sum(inverse_MK, self.fetch(rows_U), all_weights_MK)
+            self.sink.add_access(*read_counts(all_indices_MK, all_mask_M))
+        slice_MD = self.bag_lookup(self.weight, all_indices_MK, all_weights_MK)
         width = self.col_stop - self.col_start
         received = all_to_all_v(slice_MD.reshape(-1), [s * width for s in sizes],
                                 [n_tokens * w for w in self.col_sizes], self.group)
         parts = received.split([n_tokens * w for w in self.col_sizes])
         return torch.cat([p.view(n_tokens, w) for p, w in zip(parts, self.col_sizes)], dim=1)
-
-    def gather_rows(self, rows_U):
-        return self.weight.index_select(0, rows_U)
-
-    def receive_row_grad(self, rows_U, grad_UD):
-        self.sink.add_grad(rows_U, grad_UD)
 
     def full_weight(self):
         with torch.no_grad():

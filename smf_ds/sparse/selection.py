@@ -59,6 +59,9 @@ def score_rows(rule: str, rows: torch.Tensor, counts: torch.Tensor, total: torch
 
 def _top_t(rows: torch.Tensor, scores: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Highest scores first, ties to the lower row id."""
+    if scores.numel() > t:  # O(U) cut to the t best and whatever ties the t-th, then sort those
+        keep = scores >= torch.topk(scores, t, sorted=False).values.min()
+        rows, scores = rows[keep], scores[keep]
     by_row = torch.argsort(rows, stable=True)
     rows, scores = rows[by_row], scores[by_row]
     order = torch.argsort(scores, descending=True, stable=True)[:t]

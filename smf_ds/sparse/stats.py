@@ -3,12 +3,12 @@
 After the last micro-batch, each process needs, for the rows (and columns) it updates, the counts
 and gradients summed over every micro-batch and every data-parallel rank:
 - local, one process: the sink already holds them;
-- row-sharded: owners received every rank's row ids (with counts) and gradients: their sinks are
-  complete for the rows they own;
-- column-sharded: indices were all-gathered, so every rank's counts are global, and its gradient
-  slice covers every token of the group;
-- replicated (local tables on several ranks): each copy saw only its rank's tokens, so the sparse
-  entries are all-gathered and summed here.
+- row-sharded: owners received every rank's reads of their rows (with counts), and the gradient
+  of every token that read them: their sinks are complete for the rows they own;
+- column-sharded: indices were all-gathered, so every rank's counts are global, and its sink holds
+  its slice's gradient for every token of the group;
+- replicated (local tables on several ranks): each copy saw only its rank's tokens, so counts are
+  all-gathered and summed, and the selected rows' gradients all-reduced.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..memory.values import ValueTable, coalesce_rows
-from ..parallel.comm import all_gather_v
+from ..parallel.comm import all_gather_v, all_reduce_sum
 
 
 def _sum_over_replicas(group, rows: torch.Tensor, values: torch.Tensor):
@@ -35,13 +35,28 @@ def step_access(table: ValueTable) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, counts
 
 
-def step_grad(table: ValueTable) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows sorted, summed gradient rows) of this step for this process's rows and columns."""
-    width = table.local_weight.shape[1]
-    rows, grad = table.sink.coalesced_grad(width, dtype=table.local_weight.dtype, device=table.local_weight.device)
+def step_grad(table: ValueTable, rows_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the rows of rows_S this process holds, their gradient this step, summed over micro-batches
+    and ranks). rows_S: global, sorted, unique, the same on every rank of the table's groups.
+
+    Only these rows' gradients are formed (from the reads the sink recorded), so the cost is
+    O(reads + S x D) whatever the table's size; the replicas' partial sums travel as S x D.
+    """
+    start, stop = table.owned_row_range()
+    mine = rows_S[(rows_S >= start) & (rows_S < stop)]
+    weight = table.local_weight
+    grad = table.sink.row_grad(mine, weight.shape[1], dtype=weight.dtype, device=weight.device)
     if table.replica_group is not None:
-        rows, grad = _sum_over_replicas(table.replica_group, rows, grad)
-    return rows, grad
+        all_reduce_sum(grad, table.replica_group)
+    return mine, grad
+
+
+def step_read_rows(table: ValueTable) -> torch.Tensor:
+    """Every row this step's backwards read, global over replicas (tests and diagnostics)."""
+    rows = table.sink.read_rows(device=table.local_weight.device)
+    if table.replica_group is not None:
+        rows, _ = _sum_over_replicas(table.replica_group, rows, torch.zeros_like(rows))
+    return rows
 
 
 def sum_over_row_owners(table: ValueTable, value: torch.Tensor) -> torch.Tensor:

@@ -23,17 +23,6 @@ from .stats import gather_over_row_owners, step_access, step_grad, sum_over_row_
 log = logging.getLogger(__name__)
 
 
-def _grads_for(rows: torch.Tensor, grad_rows: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """Gradient of each of `rows` (zeros where the step produced none); grad_rows sorted."""
-    out = grad.new_zeros((rows.numel(), grad.shape[1]))
-    if grad_rows.numel() == 0 or rows.numel() == 0:
-        return out
-    pos = torch.searchsorted(grad_rows, rows).clamp(max=grad_rows.numel() - 1)
-    found = grad_rows[pos] == rows
-    out[found] = grad[pos[found]]
-    return out
-
-
 class SparseMemoryUpdater:
     """Owns the selection state and the sparse optimizer of a model's value tables.
 
@@ -81,12 +70,10 @@ class SparseMemoryUpdater:
         plans = []
         for layer, table in self.tables:
             rows, counts = step_access(table)
-            grad_rows, grad = step_grad(table)
             selected = select_rows(self.cfg.scoring, self.top_t[layer], table, layer, rows, counts,
                                    self.background, self.step_count, self.cfg.seed, self.cfg.kl_eps)
-            start, stop = table.owned_row_range()
-            mine = selected[(selected >= start) & (selected < stop)]
-            plans.append((layer, table, rows, counts, selected, mine, _grads_for(mine, grad_rows, grad)))
+            mine, grad = step_grad(table, selected)
+            plans.append((layer, table, rows, counts, selected, mine, grad))
 
         sq_norm = 0.0
         for _, table, *_, g in plans:
