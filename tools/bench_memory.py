@@ -60,14 +60,12 @@ Memory (a separate pass; fresh subprocesses again), two measurements per case, a
                growth = VmHWM - VmRSS before. Includes everything (allocator, gloo, Python).
 Both are per rank (max over ranks shown). --quick runs timing and memory in one process per process
 count (timed under the pinned mmap threshold, to stay short); the full run keeps them apart. Neither can grow with N unless something of size N is
-allocated in the step; with the uniform draw they grow with U (which grows with N up to T H knn),
-with the hot draw U, and so the allocation, is fixed.
+allocated in the step; the lookup allocates O(reads + tokens x d) (the unique rows and counts are
+O(U) integers, U <= T H knn), and the layer's key search O(T H sqrt(N)).
 
-CPU page faults: PyTorch's CPU allocator has no cache; a tensor of more than 32 MiB is a fresh
-mmap whose pages fault in on first touch (~0.4 ms/MiB on a VM), so a step that allocates U x d
-blocks pays for them every time. --thp sets THP_MEM_ALLOC_ENABLE=1 (PyTorch's switch: large CPU
-allocations 2 MiB-aligned and madvise(MADV_HUGEPAGE)) to show how much of a step that is. GPUs'
-caching allocator reuses blocks and does not pay this.
+Huge pages: --thp sets THP_MEM_ALLOC_ENABLE=1 in the workers (PyTorch's switch: large CPU
+allocations 2 MiB-aligned and madvise(MADV_HUGEPAGE)), so the table itself sits on huge pages and
+random row reads miss the TLB less.
 
 Goal (printed PASS/MISS, not asserted): lookup step time flat in N, time at the largest size /
 time at the smallest <= 1.2 (stated for 1M / 16k), for every strategy and process count.
@@ -183,7 +181,7 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
             table.track_access = a.track_access
             idx, w, grad = lookup_inputs(n, draw, rank, a)
 
-            def step(table=table, idx=idx, w=w, grad=grad):
+            def step(table=table, idx=idx, w=w, grad=grad, grad_rows=grad_rows):
                 out = table.lookup(idx, w)
                 out.backward(grad)
                 step_grad(table, grad_rows)

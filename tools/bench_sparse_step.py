@@ -6,6 +6,10 @@ of an N x d value table (d = 256, fp32): per token and head, knn distinct rows d
 (as product keys give), with softmax weights over each head's knn that require grad (in the
 memory layer they come from the key scores). Indices, weights, the upstream gradient, the table
 and the background df (B = 1,000 batches) are seeded random and identical for both paths.
+Uniform reads touch U distinct rows, and U grows with N (16k at 16k, ~232k at 1M), so the bytes a
+step must touch grow too (the whole 16 MiB table at 16k fits in a 32 MiB L3; 232k rows at 1M do
+not). --hot-rows H is the control: every read comes from a fixed set of H rows spread over the
+table, so only the table's size changes with N.
 
   ours   LocalValueTable.lookup (forward: embedding_bag straight on the table) -> backward (the
          weights' gradient, and the reads + per-token output gradient recorded in the table's
@@ -86,9 +90,12 @@ BUSY_WARN = 0.10  # warn when other processes used more than this share of the C
 
 # --- the two paths ---------------------------------------------------------------------------
 
-def distinct_rows(num_rows: int, tokens: int, heads: int, knn: int, generator):
-    """(tokens, heads*knn) row ids: per token and head, knn distinct rows drawn uniformly."""
+def distinct_rows(num_rows: int, tokens: int, heads: int, knn: int, generator, pool=None):
+    """(tokens, heads*knn) row ids: per token and head, knn distinct rows drawn uniformly
+    (from `pool`, a tensor of row ids, when given)."""
     import torch
+    if pool is not None:
+        return pool[distinct_rows(pool.numel(), tokens, heads, knn, generator)]
     pos = torch.randint(0, num_rows, (tokens, heads, knn), generator=generator)
     while True:  # redraw duplicates within a (token, head) until none are left
         sorted_pos, order = pos.sort(dim=-1)
@@ -105,7 +112,10 @@ def make_batch(num_rows: int, a):
     """Seeded inputs shared by both paths (same tokens whatever the path)."""
     import torch
     g = torch.Generator().manual_seed(a.seed)
-    indices_NK = distinct_rows(num_rows, a.tokens, a.heads, a.knn, g)
+    pool = None
+    if a.hot_rows:  # control: the same number of rows read at every N, spread over the whole table
+        pool = torch.randperm(num_rows, generator=torch.Generator().manual_seed(a.seed))[:a.hot_rows].sort().values
+    indices_NK = distinct_rows(num_rows, a.tokens, a.heads, a.knn, g, pool)
     logits = torch.randn(a.tokens, a.heads, a.knn, generator=g)
     weights_NK = torch.softmax(logits, dim=-1).reshape(a.tokens, -1).requires_grad_()
     grad_out_ND = torch.randn(a.tokens, a.dim, generator=g)
@@ -315,9 +325,9 @@ def ours_breakdown(p: Ours, a) -> dict:
         t = tick("grad_norm", t)
         u.optimizer.update(0, sel, g)
         t = tick("optimizer_update", t)
+        u.n_ever_updated[0] += int((~u.ever_updated[0][sel]).sum())
         u.ever_updated[0][sel] = True
         u.window_counts[0].index_add_(0, rows, counts)
-        float(u.ever_updated[0].sum())
         table.sink.clear()
         u.step_count += 1
         tick("bookkeeping", t)
@@ -426,7 +436,7 @@ def worker(a) -> None:
 # --- driver ----------------------------------------------------------------------------------
 
 PASS_THROUGH = ("sizes", "dim", "tokens", "heads", "knn", "top_t", "steps", "warmup", "seed", "bg_batches",
-                "lr_sgd", "lr_adamw", "paper_adamw")
+                "lr_sgd", "lr_adamw", "paper_adamw", "hot_rows")
 
 
 def start_worker(a, kind: str, path: str | None = None) -> tuple[subprocess.Popen, str]:
@@ -437,6 +447,8 @@ def start_worker(a, kind: str, path: str | None = None) -> tuple[subprocess.Pope
     env = dict(os.environ)
     if kind == "mem":
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    if a.thp:  # PyTorch's own switch: 2 MiB-aligned CPU allocations, madvise(MADV_HUGEPAGE); both paths
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     repo = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -487,6 +499,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top-t", type=int, default=512)
     ap.add_argument("--bg-batches", type=int, default=1000, help="B of the synthetic background stats")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hot-rows", type=int, default=0,
+                    help="control: draw every read from a fixed set of this many rows (0: uniform over N)")
+    ap.add_argument("--thp", action="store_true",
+                    help="THP_MEM_ALLOC_ENABLE=1 in the workers: huge pages for large CPU tensors (both paths)")
     ap.add_argument("--lr-sgd", type=float, default=1.0, help="our SGD lr (the paper used 2 to 5)")
     ap.add_argument("--lr-adamw", type=float, default=1e-3)
     ap.add_argument("--paper-adamw", choices=["default", "foreach", "fused"], default="default",
@@ -565,7 +581,9 @@ def main(argv=None) -> int:
     threads = timing["num_threads"]
     print()
     print(f"Sparse memory-value step, d={a.dim}, {a.tokens} tokens x {a.heads} heads x knn {a.knn}, top-t "
-          f"{a.top_t}, tfidf, fp32, {threads} threads; step = backward + selection + optimizer "
+          f"{a.top_t}, tfidf, fp32, {threads} threads, reads "
+          f"{'from a fixed set of %d rows' % a.hot_rows if a.hot_rows else 'uniform over N'}"
+          f"{', THP on' if a.thp else ''}; step = backward + selection + optimizer "
           f"(ours: SGD on the top-t rows; paper: dense grad, row-mask hook, AdamW ({a.paper_adamw}) on the table); "
           f"median (min) of {a.steps} interleaved steps; peak growth = RSS high-water mark during the "
           f"step - RSS before it")
@@ -625,7 +643,8 @@ def main(argv=None) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else None,
         "config": {"sizes": sizes, "dim": a.dim, "tokens": a.tokens, "heads": a.heads, "knn": a.knn,
                    "top_t": a.top_t, "scoring": "tfidf", "bg_batches": a.bg_batches, "steps": a.steps,
-                   "warmup": a.warmup, "seed": a.seed, "dtype": "float32",
+                   "warmup": a.warmup, "seed": a.seed, "dtype": "float32", "hot_rows": a.hot_rows,
+                   "thp": a.thp,
                    "ours": f"LocalValueTable + SparseMemoryUpdater, SparseRowOptimizer sgd lr={a.lr_sgd}",
                    "paper": f"nn.Parameter + F.embedding_bag, row-mask grad hook (bincount over N, topk), "
                             f"torch.optim.AdamW lr={a.lr_adamw} weight_decay=0.01 implementation={a.paper_adamw}"},

@@ -56,6 +56,7 @@ class SparseMemoryUpdater:
         self.previous: dict[int, torch.Tensor] = {}
         # Rows ever updated, over this process's rows (for the metric); usage counts since last report.
         self.ever_updated = {layer: torch.zeros(self._owned(t), dtype=torch.bool) for layer, t in tables}
+        self.n_ever_updated = {layer: 0 for layer, _ in tables}  # kept in step: no O(table) sum per step
         self.window_counts = {layer: torch.zeros(self._owned(t), dtype=torch.long) for layer, t in tables}
         for _, table in tables:
             table.track_access = True
@@ -90,10 +91,13 @@ class SparseMemoryUpdater:
                 g.mul_(clip)
             self.optimizer.update(layer, mine, g)
             start, _ = table.owned_row_range()
-            self.ever_updated[layer][(mine - start).cpu()] = True
+            local = (mine - start).cpu()
+            self.n_ever_updated[layer] += int((~self.ever_updated[layer][local]).sum())
+            self.ever_updated[layer][local] = True
             self.window_counts[layer].index_add_(0, (rows - start).cpu(), counts.cpu())
             n_read = sum_over_row_owners(table, (counts > 0).sum().double().reshape(1))
-            n_ever = sum_over_row_owners(table, self.ever_updated[layer].sum().double().reshape(1))
+            n_ever = sum_over_row_owners(table, torch.tensor([float(self.n_ever_updated[layer])],
+                                                                     device=counts.device))
             metrics.update({
                 f"layer{layer}/rows_accessed": float(n_read),
                 f"layer{layer}/rows_selected": float(selected.numel()),
@@ -130,6 +134,7 @@ class SparseMemoryUpdater:
         self.optimizer.load_state_dict({k[len("optim."):]: v for k, v in tensors.items() if k.startswith("optim.")})
         for layer in self.ever_updated:
             self.ever_updated[layer].copy_(tensors[f"ever_updated.{layer}"])
+            self.n_ever_updated[layer] = int(self.ever_updated[layer].sum())
             self.window_counts[layer].copy_(tensors[f"window_counts.{layer}"])
             if f"previous.{layer}" in tensors:
                 self.previous[layer] = tensors[f"previous.{layer}"]
