@@ -48,6 +48,9 @@ def _cmd_demo(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smf-ds", description="Sparse Memory Finetuning on DeepSpeed")
+    # The deepspeed launcher puts --local_rank=N before the command (`-m smf_ds.cli --local_rank=1
+    # train ...`); LOCAL_RANK in the environment says the same, and is what smf-ds reads.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="finetune with SMF, LoRA or full finetuning")

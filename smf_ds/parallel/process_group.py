@@ -34,14 +34,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# (rank, world size, local rank) variables of each launcher, in the order they are looked for:
+# torchrun / the deepspeed launcher, OpenMPI's mpirun, slurm's srun.
+LAUNCHER_VARIABLES = {
+    "torchrun/deepspeed": ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    "mpirun (OpenMPI)": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    # SLURM_STEP_NUM_TASKS, not SLURM_NTASKS: only srun steps set it, so a plain `python` in an
+    # sbatch script stays a single process.
+    "srun (slurm)": ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID"),
+}
+DEFAULT_MASTER_PORT = "29500"
+
+
+def launcher_env(environ=None) -> dict[str, str] | None:
+    """RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT for torch.distributed, read from
+    whichever launcher started this process; None for a plain single process.
+
+    MASTER_ADDR defaults to 127.0.0.1 (one node) and MASTER_PORT to 29500; a multi-node mpirun or
+    srun job must export MASTER_ADDR (launch/mpirun.sh and launch/slurm.sbatch do).
+    """
+    environ = os.environ if environ is None else environ
+    for name, (rank_var, world_var, local_var) in LAUNCHER_VARIABLES.items():
+        if world_var not in environ:
+            continue
+        try:
+            world = int(environ[world_var])
+            rank = int(environ.get(rank_var, "0"))
+            local = int(environ.get(local_var, "0"))
+        except ValueError:
+            raise ValueError(f"{name} launcher variables: expected integers in {rank_var}, {world_var}, "
+                             f"{local_var}; got {environ.get(rank_var)!r}, {environ.get(world_var)!r}, "
+                             f"{environ.get(local_var)!r}") from None
+        if world <= 1:
+            return None
+        if not 0 <= rank < world:
+            raise ValueError(f"{name} launcher variables: {rank_var}={rank} is outside 0..{world - 1} "
+                             f"({world_var}={world})")
+        return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local),
+                "MASTER_ADDR": environ.get("MASTER_ADDR", "127.0.0.1"),
+                "MASTER_PORT": environ.get("MASTER_PORT", DEFAULT_MASTER_PORT)}
+    return None
+
+
 def init_process_group(backend: str | None = None) -> None:
     """Join the launcher's process group, or make a group of one so DeepSpeed runs unlaunched."""
     if init_from_env(backend):
-        return
-    if "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_SIZE" in os.environ:
-        import deepspeed  # mpirun: DeepSpeed reads the MPI environment (mpi4py)
-
-        deepspeed.init_distributed(dist_backend=backend or default_backend(), auto_mpi_discovery=True)
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -50,20 +87,22 @@ def init_process_group(backend: str | None = None) -> None:
 
 
 def init_from_env(backend: str | None = None) -> bool:
-    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, if any.
+    """Join the process group that a launcher (deepspeed, torchrun, mpirun, srun) describes.
 
-    Returns True when running distributed. With no WORLD_SIZE (or WORLD_SIZE=1) this is a no-op,
-    so every entry point runs unchanged as a single process.
+    Returns True when running distributed. With no launcher (or a world of one) this is a no-op,
+    so every entry point runs unchanged as a single process. The launcher's variables are copied
+    to RANK / WORLD_SIZE / LOCAL_RANK, which DeepSpeed reads too.
     """
     if is_distributed():
         return True
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
+    env = launcher_env()
+    if env is None:
         return False
+    os.environ.update(env)
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+        torch.cuda.set_device(int(env["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
     return True
 
 
