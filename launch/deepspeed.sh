@@ -10,15 +10,7 @@
 # repository's .venv when present). Multi-node: use launch/slurm.sbatch, or deepspeed's own
 # --hostfile with the same `--module smf_ds.cli` arguments.
 set -euo pipefail
-if [[ $# -lt 2 ]]; then
-  echo "usage: $0 NPROC {train|background|eval} [smf-ds arguments...]" >&2
-  exit 2
-fi
-nproc=$1; shift
-if ! [[ $nproc =~ ^[1-9][0-9]*$ ]]; then
-  echo "$0: NPROC: expected a positive number of processes, got '$nproc'" >&2
-  exit 2
-fi
-here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-deepspeed_bin=${DEEPSPEED:-$( [[ -x $here/.venv/bin/deepspeed ]] && echo "$here/.venv/bin/deepspeed" || echo deepspeed )}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+shift
+deepspeed_bin=${DEEPSPEED:-$( [[ -x $venv_bin/deepspeed ]] && echo "$venv_bin/deepspeed" || echo deepspeed )}
 exec "$deepspeed_bin" --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" --module smf_ds.cli "$@"

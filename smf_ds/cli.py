@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_process_group() -> None:
+    """Destroy the process group before exit: a gloo group left to the interpreter's teardown
+    can abort a rank ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -84,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"smf-ds {args.command}: {err}", file=sys.stderr)
         return 2
+    finally:
+        _leave_process_group()
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0

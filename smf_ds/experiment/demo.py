@@ -3,11 +3,13 @@ SMF against LoRA and full finetuning on the world's medical task, with forgettin
 
 Steps (each rank runs the same code; results in <out>/demo_summary.json):
 1. write the synthetic world (hub-schema files) and train a tokenizer on it;
-2. pretrain a tiny Qwen2 on the world's general text (full finetuning through the same Trainer);
+2. pretrain a tiny Qwen2 on the world's general text and its trivia as question/answer pairs (full
+   finetuning through the same Trainer), so the base model knows what the probes ask;
 3. SMF: inject memory, compute background stats on the OASST-schema general text, finetune the
    value rows on the task; LoRA and full finetuning train on the same task data;
-4. evaluate base and each method on the task (MedMCQA schema) and the probes (WikiText
-   perplexity, TriviaQA accuracy).
+4. evaluate base and each method on the task (MedMCQA schema, the training facts with options
+   reshuffled) and the probes (WikiText perplexity, TriviaQA accuracy): <out>/eval/<name>/, and a
+   table of each method's task gain and probe drift against the base model.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from ..config import load_config
 from ..data.synthetic_world import build_world
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
 from ..parallel.process_group import barrier, get_rank, init_process_group
+from ..eval.runner import EvalSettings, run_tasks
 from ..train.batches import tokenize_text
 from ..train.loop import Trainer
 
@@ -28,13 +31,25 @@ BASE_STEPS = {"quick": 60, "full": 400}
 TASK_STEPS = {"quick": 10, "full": 60}
 
 
+TASKS = ("medmcqa", "wikitext", "triviaqa")
+TRIVIA_TEMPLATE = "Question: {question}\nAnswer:"  # the probe's prompt, as the base model learned it
+
+
+def _read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _read_texts(path: Path) -> list[str]:
-    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+    return [row["text"] for row in _read_rows(path)]
+
+
+def _trivia_texts(path: Path) -> list[str]:
+    return [TRIVIA_TEMPLATE.format(question=r["question"]) + " " + r["answer"]["value"] for r in _read_rows(path)]
 
 
 def pretrain_base(world: dict[str, Path], out: Path, steps: int):
     """Tokenizer + tiny Qwen2 that has learned the world's general text; saved to `out`."""
-    texts = _read_texts(world["general"])
+    texts = _read_texts(world["general"]) + _trivia_texts(world["triviaqa"])
     if (out / "config.json").is_file():
         return out
     tokenizer = build_tiny_tokenizer(texts + _read_texts(world["wikitext"]), vocab_size=768)
@@ -66,6 +81,55 @@ def demo_overrides(world: dict[str, Path], base: Path, method: str, run_dir: Pat
     return common + ["train.lr=0.001"]
 
 
+def eval_settings(world: dict[str, Path]) -> EvalSettings:
+    return EvalSettings(medmcqa=str(world["medmcqa_test"]), triviaqa=str(world["triviaqa"]),
+                        wikitext=str(world["wikitext"]), triviaqa_template=TRIVIA_TEMPLATE,
+                        max_new_tokens=8, max_length=64, stride=32, n_boot=200)
+
+
+def load_trained(base: Path, method: str, artifact: Path):
+    """(model, tokenizer) of the base model, or of a method's run artifact."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    if method == "full":
+        return AutoModelForCausalLM.from_pretrained(str(artifact)), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    if method == "smf":
+        from ..memory.adapter import load_memory_adapter
+
+        model = load_memory_adapter(model, artifact)
+    elif method == "lora":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(artifact))
+    return model, tokenizer
+
+
+def compare(evals: dict[str, dict]) -> dict[str, dict]:
+    """Headline metric of each task per model, and each method's change against the base."""
+    table = {}
+    for name, summary in evals.items():
+        row = {task: summary["tasks"][task]["value"] for task in TASKS}
+        if name != "base":
+            row.update({f"{task}_delta": row[task] - table["base"][task] for task in TASKS})
+        table[name] = row
+    return table
+
+
+def format_comparison(table: dict[str, dict]) -> str:
+    lines = [f"{'model':<6} {'medmcqa acc':>12} {'wikitext ppl':>13} {'triviaqa acc':>13}"]
+    for name, row in table.items():
+        cells = []
+        for task, fmt in (("medmcqa", "{:.3f}"), ("wikitext", "{:.2f}"), ("triviaqa", "{:.3f}")):
+            cell = fmt.format(row[task])
+            if f"{task}_delta" in row:
+                cell += " (" + ("+" if row[f"{task}_delta"] >= 0 else "") + fmt.format(row[f"{task}_delta"]) + ")"
+            cells.append(cell)
+        lines.append(f"{name:<6} {cells[0]:>12} {cells[1]:>13} {cells[2]:>13}")
+    return "\n".join(lines)
+
+
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     from ..train.run import background_main, train_main
 
@@ -83,7 +147,17 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
             bg = background_main(cfg, out=str(run_dir / "background.safetensors"))
             overrides.append(f"sparse.background={bg}")
         results[method] = train_main(load_config(overrides=overrides))
-    summary = {"world": {k: str(v) for k, v in world.items()}, "base": str(base), "runs": results}
+    settings = eval_settings(world)
+    evals = {}
+    for name in ("base", "smf", "lora", "full"):
+        artifact = base if name == "base" else Path(results[name]["artifact"])
+        model, tokenizer = load_trained(base, name, artifact)
+        evals[name] = run_tasks(model, tokenizer, TASKS, settings, out / "eval" / name, echo=None,
+                                meta={"model": name, "artifact": str(artifact)})
+    table = compare(evals)
+    summary = {"world": {k: str(v) for k, v in world.items()}, "base": str(base), "runs": results,
+               "evaluation": table, "eval_dirs": {name: str(out / "eval" / name) for name in evals}}
     if get_rank() == 0:
         (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("demo results (change against the base model in brackets):\n%s", format_comparison(table))
     return summary

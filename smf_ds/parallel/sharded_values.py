@@ -92,7 +92,7 @@ class RowShardedValueTable(_ShardedTable):
                      else token_mask_N.reshape(-1)[tokens_E].long())
         ids = all_to_all_v(torch.stack([rows_E[by_owner], tokens_E, counted_E], dim=1), send, recv, self.group)
         weights = all_to_all_v(weights_NK.reshape(-1)[by_owner], send, recv, self.group)
-        my_rows, their_tokens, counted = ids.unbind(1)
+        my_rows, their_tokens, counted = ids.t().contiguous()
         if self.track_access:
             self.sink.add_access(*read_counts(my_rows[counted.bool()], None))
 
