@@ -141,6 +141,9 @@ class DataConfig:
     train_limit: int | None = None
     background_batches: int = 2000  # B; a background batch has the training global batch's size
     seed: int = 0
+    # What the model learns to write after the MedMCQA prompt ({letter}, {option}); the paper's
+    # " {letter}. {option}" by default. Evaluate with the same (smf-ds eval --answer-continuation).
+    answer_continuation: str = " {letter}. {option}"
 
 
 @dataclass

@@ -156,3 +156,11 @@ def test_yaml_file_with_a_number_for_a_string_names_the_key(tmp_path):
     path.write_text("out_dir: 3\n")
     with pytest.raises(ConfigError, match="out_dir: expected a string"):
         load_config(path)
+
+
+def test_bad_answer_continuation_names_the_field():
+    from smf_ds.train.run import task_examples
+
+    cfg = load_config(overrides=["data.train=unused.jsonl", "data.answer_continuation={answer}"])
+    with pytest.raises(ConfigError, match=r"data.answer_continuation='\{answer\}'.*unknown placeholder"):
+        task_examples(cfg, tokenizer=None)

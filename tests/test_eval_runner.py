@@ -139,8 +139,18 @@ def test_template_flags_accept_files_and_escapes(tmp_path):
     assert s.limit == {"medmcqa": 3, "wikitext": 3, "triviaqa": 3} and s.sample["triviaqa"] == 9
 
 
+def test_answer_continuation_flag(eval_world):
+    import argparse
+
+    parser = cli.add_eval_arguments(argparse.ArgumentParser())
+    s = cli.settings_from_args(parser.parse_args(["--model", "m", "--answer-continuation", " {option}"]))
+    assert s.medmcqa_prompt.answer_continuation == " {option}"
+    with pytest.raises(cli.EvalCLIError, match="--answer-continuation.*unknown placeholder"):
+        cli.settings_from_args(parser.parse_args(["--model", "m", "--answer-continuation", " {answer}"]))
+
+
 def test_memory_adapter_flag_loads_the_adapter(eval_world, tmp_path):
-    adapter = pytest.importorskip("smf_ds.memory.adapter")
+    import smf_ds.memory.adapter as adapter
     from smf_ds.config import MemoryConfig
     from smf_ds.memory.inject import inject_memory
 

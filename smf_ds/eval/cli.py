@@ -68,6 +68,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help=f"comma-separated subset of {','.join(MODES)}; the first is the headline metric")
     t.add_argument("--medmcqa-template", default=None, metavar="TEXT|FILE",
                    help="prompt template (a file, or text with \\n escapes); placeholders {question} {opa}..{opd}")
+    t.add_argument("--answer-continuation", default=None, metavar="TEXT",
+                   help="MedMCQA 'answer' modes: the text after the prompt, {letter} {option} "
+                        "(default ' {letter}. {option}'; use what training used: data.answer_continuation)")
     t.add_argument("--triviaqa-template", default=triviaqa_data.DEFAULT_TEMPLATE.replace("\n", "\\n"),
                    metavar="TEXT|FILE", help="prompt template with {question}")
     t.add_argument("--max-new-tokens", type=int, default=32, help="TriviaQA: greedy tokens at most")
@@ -127,11 +130,15 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         modes = check_modes([m.strip() for m in args.medmcqa_modes.split(",") if m.strip()])
     except ValueError as err:
         raise EvalCLIError(f"--medmcqa-modes: {err}") from None
+    prompt_fields = {}
+    if args.medmcqa_template:
+        prompt_fields["template"] = _template(args.medmcqa_template, "--medmcqa-template")
+    if args.answer_continuation is not None:
+        prompt_fields["answer_continuation"] = args.answer_continuation
     try:
-        prompt = MedMCQAPrompt(template=_template(args.medmcqa_template, "--medmcqa-template")) \
-            if args.medmcqa_template else MedMCQAPrompt()
+        prompt = MedMCQAPrompt(**prompt_fields)
     except ValueError as err:
-        raise EvalCLIError(f"--medmcqa-template: {err}") from None
+        raise EvalCLIError(f"--medmcqa-template / --answer-continuation: {err}") from None
     try:
         tqa_template = triviaqa_data.check_template(_template(args.triviaqa_template, "--triviaqa-template"))
     except ValueError as err:

@@ -3,8 +3,9 @@ SMF against LoRA and full finetuning on the world's medical task, with forgettin
 
 Steps (each rank runs the same code; results in <out>/demo_summary.json):
 1. write the synthetic world (hub-schema files) and train a tokenizer on it;
-2. pretrain a tiny Qwen2 on the world's general text and its trivia as question/answer pairs (full
-   finetuning through the same Trainer), so the base model knows what the probes ask;
+2. pretrain a tiny Qwen2 on the world's general text (facts, and its trivia as question/answer
+   pairs) and its WikiText-schema articles (full finetuning through the same Trainer), so the
+   base model knows what the probes ask, as a real pretrained model has seen Wikipedia;
 3. SMF: inject memory, compute background stats on the OASST-schema general text, finetune the
    value rows on the task; LoRA and full finetuning train on the same task data;
 4. evaluate base and each method on the task (MedMCQA schema, the training facts with options
@@ -21,18 +22,24 @@ from ..config import load_config
 from ..data.synthetic_world import build_world
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
 from ..parallel.process_group import barrier, get_rank, init_process_group
+from ..data.medmcqa import MedMCQAPrompt
 from ..eval.runner import EvalSettings, run_tasks
 from ..train.batches import tokenize_text
 from ..train.loop import Trainer
 
 log = logging.getLogger(__name__)
 
-BASE_STEPS = {"quick": 60, "full": 400}
-TASK_STEPS = {"quick": 10, "full": 60}
+BASE_STEPS = {"quick": 60, "full": 800}
+TASK_STEPS = {"quick": 10, "full": 200}
 
 
 TASKS = ("medmcqa", "wikitext", "triviaqa")
-TRIVIA_TEMPLATE = "Question: {question}\nAnswer:"  # the probe's prompt, as the base model learned it
+TRIVIA_TEMPLATE = "Question: {question} Answer:"  # the probe's prompt, as the world's general text has it
+# The test asks the training facts with the options reshuffled: the answer's likelihood shows
+# whether a fact was learned; a letter learned by rote would now point at the wrong option.
+# So the answer is written without its letter, in training and evaluation alike.
+MEDMCQA_MODES = ("answer", "answer_norm", "letter")
+ANSWER_CONTINUATION = " {option}"
 
 
 def _read_rows(path: Path) -> list[dict]:
@@ -43,16 +50,12 @@ def _read_texts(path: Path) -> list[str]:
     return [row["text"] for row in _read_rows(path)]
 
 
-def _trivia_texts(path: Path) -> list[str]:
-    return [TRIVIA_TEMPLATE.format(question=r["question"]) + " " + r["answer"]["value"] for r in _read_rows(path)]
-
-
 def pretrain_base(world: dict[str, Path], out: Path, steps: int):
     """Tokenizer + tiny Qwen2 that has learned the world's general text; saved to `out`."""
-    texts = _read_texts(world["general"]) + _trivia_texts(world["triviaqa"])
     if (out / "config.json").is_file():
         return out
-    tokenizer = build_tiny_tokenizer(texts + _read_texts(world["wikitext"]), vocab_size=768)
+    texts = _read_texts(world["general"]) + [t for t in _read_texts(world["wikitext"]) if t.strip()]
+    tokenizer = build_tiny_tokenizer(texts, vocab_size=768)
     model = build_tiny_model(tokenizer, hidden=64, layers=4, heads=4, kv_heads=2, init_std=0.02)
     cfg = load_config(overrides=[
         "train.method=full", f"train.steps={steps}", "train.micro_batch_size=16", "train.lr=0.003",
@@ -83,7 +86,8 @@ def demo_overrides(world: dict[str, Path], base: Path, method: str, run_dir: Pat
 
 def eval_settings(world: dict[str, Path]) -> EvalSettings:
     return EvalSettings(medmcqa=str(world["medmcqa_test"]), triviaqa=str(world["triviaqa"]),
-                        wikitext=str(world["wikitext"]), triviaqa_template=TRIVIA_TEMPLATE,
+                        wikitext=str(world["wikitext"]), triviaqa_template=TRIVIA_TEMPLATE, medmcqa_modes=MEDMCQA_MODES,
+                        medmcqa_prompt=MedMCQAPrompt(answer_continuation=ANSWER_CONTINUATION),
                         max_new_tokens=8, max_length=64, stride=32, n_boot=200)
 
 
@@ -118,7 +122,7 @@ def compare(evals: dict[str, dict]) -> dict[str, dict]:
 
 
 def format_comparison(table: dict[str, dict]) -> str:
-    lines = [f"{'model':<6} {'medmcqa acc':>12} {'wikitext ppl':>13} {'triviaqa acc':>13}"]
+    lines = [f"{'model':<6} {'medmcqa acc (' + MEDMCQA_MODES[0] + ')':>20} {'wikitext ppl':>16} {'triviaqa acc':>15}"]
     for name, row in table.items():
         cells = []
         for task, fmt in (("medmcqa", "{:.3f}"), ("wikitext", "{:.2f}"), ("triviaqa", "{:.3f}")):
@@ -126,7 +130,7 @@ def format_comparison(table: dict[str, dict]) -> str:
             if f"{task}_delta" in row:
                 cell += " (" + ("+" if row[f"{task}_delta"] >= 0 else "") + fmt.format(row[f"{task}_delta"]) + ")"
             cells.append(cell)
-        lines.append(f"{name:<6} {cells[0]:>12} {cells[1]:>13} {cells[2]:>13}")
+        lines.append(f"{name:<6} {cells[0]:>20} {cells[1]:>16} {cells[2]:>15}")
     return "\n".join(lines)
 
 
@@ -146,7 +150,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
             cfg = load_config(overrides=overrides)
             bg = background_main(cfg, out=str(run_dir / "background.safetensors"))
             overrides.append(f"sparse.background={bg}")
-        results[method] = train_main(load_config(overrides=overrides))
+        cfg = load_config(overrides=overrides)
+        cfg.data.answer_continuation = ANSWER_CONTINUATION  # a leading space: set here, not as key=value
+        results[method] = train_main(cfg)
     settings = eval_settings(world)
     evals = {}
     for name in ("base", "smf", "lora", "full"):

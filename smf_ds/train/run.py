@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 def task_examples(cfg: SMFConfig, tokenizer) -> list[dict]:
     if not cfg.data.train:
         raise ConfigError("data.train: expected a MedMCQA-schema hub id or local file, got ''")
+    try:
+        prompt = MedMCQAPrompt(answer_continuation=cfg.data.answer_continuation)
+    except ValueError as err:
+        raise ConfigError(f"data.answer_continuation={cfg.data.answer_continuation!r}: {err}") from None
     examples, report = load_medmcqa(cfg.data.train, limit=cfg.data.train_limit, seed=cfg.data.seed)
     if report.issues:
         log.warning("data.train=%s:\n%s", cfg.data.train, report.format())
-    prompt = MedMCQAPrompt()
     return [tokenize_prompt_answer(tokenizer, *prompt.training_pair(ex), cfg.train.max_length) for ex in examples]
 
 
