@@ -35,8 +35,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Benchmarks (not tests): each prints a table and writes JSON under bench_results/ (~10 min in all).
 bench: $(STAMP)
+	$(PY) tools/bench_sparse_step.py --out bench_results/sparse_step.json
 	$(PY) tools/bench_memory.py --out bench_results/memory.json
+	$(PY) tools/bench_eval.py --out bench_results/eval.json
 
 clean:
 	rm -rf $(VENV) runs bench_results
