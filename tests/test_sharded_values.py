@@ -130,7 +130,8 @@ def _layer_worker(rank, world, strategy):
     ref = ProductKeyMemory(cfg, hidden)
     ref_results = []
     for x, gout in zip(xs, gouts):
-        # .backward (not autograd.grad, which prunes the path to the table) runs FetchRows' backward.
+        # .backward (not autograd.grad, which prunes the path to the table) runs BagLookup's backward,
+        # which records the reads in the sink.
         ref.zero_grad()
         out, grads = _forward_backward(ref, x, gout)
         ref_results.append((out, grads))  # row grads of all ranks' tokens accumulate in the sink

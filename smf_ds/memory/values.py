@@ -23,10 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# read_weight_grads builds a CSR pattern only to sample a matmul at the reads; torch's notice that
-# sparse CSR is "beta" says nothing about that use.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-
 # Reads turned into gradient rows at once when many rows are asked for (bounds the step's scratch).
 _GRAD_CHUNK = 1 << 16
 
@@ -118,8 +114,10 @@ def read_weight_grads(grad_BD: torch.Tensor, weight: torch.Tensor, rows_E: torch
         crow = torch.arange(0, flat.numel() + 1, rows_E.shape[1], device=flat.device)
     else:
         crow = torch.cat([offsets_B, offsets_B.new_tensor([flat.numel()])])
-    pattern = torch.sparse_csr_tensor(crow, flat, grad_BD.new_zeros(flat.numel()),
-                                      size=(grad_BD.shape[0], weight.shape[0]), check_invariants=False)
+    with warnings.catch_warnings():  # torch's "sparse CSR is beta" notice: not news for a sampling pattern
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        pattern = torch.sparse_csr_tensor(crow, flat, grad_BD.new_zeros(flat.numel()),
+                                          size=(grad_BD.shape[0], weight.shape[0]), check_invariants=False)
     return torch.sparse.sampled_addmm(pattern, grad_BD.contiguous(), weight.t(), beta=0.0).values().view_as(rows_E)
 
 
