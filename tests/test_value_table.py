@@ -17,3 +17,23 @@ def test_table_keeps_its_dtype_when_the_model_is_cast():
     rows, grad = table.sink.coalesced_grad(4)
     assert rows.tolist() == [1, 2, 5] and grad.dtype == torch.float32
     assert weights.grad is not None and weights.grad.dtype == torch.bfloat16
+
+
+def test_read_weight_grads_match_embedding_bag_backward():
+    """The CPU sampled-matmul path and embedding_bag's own backward (used off CPU) agree."""
+    from smf_ds.memory.values import read_weight_grads, read_weight_grads_by_autograd
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 6, generator=g)
+    rows_NK = torch.randint(0, 50, (7, 4), generator=g)
+    rows_NK[0] = 3  # a token reading one row four times
+    grad_ND = torch.randn(7, 6, generator=g)
+    expected = (grad_ND[:, None, :] * weight[rows_NK]).sum(-1)
+    assert torch.allclose(read_weight_grads(grad_ND, weight, rows_NK, None), expected, atol=1e-6)
+    assert torch.allclose(read_weight_grads_by_autograd(grad_ND, weight, rows_NK, None), expected, atol=1e-6)
+    # flat reads with offsets; an empty bag in the middle
+    flat, offsets = rows_NK[:3].reshape(-1), torch.tensor([0, 5, 5])
+    bag_of = torch.tensor([0] * 5 + [2] * 7)
+    expected_flat = (grad_ND[:3][bag_of] * weight[flat]).sum(-1)
+    for impl in (read_weight_grads, read_weight_grads_by_autograd):
+        assert torch.allclose(impl(grad_ND[:3], weight, flat, offsets), expected_flat, atol=1e-6), impl.__name__
