@@ -11,8 +11,9 @@ escape all four.
 Gradients are sparse and deferred. A lookup is an `embedding_bag` straight on the table (no copy
 of the rows read), and its backward records the reads and the output gradient in the table's
 `RowGradSink` instead of forming row gradients. SMF then asks the sink for the gradients of the
-few rows it selected: a step costs O(reads + S x D) and never O(U x D) or O(table), which is what
-keeps it flat in the table's size. No dense N x D gradient of the table ever exists.
+few rows it selected: a step costs O(reads + S x D), never O(U x D) or O(table), so no work or
+allocation in it is sized by the table (its rows are still read from wherever they live: cache
+for a small table, DRAM for a large one). No dense N x D gradient of the table ever exists.
 """
 from __future__ import annotations
 
