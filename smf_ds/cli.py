@@ -76,25 +76,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group() -> None:
-    """Destroy the process group before exit: a gloo group left to the interpreter's teardown
-    can abort a rank ("terminate called without an active exception") after its work is done."""
+def _leave_process_group(all_done: bool) -> None:
+    """Leave the process group before the interpreter's teardown. Gloo's worker threads can hold
+    work objects whose tensors reference Python; destroyed during finalization they abort a rank
+    ("terminate called without an active exception") after its work is done. When every rank
+    finished, they meet at a barrier first, so none tears down while a peer still talks to it."""
+    import gc
+
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if all_done:
+        dist.barrier()
+    gc.collect()  # drop cycles that still hold tensors a pending work object may reference
+    dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    done = False
     try:
         result = args.func(args)
+        done = True
     except ConfigError as err:
         print(f"smf-ds {args.command}: {err}", file=sys.stderr)
         return 2
     finally:
-        _leave_process_group()
+        _leave_process_group(all_done=done)
     if result is not None:
         print(json.dumps(result, indent=2, default=str))
     return 0
