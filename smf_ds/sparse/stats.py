@@ -51,14 +51,6 @@ def step_grad(table: ValueTable, rows_S: torch.Tensor) -> tuple[torch.Tensor, to
     return mine, grad
 
 
-def step_read_rows(table: ValueTable) -> torch.Tensor:
-    """Every row this step's backwards read, global over replicas (tests and diagnostics)."""
-    rows = table.sink.read_rows(device=table.local_weight.device)
-    if table.replica_group is not None:
-        rows, _ = _sum_over_replicas(table.replica_group, rows, torch.zeros_like(rows))
-    return rows
-
-
 def sum_over_row_owners(table: ValueTable, value: torch.Tensor) -> torch.Tensor:
     """Sum a per-process partial over rows (e.g. a count total) into the whole table's value."""
     if table.row_group is not None:
@@ -84,11 +76,3 @@ def gather_over_row_owners(table: ValueTable, values: torch.Tensor) -> torch.Ten
     world = dist.get_world_size(group)
     sizes = all_gather_v(torch.tensor([values.shape[0]], device=values.device), [1] * world, group).tolist()
     return all_gather_v(values.contiguous(), sizes, group)
-
-
-def owned_dense(table: ValueTable, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Scatter sparse (global rows, values) into a dense vector over this process's rows."""
-    start, stop = table.owned_row_range()
-    dense = values.new_zeros((stop - start,) + tuple(values.shape[1:]))
-    dense.index_add_(0, rows - start, values)
-    return dense
