@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from smf_ds.parallel.process_group import free_port
 
 
 def _worker(rank, world_size, port, fn, args, queue):
@@ -42,7 +37,7 @@ def _worker(rank, world_size, port, fn, args, queue):
 def run_distributed(fn, world_size: int, *args, timeout: float = 300.0):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
              for r in range(world_size)]
     for p in procs:

@@ -7,7 +7,6 @@ compares the background statistics, the trained memory adapter and the losses.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from smf_ds.data import samples
-from smf_ds.parallel.process_group import launcher_env
+from smf_ds.parallel.process_group import free_port, launcher_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,12 +48,6 @@ def test_bad_launcher_variables_name_them():
         launcher_env({"RANK": "zero", "WORLD_SIZE": "2"})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _world(root: Path) -> Path:
     from smf_ds.data.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -74,7 +67,7 @@ data: {{train: {medmcqa}, background: {oasst}, background_batches: 3}}
 
 
 def _smf_ds(args, nproc: int, run_dir: Path) -> None:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()),
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()),
                PYTHONPATH=str(REPO))
     if nproc == 1:
         cmd = [sys.executable, "-m", "smf_ds.cli", *args]

@@ -83,7 +83,6 @@ import json
 import math
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -327,12 +326,6 @@ def bench_rank(rank: int, world: int, a) -> dict:
 
 # --- processes -------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_entry(rank: int, world: int, port: int, a, queue) -> None:
     import pickle
     import traceback
@@ -356,7 +349,9 @@ def run_ranks(world: int, a) -> list[dict]:
     import queue as queue_mod
 
     import torch.multiprocessing as mp
-    port = _free_port()
+
+    from smf_ds.parallel.process_group import free_port
+    port = free_port()
     if world == 1:
         q = queue_mod.Queue()
         _rank_entry(0, 1, port, a, q)

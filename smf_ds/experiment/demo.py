@@ -23,6 +23,7 @@ from ..data.synthetic_world import build_world
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
 from ..parallel.process_group import barrier, get_rank, init_process_group
 from ..data.medmcqa import MedMCQAPrompt
+from ..eval.cli import load_model_and_tokenizer
 from ..eval.runner import EvalSettings, run_tasks
 from ..train.batches import tokenize_text
 from ..train.loop import Trainer
@@ -91,25 +92,6 @@ def eval_settings(world: dict[str, Path]) -> EvalSettings:
                         max_new_tokens=8, max_length=64, stride=32, n_boot=200)
 
 
-def load_trained(base: Path, method: str, artifact: Path):
-    """(model, tokenizer) of the base model, or of a method's run artifact."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
-    if method == "full":
-        return AutoModelForCausalLM.from_pretrained(str(artifact)), tokenizer
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    if method == "smf":
-        from ..memory.adapter import load_memory_adapter
-
-        model = load_memory_adapter(model, artifact)
-    elif method == "lora":
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(artifact))
-    return model, tokenizer
-
-
 def compare(evals: dict[str, dict]) -> dict[str, dict]:
     """Headline metric of each task per model, and each method's change against the base."""
     table = {}
@@ -157,7 +139,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     evals = {}
     for name in ("base", "smf", "lora", "full"):
         artifact = base if name == "base" else Path(results[name]["artifact"])
-        model, tokenizer = load_trained(base, name, artifact)
+        # eval's loader: a model dir, a LoRA adapter dir (peft through transformers), or the base
+        # plus a memory adapter
+        model, tokenizer = (load_model_and_tokenizer(str(base), memory_adapter=str(artifact)) if name == "smf"
+                            else load_model_and_tokenizer(str(artifact)))
         evals[name] = run_tasks(model, tokenizer, TASKS, settings, out / "eval" / name, echo=None,
                                 meta={"model": name, "artifact": str(artifact)})
     table = compare(evals)

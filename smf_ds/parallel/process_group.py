@@ -26,7 +26,8 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous)."""
     import socket
 
     with socket.socket() as s:
@@ -81,7 +82,7 @@ def init_process_group(backend: str | None = None) -> None:
     if init_from_env(backend):
         return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group(backend=backend or default_backend(), rank=0, world_size=1)
 
