@@ -89,6 +89,12 @@ def test_wrong_type_names_the_key(override, key):
         load_config(None, [override])
 
 
+def test_exponent_floats_parse_in_overrides_and_yaml(tmp_path):
+    # PyYAML reads 1e-3 (no dot) as text; a float field takes it as the number it is
+    cfg = load_config(write(tmp_path, "train:\n  lr: 2e-4\n"), ["memory.value_lr=1e1", "sparse.eps=1E-8"])
+    assert (cfg.train.lr, cfg.memory.value_lr, cfg.sparse.eps) == (2e-4, 10.0, 1e-8)
+
+
 def test_wrong_type_in_yaml_names_file_and_key(tmp_path):
     path = write(tmp_path, "sparse:\n  top_t: many\n")
     with pytest.raises(ConfigError, match=rf"config file {path}: sparse\.top_t: expected an integer"):
