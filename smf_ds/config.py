@@ -144,6 +144,9 @@ class DataConfig:
     # What the model learns to write after the MedMCQA prompt ({letter}, {option}); the paper's
     # " {letter}. {option}" by default. Evaluate with the same (smf-ds eval --answer-continuation).
     answer_continuation: str = " {letter}. {option}"
+    # Append the row's explanation (exp) to the training answer, as MedMCQA provides one. Off when
+    # the explanation only restates the answer: its easy, copyable tokens then dilute the loss.
+    train_explanation: bool = True
 
 
 @dataclass

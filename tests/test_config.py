@@ -170,3 +170,27 @@ def test_bad_answer_continuation_names_the_field():
     cfg = load_config(overrides=["data.train=unused.jsonl", "data.answer_continuation={answer}"])
     with pytest.raises(ConfigError, match=r"data.answer_continuation='\{answer\}'.*unknown placeholder"):
         task_examples(cfg, tokenizer=None)
+
+
+class _CharTokenizer:
+    """One id per character: enough to see which text became the training answer."""
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+@pytest.mark.parametrize("with_exp", [True, False])
+def test_train_explanation_switches_the_explanation_in_the_answer(tmp_path, with_exp):
+    from smf_ds.data import samples
+    from smf_ds.train.run import task_examples
+
+    rows = samples.medmcqa_rows(4, seed=0)
+    has_exp = [bool(row.get("exp")) for row in rows]
+    assert True in has_exp and False in has_exp  # the sample covers both kinds of row
+    path = samples.write_rows(rows, tmp_path / "m.jsonl")
+    cfg = load_config(overrides=[f"data.train={path}", f"data.train_explanation={str(with_exp).lower()}"])
+    answers = ["".join(chr(i) for i, label in zip(e["input_ids"], e["labels"]) if label != -100 and i)
+               for e in task_examples(cfg, _CharTokenizer())]
+    assert ["Explanation:" in a for a in answers] == [with_exp and e for e in has_exp]
+    assert all(a.startswith(" ") and "Answer:" not in a for a in answers)  # the answer alone carries the loss

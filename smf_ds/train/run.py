@@ -31,7 +31,8 @@ def task_examples(cfg: SMFConfig, tokenizer) -> list[dict]:
     examples, report = load_medmcqa(cfg.data.train, limit=cfg.data.train_limit, seed=cfg.data.seed)
     if report.issues:
         log.warning("data.train=%s:\n%s", cfg.data.train, report.format())
-    return [tokenize_prompt_answer(tokenizer, *prompt.training_pair(ex), cfg.train.max_length) for ex in examples]
+    pairs = (prompt.training_pair(ex, with_explanation=cfg.data.train_explanation) for ex in examples)
+    return [tokenize_prompt_answer(tokenizer, prompt_text, answer, cfg.train.max_length) for prompt_text, answer in pairs]
 
 
 def text_examples(texts: list[str], tokenizer, max_length: int) -> list[dict]:
