@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean install-mpi
+.PHONY: install demo experiment test test-fast bench clean install-mpi
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ install-mpi: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m smf_ds.cli demo --out runs/demo
+
+# Every method x 3 seeds on the synthetic world, with paired intervals, a plot and a report (~8 min).
+experiment: $(STAMP)
+	$(PY) -m smf_ds.cli experiment --out runs/experiment
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

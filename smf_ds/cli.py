@@ -1,4 +1,4 @@
-"""smf-ds: train | background | eval | demo."""
+"""smf-ds: train | background | eval | demo | experiment | report."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,25 @@ def _cmd_demo(args) -> dict:
     return run_demo(args.out, quick=args.quick)
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cmd_experiment(args) -> dict:
+    from .experiment.grid import run_experiment
+
+    return run_experiment(args.out, args.methods.split(","), args.seeds, quick=args.quick)
+
+
+def _cmd_report(args) -> dict:
+    from .experiment.grid import build_report
+
+    return build_report(args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smf-ds", description="Sparse Memory Finetuning on DeepSpeed")
     # The deepspeed launcher puts --local_rank=N before the command (`-m smf_ds.cli --local_rank=1
@@ -73,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
     p.set_defaults(func=_cmd_demo)
+
+    from .experiment.jobs import VARIANTS
+
+    p = sub.add_parser("experiment", help="every method x seed on the synthetic world: stats, plot, report")
+    p.add_argument("--out", default="runs/experiment")
+    p.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
+    p.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    p.set_defaults(func=_cmd_experiment)
+
+    p = sub.add_parser("report", help="rebuild an experiment's results.json, report.md and plot")
+    p.add_argument("--out", default="runs/experiment", help="the experiment's directory")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

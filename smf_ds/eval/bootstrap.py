@@ -1,5 +1,8 @@
 """Seeded percentile-bootstrap 95% intervals (numpy).
 
+`bootstrap_statistic(statistic, n)`: the general form (paired differences between models are
+built on it in smf_ds.experiment.stats).
+
 `bootstrap_mean(values)`: resample the per-example values with replacement n_boot times; the
 interval is the 2.5th and 97.5th percentiles of the resampled means (accuracy, EM, F1).
 
@@ -55,3 +58,17 @@ def bootstrap_ratio(num: Sequence[float], den: Sequence[float], transform: Calla
     sa, sb = _resampled_sums([a, b], n_boot, seed)
     value = float(transform(np.asarray(a.sum() / b.sum())))
     return {"value": value, "ci95": _interval(transform(sa / sb), alpha), "n": int(len(a))}
+
+
+def bootstrap_statistic(statistic: Callable[[np.ndarray], np.ndarray], n: int, n_boot: int = N_BOOT, seed: int = 0,
+                        alpha: float = 0.05) -> dict:
+    """{"value", "ci95", "n"} of any statistic of n units: `statistic(idx_MN)` maps M index rows
+    (each a resample of range(n)) to M values. Paired comparisons resample the same units for both
+    sides inside one statistic, so their correlation is kept."""
+    if n == 0:
+        return {"value": None, "ci95": [None, None], "n": 0}
+    rng = np.random.default_rng(seed)
+    stats = np.concatenate([statistic(rng.integers(0, n, size=(min(CHUNK, n_boot - s), n)))
+                            for s in range(0, n_boot, CHUNK)])
+    value = float(statistic(np.arange(n)[None])[0])
+    return {"value": value, "ci95": _interval(stats, alpha), "n": int(n)}

@@ -1,0 +1,140 @@
+"""The jobs of the embedded synthetic world, shared by `smf-ds demo` and `smf-ds experiment`:
+pretrain the base model, finetune it with one method variant, evaluate a model on the task and
+both probes.
+
+A variant is a finetuning method with its settings: `smf-tfidf` and `smf-kl` (the two scoring
+rules of the paper), `smf-dense-accessed` and `smf-dense-all` (the dense-update controls the
+paper's review asked for: every accessed row, or every row, trains), `lora` and `full`. Every
+variant sees the same task data, steps and batch; the seed changes the data order and the
+initialisation of what it adds (memory, LoRA).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..config import ConfigError, load_config
+from ..data.medmcqa import MedMCQAPrompt
+from ..data.tiny import build_tiny_model, build_tiny_tokenizer
+from ..data.wikitext import join_docs, load_wikitext
+from ..eval.cli import load_model_and_tokenizer
+from ..memory.adapter import CONFIG_NAME as MEMORY_ADAPTER_CONFIG
+from ..eval.runner import EvalSettings, run_tasks
+from ..parallel.process_group import barrier, get_rank
+from ..train.batches import tokenize_text
+from ..train.loop import Trainer
+
+log = logging.getLogger(__name__)
+
+BASE_STEPS = {"quick": 60, "full": 1500}
+TASK_STEPS = {"quick": 10, "full": 300}
+PRETRAIN_LENGTH = 64
+
+TASKS = ("medmcqa", "wikitext", "triviaqa")
+TRIVIA_TEMPLATE = "Question: {question} Answer:"  # the probe's prompt, as the world's general text has it
+# The test asks the training facts with the options reshuffled: the answer's likelihood shows
+# whether a fact was learned; a letter learned by rote would now point at the wrong option.
+# So the answer is written without its letter, in training and evaluation alike.
+MEDMCQA_MODES = ("answer", "answer_norm", "letter")
+ANSWER_CONTINUATION = " {option}"
+
+SMF_MEMORY = ["memory.layers=[0,1,2,3]", "memory.n_keys=64", "memory.heads=4", "memory.knn=8",
+              "memory.k_dim=32", "memory.scale_init=1.0", "memory.value_lr=1000.0", "sparse.top_t=512",
+              "data.background_batches=40"]
+VARIANTS: dict[str, list[str]] = {
+    "smf-tfidf": ["train.method=smf", "sparse.scoring=tfidf", *SMF_MEMORY],
+    "smf-kl": ["train.method=smf", "sparse.scoring=kl", *SMF_MEMORY],
+    "smf-dense-accessed": ["train.method=smf", "sparse.scoring=dense-accessed", *SMF_MEMORY],
+    "smf-dense-all": ["train.method=smf", "sparse.scoring=dense-all", *SMF_MEMORY],
+    "lora": ["train.method=lora", "train.lr=0.003", "train.lora_r=8", "train.lora_alpha=16"],
+    "full": ["train.method=full", "train.lr=0.001"],
+}
+NEEDS_BACKGROUND = ("tfidf", "kl")
+
+
+def check_variants(names) -> list[str]:
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise ConfigError(f"--methods: expected a comma-separated list of {list(VARIANTS)}, got {unknown or names}")
+    return names
+
+
+def _read_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def pretrain_base(world: dict[str, Path], out: Path, steps: int) -> Path:
+    """Tokenizer + tiny Qwen2 that has learned the world's general text; saved to `out` (kept if there)."""
+    if (out / "config.json").is_file():
+        return out
+    general = _read_texts(world["general"])
+    docs, _ = load_wikitext(str(world["wikitext"]))
+    articles = join_docs(docs)
+    tokenizer = build_tiny_tokenizer(general + [articles], vocab_size=768)
+    model = build_tiny_model(tokenizer, hidden=64, layers=4, heads=4, kv_heads=2, init_std=0.02)
+    cfg = load_config(overrides=[
+        "train.method=full", f"train.steps={steps}", "train.micro_batch_size=16", "train.lr=0.003",
+        f"train.max_length={PRETRAIN_LENGTH}", f"out_dir={out}/pretrain_run"])
+    examples = [tokenize_text(tokenizer, t + tokenizer.eos_token, PRETRAIN_LENGTH) for t in general]
+    # The articles as the WikiText probe reads them (one text, lines joined), in overlapping
+    # windows: a base that has read its Wikipedia, so a rise in perplexity is forgetting.
+    ids = tokenizer(articles, add_special_tokens=False)["input_ids"]
+    half = PRETRAIN_LENGTH // 2
+    examples += [{"input_ids": ids[i:i + PRETRAIN_LENGTH], "labels": ids[i:i + PRETRAIN_LENGTH]}
+                 for i in range(0, max(len(ids) - half, 1), half)]
+    trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id)
+    result = trainer.fit(progress=True)
+    log.info("base pretraining: loss %.3f -> %.3f", result.losses[0], result.losses[-1])
+    if get_rank() == 0:
+        trainer.model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+    barrier()
+    return out
+
+
+def variant_overrides(world: dict[str, Path], base: Path, variant: str, run_dir: Path, steps: int,
+                      seed: int = 0) -> list[str]:
+    """The run config of one variant on the world's task (loss on the answer only: the world's
+    explanations restate it)."""
+    return [f"model.name_or_path={base}", f"data.train={world['medmcqa_train']}",
+            f"data.background={world['oasst']}", f"train.steps={steps}", f"train.seed={seed}",
+            "train.micro_batch_size=8", "train.max_length=96", "data.train_explanation=false",
+            f"out_dir={run_dir}", *VARIANTS[variant]]
+
+
+def finetune(world: dict[str, Path], base: Path, variant: str, run_dir: Path, steps: int, seed: int = 0) -> dict:
+    """Train one variant (background stats first where its scoring needs them); the train summary."""
+    from ..train.run import background_main, train_main
+
+    overrides = variant_overrides(world, base, variant, run_dir, steps, seed)
+    cfg = load_config(overrides=overrides)
+    if cfg.train.method == "smf" and cfg.sparse.scoring in NEEDS_BACKGROUND:
+        stats = background_main(cfg, out=str(run_dir / "background.safetensors"))
+        cfg = load_config(overrides=overrides + [f"sparse.background={stats}"])
+    cfg.data.answer_continuation = ANSWER_CONTINUATION  # a leading space: set here, not as key=value
+    return train_main(cfg)
+
+
+def eval_settings(world: dict[str, Path], n_boot: int = 200) -> EvalSettings:
+    return EvalSettings(medmcqa=str(world["medmcqa_test"]), triviaqa=str(world["triviaqa"]),
+                        wikitext=str(world["wikitext"]), triviaqa_template=TRIVIA_TEMPLATE, medmcqa_modes=MEDMCQA_MODES,
+                        medmcqa_prompt=MedMCQAPrompt(answer_continuation=ANSWER_CONTINUATION),
+                        max_new_tokens=8, max_length=64, stride=32, n_boot=n_boot)
+
+
+def evaluate(world: dict[str, Path], base: Path, artifact: Path | None, out_dir: Path, meta: dict) -> dict:
+    """Evaluate the base (artifact None) or a run's artifact on the task and both probes.
+
+    eval's loader takes a model dir, a LoRA adapter dir (peft through transformers), or the base
+    plus a memory adapter.
+    """
+    if artifact is None:
+        model, tokenizer = load_model_and_tokenizer(str(base))
+    elif (artifact / MEMORY_ADAPTER_CONFIG).is_file():
+        model, tokenizer = load_model_and_tokenizer(str(base), memory_adapter=str(artifact))
+    else:
+        model, tokenizer = load_model_and_tokenizer(str(artifact))
+    return run_tasks(model, tokenizer, TASKS, eval_settings(world), out_dir, echo=None,
+                     meta={**meta, "artifact": str(artifact or base)})

@@ -1,0 +1,89 @@
+"""Aggregate an experiment: each variant's metrics over seeds, and its change against the base
+model with a paired bootstrap 95% interval.
+
+Per task, the per-example records every evaluation saved (<eval dir>/<task>.predictions.jsonl)
+are lined up by example id (window index for WikiText) with the base model's. The change of a
+variant is mean over seeds of (metric of the variant on the examples - metric of the base on the
+same examples); the interval resamples examples (windows) once for base and every seed alike,
+so it is paired: the base's own difficulty of each example cancels. Seeds are averaged, not
+resampled: with the 2-5 seeds of a grid, their spread is reported as a standard deviation.
+
+  medmcqa   per example: correct under the headline mode (`correct_<mode>`); metric: accuracy
+  triviaqa  per example: `contains` (the paper's alias-contains); metric: accuracy
+  wikitext  per window: NLL sum and scored tokens; metric: exp(sum NLL / sum tokens)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..eval.bootstrap import bootstrap_statistic
+
+TASKS = ("medmcqa", "wikitext", "triviaqa")
+
+
+def read_records(eval_dir: Path, task: str) -> list[dict]:
+    path = Path(eval_dir) / f"{task}.predictions.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no predictions for {task} (was the evaluation run?)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _keys(records: list[dict], task: str) -> list:
+    return [r["index"] if task == "wikitext" else r.get("id", r["index"]) for r in records]
+
+
+def per_example(eval_dir: Path, task: str, medmcqa_mode: str = "answer") -> tuple[list, np.ndarray, np.ndarray | None]:
+    """(example keys, values, token counts or None): correctness, or NLL sums and token counts."""
+    records = read_records(eval_dir, task)
+    if task == "wikitext":
+        return (_keys(records, task), np.array([r["nll"] for r in records], dtype=np.float64),
+                np.array([r["n_tokens"] for r in records], dtype=np.float64))
+    field = f"correct_{medmcqa_mode}" if task == "medmcqa" else "contains"
+    return _keys(records, task), np.array([float(r[field]) for r in records]), None
+
+
+def metric_of(values_SN: np.ndarray, tokens_N: np.ndarray | None, idx_MN: np.ndarray) -> np.ndarray:
+    """Metric of each of S runs on each of M resamples: (S, M)."""
+    if tokens_N is None:
+        return values_SN[:, idx_MN].mean(axis=2)
+    return np.exp(values_SN[:, idx_MN].sum(axis=2) / tokens_N[idx_MN].sum(axis=1))
+
+
+def paired_delta(base_N: np.ndarray, runs_SN: np.ndarray, tokens_N: np.ndarray | None, n_boot: int = 1000,
+                 seed: int = 0) -> dict:
+    """Mean over runs of (run metric - base metric) on the same resampled examples, with its interval."""
+    def statistic(idx_MN):
+        return metric_of(runs_SN, tokens_N, idx_MN).mean(axis=0) - metric_of(base_N[None], tokens_N, idx_MN)[0]
+    return bootstrap_statistic(statistic, base_N.shape[0], n_boot, seed)
+
+
+def aggregate(base_dir: Path, runs: dict[str, dict[int, Path]], medmcqa_mode: str = "answer", n_boot: int = 1000,
+              seed: int = 0) -> dict:
+    """runs: variant -> {seed: eval dir}. The summary written to results.json."""
+    base, out = {}, {"base": {}, "variants": {}, "medmcqa_mode": medmcqa_mode, "n_boot": n_boot}
+    for task in TASKS:
+        keys, values, tokens = per_example(base_dir, task, medmcqa_mode)
+        base[task] = (keys, values, tokens)
+        out["base"][task] = float(metric_of(values[None], tokens, np.arange(len(values))[None])[0, 0])
+    for variant, by_seed in runs.items():
+        seeds = sorted(by_seed)
+        row = {"seeds": seeds}
+        for task in TASKS:
+            keys, base_values, tokens = base[task]
+            per_seed = []
+            for s in seeds:
+                run_keys, values, _ = per_example(by_seed[s], task, medmcqa_mode)
+                if run_keys != keys:
+                    raise ValueError(f"{by_seed[s]}/{task}.predictions.jsonl: its examples differ from the base "
+                                     f"model's ({base_dir}); compare evaluations of the same data")
+                per_seed.append(values)
+            runs_SN = np.stack(per_seed)
+            values_S = metric_of(runs_SN, tokens, np.arange(len(keys))[None])[:, 0]
+            row[task] = {"per_seed": [float(v) for v in values_S], "mean": float(values_S.mean()),
+                         "sd": float(values_S.std(ddof=1)) if len(seeds) > 1 else 0.0,
+                         "delta": paired_delta(base_values, runs_SN, tokens, n_boot, seed)}
+        out["variants"][variant] = row
+    return out

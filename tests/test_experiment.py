@@ -1,0 +1,131 @@
+"""`smf-ds experiment` / `smf-ds report`: paired bootstrap deltas, aggregation over seeds, and the
+whole grid end to end on the embedded world (quick)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smf_ds.eval.bootstrap import CHUNK, bootstrap_statistic
+from smf_ds.experiment.stats import aggregate, metric_of, paired_delta
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paired_delta_matches_a_resample_by_resample_loop():
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 2, 40).astype(float)
+    runs = rng.integers(0, 2, (3, 40)).astype(float)
+    n_boot, seed = 250, 7  # not a multiple of CHUNK: the last chunk is short
+    got = paired_delta(base, runs, None, n_boot=n_boot, seed=seed)
+    draw = np.random.default_rng(seed)
+    deltas = []
+    for start in range(0, n_boot, CHUNK):
+        for idx in draw.integers(0, 40, size=(min(CHUNK, n_boot - start), 40)):
+            deltas.append(np.mean([r[idx].mean() for r in runs]) - base[idx].mean())
+    assert len(deltas) == n_boot
+    assert got["value"] == pytest.approx(runs.mean() - base.mean())
+    assert got["ci95"] == pytest.approx(list(np.percentile(deltas, [2.5, 97.5])))
+
+
+def test_paired_delta_of_a_model_with_itself_is_exactly_zero():
+    base = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    assert paired_delta(base, np.stack([base, base]), None, n_boot=100) == {"value": 0.0, "ci95": [0.0, 0.0], "n": 5}
+
+
+def test_perplexity_metric_is_exp_of_nll_per_token():
+    nll, tokens = np.array([[2.0, 6.0, 1.0]]), np.array([2.0, 3.0, 1.0])
+    assert metric_of(nll, tokens, np.arange(3)[None])[0, 0] == pytest.approx(math.exp(9.0 / 6.0))
+    # resampling window 1 twice: (6 + 6) / (3 + 3)
+    assert metric_of(nll, tokens, np.array([[1, 1]]))[0, 0] == pytest.approx(math.exp(2.0))
+
+
+def test_bootstrap_statistic_of_nothing_is_empty():
+    assert bootstrap_statistic(lambda idx: idx.sum(axis=1), 0)["value"] is None
+
+
+def _write_eval(directory: Path, correct_med, contains, nll, ids=None):
+    directory.mkdir(parents=True)
+    ids = ids or [f"q{i}" for i in range(len(correct_med))]
+    (directory / "medmcqa.predictions.jsonl").write_text("".join(
+        json.dumps({"index": i, "id": q, "correct_answer": bool(c)}) + "\n" for i, (q, c) in enumerate(zip(ids, correct_med))))
+    (directory / "triviaqa.predictions.jsonl").write_text("".join(
+        json.dumps({"index": i, "id": f"t{i}", "contains": bool(c)}) + "\n" for i, c in enumerate(contains)))
+    (directory / "wikitext.predictions.jsonl").write_text("".join(
+        json.dumps({"index": i, "nll": v, "n_tokens": 4}) + "\n" for i, v in enumerate(nll)))
+    return directory
+
+
+def test_aggregate_averages_seeds_and_pairs_with_the_base(tmp_path):
+    base = _write_eval(tmp_path / "base", [0, 0, 1, 1], [1, 1, 1, 1], [4.0, 4.0])
+    s0 = _write_eval(tmp_path / "s0", [1, 0, 1, 1], [1, 0, 1, 1], [8.0, 8.0])
+    s1 = _write_eval(tmp_path / "s1", [1, 1, 1, 1], [1, 1, 0, 0], [4.0, 12.0])
+    out = aggregate(base, {"smf-tfidf": {0: s0, 1: s1}}, n_boot=200)
+    assert out["base"] == pytest.approx({"medmcqa": 0.5, "triviaqa": 1.0, "wikitext": math.e})
+    row = out["variants"]["smf-tfidf"]
+    assert row["seeds"] == [0, 1]
+    assert row["medmcqa"]["per_seed"] == pytest.approx([0.75, 1.0])
+    assert row["medmcqa"]["sd"] == pytest.approx(np.std([0.75, 1.0], ddof=1))
+    assert row["medmcqa"]["delta"]["value"] == pytest.approx(0.875 - 0.5)
+    assert row["triviaqa"]["delta"]["value"] == pytest.approx(0.625 - 1.0)
+    assert row["wikitext"]["per_seed"] == pytest.approx([math.exp(2.0), math.exp(2.0)])
+    assert row["wikitext"]["delta"]["value"] == pytest.approx(math.exp(2.0) - math.e)
+    for task in ("medmcqa", "triviaqa", "wikitext"):
+        lo, hi = row[task]["delta"]["ci95"]
+        assert lo <= row[task]["delta"]["value"] <= hi
+
+
+def test_aggregate_refuses_runs_evaluated_on_other_examples(tmp_path):
+    base = _write_eval(tmp_path / "base", [0, 1], [1, 1], [4.0])
+    other = _write_eval(tmp_path / "other", [0, 1], [1, 1], [4.0], ids=["q0", "zz"])
+    with pytest.raises(ValueError, match=r"other/medmcqa\.predictions\.jsonl: its examples differ"):
+        aggregate(base, {"lora": {0: other}})
+
+
+def _cli(*args, check=True):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "smf_ds.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    if check:
+        assert done.returncode == 0, done.stderr[-6000:]
+    return done
+
+
+def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
+    out = tmp_path / "exp"
+    _cli("experiment", "--quick", "--methods", "smf-tfidf,lora", "--seeds", "0,1", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["variants"]) == ["smf-tfidf", "lora"]
+    for row in results["variants"].values():
+        assert row["seeds"] == [0, 1]
+        for task in ("medmcqa", "wikitext", "triviaqa"):
+            assert len(row[task]["per_seed"]) == 2 and math.isfinite(row[task]["delta"]["value"])
+    report = (out / "report.md").read_text()
+    assert "| smf-tfidf | 2 |" in report and "| lora | 2 |" in report and "tradeoff.png" in report
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artifact = out / "runs" / "lora" / "seed1" / "lora_adapter"
+    stamp = max(p.stat().st_mtime_ns for p in artifact.iterdir())
+
+    (out / "results.json").unlink()
+    (out / "report.md").unlink()
+    _cli("report", "--out", str(out))
+    rebuilt = json.loads((out / "results.json").read_text())
+    assert rebuilt["variants"] == results["variants"] and rebuilt["base"] == results["base"]
+
+    # called again, nothing is retrained; a new seed is added to the same report
+    _cli("experiment", "--quick", "--methods", "lora", "--seeds", "1,2", "--out", str(out))
+    assert max(p.stat().st_mtime_ns for p in artifact.iterdir()) == stamp
+    grown = json.loads((out / "results.json").read_text())
+    assert grown["variants"]["lora"]["seeds"] == [0, 1, 2]
+    assert grown["variants"]["smf-tfidf"] == results["variants"]["smf-tfidf"]
+
+
+def test_experiment_and_report_name_the_bad_flag(tmp_path):
+    done = _cli("experiment", "--methods", "smf,lora", "--out", str(tmp_path / "x"), check=False)
+    assert done.returncode == 2 and "--methods" in done.stderr and "smf-tfidf" in done.stderr
+    done = _cli("report", "--out", str(tmp_path), check=False)
+    assert done.returncode == 2 and f"--out {tmp_path}" in done.stderr
