@@ -1,4 +1,4 @@
-"""smf-ds: train | background | eval | demo | experiment | report."""
+"""smf-ds: retrofit | background | train | eval | demo | experiment | report."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,15 @@ def _cmd_train(args) -> dict:
     cfg = load_config(args.config, args.overrides)
     init_process_group()
     return train_main(cfg, args.memory_adapter, resume=args.resume)
+
+
+def _cmd_retrofit(args) -> dict:
+    from .parallel.process_group import init_process_group
+    from .train.run import retrofit_main
+
+    cfg = load_config(args.config, args.overrides)
+    init_process_group()
+    return retrofit_main(cfg, args.memory_adapter)
 
 
 def _cmd_background(args) -> dict:
@@ -76,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("retrofit", help="dense warm-up of fresh memory on general text (before background + train)")
+    _add_run_arguments(p)
+    p.set_defaults(func=_cmd_retrofit)
 
     p = sub.add_parser("background", help="background access statistics for the tfidf / kl rules")
     _add_run_arguments(p)

@@ -150,12 +150,35 @@ class DataConfig:
 
 
 @dataclass
+class RetrofitConfig:
+    """`smf-ds retrofit`: the dense warm-up of freshly injected memory on general text, before
+    background statistics and the sparse phase (the paper's code: memory params only, AdamW,
+    lr 5e-4, chat text). Every value row trains every step; the backbone stays frozen."""
+
+    data: str = ""  # OASST1-schema hub id or local file/dir; '' = data.background
+    steps: int = 1000
+    lr: float = 5e-4  # query, keys, gate/out projections (and the scale with scope memory+scale)
+    value_lr: float | None = None  # the value rows; None = lr
+    value_optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    scope: Literal["memory", "memory+scale"] = "memory+scale"
+
+    def validate(self, prefix: str = "retrofit") -> None:
+        if self.steps < 1:
+            raise ConfigError(f"{prefix}.steps: expected an integer >= 1, got {self.steps}")
+        for key in ("lr", "value_lr"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{prefix}.{key}: expected a positive learning rate, got {value}")
+
+
+@dataclass
 class SMFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     sparse: SparseConfig = field(default_factory=SparseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    retrofit: RetrofitConfig = field(default_factory=RetrofitConfig)
     out_dir: str = "runs/default"
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 from pathlib import Path
@@ -108,6 +109,44 @@ def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
             model.save_pretrained(str(target))
             tokenizer.save_pretrained(str(target))
     return target
+
+
+def retrofit_run_config(cfg: SMFConfig) -> SMFConfig:
+    """The run config a retrofit trains with: SMF, its scope, every value row every step
+    (dense-all) with the retrofit's optimizer and learning rates, its step count."""
+    run = copy.deepcopy(cfg)
+    r = cfg.retrofit
+    run.train.method, run.train.scope = "smf", r.scope
+    run.train.steps, run.train.lr = r.steps, r.lr
+    run.sparse.scoring, run.sparse.optimizer, run.sparse.background = "dense-all", r.value_optimizer, None
+    run.memory.value_lr = r.value_lr if r.value_lr is not None else r.lr
+    if run.sparse.weight_decay and r.value_optimizer != "adamw":
+        run.sparse.weight_decay = 0.0
+    return run
+
+
+def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool = True) -> dict:
+    """Dense warm-up of the memory on general text; leaves <out_dir>/memory_adapter for
+    `smf-ds background` and `smf-ds train` (--memory-adapter)."""
+    source = cfg.retrofit.data or cfg.data.background
+    if not source:
+        raise ConfigError("retrofit.data: expected an OASST1-schema hub id or local file (or set data.background), "
+                          "got ''")
+    run = retrofit_run_config(cfg)
+    tokenizer, model = load_tokenizer_and_model(run)
+    model = add_memory(model, run, adapter_dir)
+    examples = text_examples(load_oasst_texts(source), tokenizer, run.train.max_length)
+    if not examples:
+        raise ConfigError(f"retrofit.data={source!r}: no text to train on")
+    trainer = Trainer(run, model, examples, tokenizer.pad_token_id)
+    result = trainer.fit(progress=progress)
+    artifact = save_trained(trainer, tokenizer, Path(run.out_dir))
+    summary = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
+               "final_loss": result.losses[-1] if result.losses else None, "seconds": result.seconds,
+               "artifact": str(artifact), "data": source, "world_size": get_world_size()}
+    if get_rank() == 0:
+        (Path(run.out_dir) / "retrofit_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:

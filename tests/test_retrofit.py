@@ -1,0 +1,92 @@
+"""`smf-ds retrofit`: the dense warm-up of fresh memory on general text, then background + train
+from its adapter."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smf_ds.config import ConfigError, load_config
+from smf_ds.data import samples
+from smf_ds.train.run import background_main, retrofit_main, retrofit_run_config, train_main
+
+from distributed import run_distributed
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    from smf_ds.data.tiny import build_tiny_model, build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("retrofit_world")
+    medmcqa = samples.write_rows(samples.medmcqa_rows(12, seed=5), root / "medmcqa.jsonl")
+    oasst = samples.write_rows(samples.oasst_rows(16, seed=5), root / "oasst.jsonl")
+    texts = [json.dumps(r) for p in (medmcqa, oasst) for r in map(json.loads, p.read_text().splitlines())]
+    build_tiny_model(build_tiny_tokenizer(texts, vocab_size=300), root / "model", hidden=32, layers=2, seed=0)
+    return {"root": root, "model": root / "model", "medmcqa": medmcqa, "oasst": oasst}
+
+
+def _overrides(world, out_dir, *extra):
+    return [f"model.name_or_path={world['model']}", "memory.layers=[1]", "memory.n_keys=8", "memory.heads=2",
+            "memory.knn=4", "memory.k_dim=8", f"data.train={world['medmcqa']}", f"data.background={world['oasst']}",
+            "train.micro_batch_size=4", "train.max_length=64", f"out_dir={out_dir}", *extra]
+
+
+def test_run_config_is_dense_memory_training():
+    cfg = load_config(overrides=["train.method=lora", "train.scope=values", "sparse.scoring=kl", "sparse.top_t=3",
+                                 "retrofit.steps=7", "retrofit.lr=1e-3", "retrofit.value_optimizer=sgd"])
+    run = retrofit_run_config(cfg)
+    assert (run.train.method, run.train.scope, run.train.steps, run.train.lr) == ("smf", "memory+scale", 7, 1e-3)
+    assert (run.sparse.scoring, run.sparse.optimizer, run.sparse.background) == ("dense-all", "sgd", None)
+    assert run.memory.value_lr == 1e-3  # value_lr None: the retrofit's lr
+    assert cfg.train.method == "lora" and cfg.sparse.scoring == "kl"  # the given config is left alone
+    assert retrofit_run_config(load_config(overrides=["retrofit.value_lr=0.5"])).memory.value_lr == 0.5
+
+
+def _retrofit_then_smf(rank, world_size, world, tmp):
+    """In a 1-rank process group: fresh adapter -> retrofit -> background -> train; the three adapters."""
+    from smf_ds.memory.adapter import save_memory_adapter
+    from smf_ds.memory.inject import inject_memory
+    from smf_ds.train.build import load_tokenizer_and_model
+
+    cfg = load_config(overrides=_overrides(world, tmp / "retrofit", "retrofit.steps=4", "retrofit.lr=0.05"))
+    _, model = load_tokenizer_and_model(cfg)
+    fresh = save_memory_adapter(inject_memory(model, cfg.memory), tmp / "fresh")
+    summary = retrofit_main(cfg, str(fresh), progress=False)
+    run = tmp / "smf"
+    train_cfg = load_config(overrides=_overrides(world, run, "train.steps=2", "sparse.top_t=4",
+                                                 "data.background_batches=2"))
+    stats = background_main(train_cfg, summary["artifact"], out=str(run / "background.safetensors"))
+    train_cfg = load_config(overrides=_overrides(world, run, "train.steps=2", "sparse.top_t=4",
+                                                 f"sparse.background={stats}"))
+    trained = train_main(train_cfg, summary["artifact"], progress=False)
+    adapters = [fresh / "memory_adapter.safetensors", Path(summary["artifact"]) / "memory_adapter.safetensors",
+                Path(trained["artifact"]) / "memory_adapter.safetensors"]
+    return summary, [load_file(a) for a in adapters]
+
+
+def test_retrofit_trains_every_memory_tensor_then_background_and_train_start_from_it(world, tmp_path):
+    summary, (before, after, tuned) = run_distributed(_retrofit_then_smf, 1, world, tmp_path)[0]
+    assert summary["steps"] == 4 and summary["data"] == str(world["oasst"])
+    assert before.keys() == after.keys() == tuned.keys()
+    for key in before:  # query, keys, projections, norm, the scale and the values all trained
+        assert not torch.equal(before[key], after[key]), key
+    changed_rows = (before["layers.1.values"] != after["layers.1.values"]).any(dim=1)
+    assert int(changed_rows.sum()) > 8  # dense: more rows than the sparse phase below may touch
+    for key in after:  # the sparse phase moved a few value rows only, from the retrofit's memory
+        if key.endswith(".values"):
+            moved = (tuned[key] != after[key]).any(dim=1)
+            assert 0 < int(moved.sum()) <= 2 * 4
+        else:
+            assert torch.equal(tuned[key], after[key]), key
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.background="], r"retrofit\.data: expected an OASST1-schema"),
+    (["retrofit.steps=0"], r"retrofit\.steps: expected an integer >= 1"),
+    (["retrofit.scope=values"], r"retrofit\.scope: expected one of \['memory', 'memory\+scale'\]"),
+    (["retrofit.value_lr=-1"], r"retrofit\.value_lr: expected a positive learning rate"),
+])
+def test_bad_retrofit_settings_name_the_field(world, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        retrofit_main(load_config(overrides=_overrides(world, tmp_path, *overrides)), progress=False)
