@@ -1,7 +1,7 @@
 """Local value table specifics: dtype kept under model casts; sink holds only touched rows."""
 import torch
 
-from smf_ds.memory.values import LocalValueTable
+from smf_ds.memory.values import _FILTER_SIZE, LocalValueTable, reads_of
 
 
 def test_table_keeps_its_dtype_when_the_model_is_cast():
@@ -37,3 +37,17 @@ def test_read_weight_grads_match_embedding_bag_backward():
     expected_flat = (grad_ND[:3][bag_of] * weight[flat]).sum(-1)
     for impl in (read_weight_grads, read_weight_grads_by_autograd):
         assert torch.allclose(impl(grad_ND[:3], weight, flat, offsets), expected_flat, atol=1e-6), impl.__name__
+
+
+def test_reads_of_finds_exactly_the_reads_of_the_selected_rows():
+    g = torch.Generator().manual_seed(0)
+    for num_rows in (1000, 5 * _FILTER_SIZE):  # the second: ids that share low bits (filter false positives)
+        rows_E = torch.randint(0, num_rows, (20_000,), generator=g)
+        rows_E[:50] = rows_E[0] + _FILTER_SIZE  # same low bits as a read, not selected unless drawn
+        rows_S = torch.unique(rows_E[torch.randperm(rows_E.numel(), generator=g)[:300]])
+        hits, pos = reads_of(rows_S, rows_E)
+        expected = torch.isin(rows_E, rows_S).nonzero().squeeze(1)
+        assert torch.equal(hits, expected)
+        assert torch.equal(rows_S[pos], rows_E[hits])
+    empty = reads_of(torch.empty(0, dtype=torch.long), rows_E)
+    assert empty[0].numel() == 0 and empty[1].numel() == 0
