@@ -4,7 +4,9 @@ both probes.
 
 A variant is a finetuning method with its settings: `smf-tfidf` and `smf-kl` (the two scoring
 rules of the paper), `smf-dense-accessed` and `smf-dense-all` (the dense-update controls the
-paper's review asked for: every accessed row, or every row, trains), `lora` and `full`. Every
+paper's review asked for: every accessed row, or every row, trains), `smf-tfidf-adamw` and
+`smf-dense-all-adamw` (the sparse rule and its control with AdamW on the value rows), `lora` and
+`full`. Every
 variant sees the same task data, steps and batch; the seed changes the data order and the
 initialisation of what it adds (memory, LoRA).
 """
@@ -47,6 +49,12 @@ VARIANTS: dict[str, list[str]] = {
     "smf-kl": ["train.method=smf", "sparse.scoring=kl", *SMF_MEMORY],
     "smf-dense-accessed": ["train.method=smf", "sparse.scoring=dense-accessed", *SMF_MEMORY],
     "smf-dense-all": ["train.method=smf", "sparse.scoring=dense-all", *SMF_MEMORY],
+    # The same with AdamW on the value rows: momentum moves a row only in steps that select it, so
+    # here (unlike with SGD) updating every row each step differs from updating the top-t.
+    "smf-tfidf-adamw": ["train.method=smf", "sparse.scoring=tfidf", *SMF_MEMORY, "sparse.optimizer=adamw",
+                        "memory.value_lr=0.1"],
+    "smf-dense-all-adamw": ["train.method=smf", "sparse.scoring=dense-all", *SMF_MEMORY, "sparse.optimizer=adamw",
+                            "memory.value_lr=0.1"],
     "lora": ["train.method=lora", "train.lr=0.003", "train.lora_r=8", "train.lora_alpha=16"],
     "full": ["train.method=full", "train.lr=0.001"],
 }

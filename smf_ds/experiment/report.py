@@ -8,10 +8,15 @@ TASK_LABELS = {"medmcqa": "MedMCQA acc", "wikitext": "WikiText ppl", "triviaqa":
 LOWER_IS_BETTER = {"wikitext"}
 
 
+def _signed(x: float) -> str:
+    """3 decimals; changes under 0.01 in 2 significant digits, so a starred interval never reads 0."""
+    return f"{x:+.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:+.1e}"
+
+
 def _delta_cell(delta: dict) -> str:
     lo, hi = delta["ci95"]
     mark = "" if lo <= 0 <= hi else " *"
-    return f"{delta['value']:+.3f} [{lo:+.3f}, {hi:+.3f}]{mark}"
+    return f"{_signed(delta['value'])} [{_signed(lo)}, {_signed(hi)}]{mark}"
 
 
 def results_table(results: dict) -> str:
@@ -71,8 +76,8 @@ def write_report(results: dict, out_dir: Path) -> Path:
         "Controls: `smf-dense-accessed` updates every row the batch read and `smf-dense-all` every row "
         "of the table, with the same memory, optimizer and steps as the sparse variants: if they "
         "forget more at a similar task gain, the sparsity (not the added memory) keeps the probes. With "
-        "SGD a row nobody read has no gradient, so the two controls are the same run; they differ "
-        "under adam/adamw (sparse.optimizer).", "",
+        "SGD a row nobody read has no gradient, so the two controls are the same run; with AdamW they "
+        "differ (`smf-tfidf-adamw` against `smf-dense-all-adamw`).", "",
         f"![task gain against forgetting]({plot.name})", "",
         "Per-example predictions of every run: `runs/<variant>/seed<k>/eval/`; the base model's: `base_eval/`.",
     ]
