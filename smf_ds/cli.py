@@ -65,7 +65,8 @@ def _int_list(text: str) -> list[int]:
 def _cmd_experiment(args) -> dict:
     from .experiment.grid import run_experiment
 
-    return run_experiment(args.out, args.methods.split(","), args.seeds, quick=args.quick)
+    methods = args.methods.split(",") if args.methods else None
+    return run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config)
 
 
 def _cmd_report(args) -> dict:
@@ -110,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="every method x seed on the synthetic world: stats, plot, report")
     p.add_argument("--out", default="runs/experiment")
-    p.add_argument("--methods", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", type=_int_list, default=[0, 1, 2], help="comma-separated (default 0,1,2)")
-    p.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    p.add_argument("--config", help="experiment config (YAML: run, seeds, variants, retrofit, eval) for your own "
+                                    "model and data; default: the embedded synthetic world")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated variants (default: all; the world's: {', '.join(VARIANTS)})")
+    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated (default: the config's, or 0,1,2)")
+    p.add_argument("--quick", action="store_true", help="fewer steps on the synthetic world (smoke run)")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="rebuild an experiment's results.json, report.md and plot")

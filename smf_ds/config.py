@@ -137,6 +137,7 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # MedMCQA-schema hub id or local file/dir: the task learned
+    train_split: str = "train"  # of a hub id or save_to_disk dir (evaluation reads validation)
     background: str = ""  # OASST1-schema hub id or local file/dir: general text (background stats)
     train_limit: int | None = None
     background_batches: int = 2000  # B; a background batch has the training global batch's size
@@ -239,6 +240,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # tuple[X, ...]: a list in YAML
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, f"{key} (a key)"): _coerce(v, item_tp, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")

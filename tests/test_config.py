@@ -194,3 +194,18 @@ def test_train_explanation_switches_the_explanation_in_the_answer(tmp_path, with
                for e in task_examples(cfg, _CharTokenizer())]
     assert ["Explanation:" in a for a in answers] == [with_exp and e for e in has_exp]
     assert all(a.startswith(" ") and "Answer:" not in a for a in answers)  # the answer alone carries the loss
+
+
+def test_training_reads_the_train_split_not_the_evaluated_one(tmp_path):
+    import datasets
+
+    from smf_ds.data import samples
+    from smf_ds.train.run import task_examples
+
+    rows = samples.medmcqa_rows(6, seed=1)
+    splits = {"train": rows[:4], "validation": rows[4:]}
+    datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(tmp_path / "mm")
+    cfg = load_config(overrides=[f"data.train={tmp_path / 'mm'}"])
+    assert len(task_examples(cfg, _CharTokenizer())) == sum(r["choice_type"] == "single" for r in splits["train"])
+    cfg = load_config(overrides=[f"data.train={tmp_path / 'mm'}", "data.train_split=validation"])
+    assert len(task_examples(cfg, _CharTokenizer())) == sum(r["choice_type"] == "single" for r in splits["validation"])

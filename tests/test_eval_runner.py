@@ -1,6 +1,5 @@
 """The eval runner and CLI: sharded over 2 gloo ranks == 1 rank; files, malformed reports, flags."""
 import json
-import os
 
 import pytest
 import torch

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from smf_ds.eval.bootstrap import CHUNK, bootstrap_statistic
 from smf_ds.experiment.stats import aggregate, metric_of, paired_delta
@@ -129,3 +131,53 @@ def test_experiment_and_report_name_the_bad_flag(tmp_path):
     assert done.returncode == 2 and "--methods" in done.stderr and "smf-tfidf" in done.stderr
     done = _cli("report", "--out", str(tmp_path), check=False)
     assert done.returncode == 2 and f"--out {tmp_path}" in done.stderr
+
+
+def test_experiment_config_runs_retrofit_variants_and_seeds_on_own_model_and_data(tmp_path):
+    from smf_ds.data import samples
+    from smf_ds.data.tiny import build_tiny_model, build_tiny_tokenizer
+
+    data = {"medmcqa": samples.write_rows(samples.medmcqa_rows(12, seed=7), tmp_path / "medmcqa.jsonl"),
+            "oasst": samples.write_rows(samples.oasst_rows(10, seed=7), tmp_path / "oasst.jsonl"),
+            "triviaqa": samples.write_rows(samples.triviaqa_rows(6, seed=7), tmp_path / "triviaqa.jsonl"),
+            "wikitext": samples.write_rows(samples.wikitext_rows(2, seed=7), tmp_path / "wikitext.jsonl")}
+    texts = [json.dumps(r) for p in data.values() for r in map(json.loads, p.read_text().splitlines())]
+    build_tiny_model(build_tiny_tokenizer(texts, vocab_size=300), tmp_path / "model", hidden=32, layers=2, seed=0)
+    (tmp_path / "run.yaml").write_text(f"""\
+model: {{name_or_path: {tmp_path / 'model'}}}
+memory: {{layers: [1], n_keys: 8, heads: 2, knn: 4, k_dim: 8}}
+sparse: {{top_t: 6}}
+train: {{steps: 2, micro_batch_size: 4, max_length: 64, lr: 1.0e-3}}
+data: {{train: {data['medmcqa']}, background: {data['oasst']}, background_batches: 2}}
+retrofit: {{steps: 2}}
+""")
+    (tmp_path / "exp.yaml").write_text(f"""\
+run: run.yaml
+seeds: [0, 1]
+variants:
+  smf-kl: [train.method=smf, sparse.scoring=kl]
+  lora: [train.method=lora, train.lora_r=4]
+eval: {{medmcqa: {data['medmcqa']}, triviaqa: {data['triviaqa']}, wikitext: {data['wikitext']},
+        max_length: 32, stride: 16, max_new_tokens: 4, n_boot: 50}}
+""")
+    out = tmp_path / "exp"
+    _cli("experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["variants"]) == ["smf-kl", "lora"]
+    assert all(row["seeds"] == [0, 1] for row in results["variants"].values())
+    assert results["settings"]["model"] == str(tmp_path / "model") and results["settings"]["retrofit"] is True
+    for seed in (0, 1):  # each seed's SMF run started from that seed's retrofit
+        retrofit = json.loads((out / "retrofit" / f"seed{seed}" / "retrofit_summary.json").read_text())
+        assert retrofit["steps"] == 2
+        run_cfg = (out / "runs" / "smf-kl" / f"seed{seed}" / "config.yaml").read_text()
+        assert "scoring: kl" in run_cfg and f"seed: {seed}" in run_cfg
+        assert (out / "runs" / "smf-kl" / f"seed{seed}" / "background.safetensors").is_file()
+    retrofits = [load_file(out / "retrofit" / f"seed{s}" / "memory_adapter" / "memory_adapter.safetensors")
+                 for s in (0, 1)]
+    assert not torch.equal(retrofits[0]["layers.1.values"], retrofits[1]["layers.1.values"])  # memory.seed varies
+    base_summary = json.loads((out / "base_eval" / "summary.json").read_text())
+    assert base_summary["tasks"]["medmcqa"]["n"] == 12 and base_summary["tasks"]["triviaqa"]["n"] == 6
+
+    (tmp_path / "bad.yaml").write_text("run: run.yaml\nvariants: {x: [train.method=smf]}\nseedz: [1]\n")
+    done = _cli("experiment", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "b"), check=False)
+    assert done.returncode == 2 and "unknown config key 'seedz'" in done.stderr

@@ -249,7 +249,6 @@ class Busy:
 
 def time_all(a) -> dict:
     """Every (path, size) built first, warmed up, then timed in interleaved rounds."""
-    import torch
     cases = [(name, n) for n in a.sizes for name in PATHS]
     objs = {}
     for name, n in cases:

@@ -1,8 +1,11 @@
-"""`smf-ds experiment`: every variant x every seed on the embedded synthetic world, evaluated,
-aggregated with paired intervals, plotted and reported, from one command.
+"""`smf-ds experiment`: every variant x every seed, evaluated, aggregated with paired intervals,
+plotted and reported, from one command; on the embedded synthetic world by default, or on a
+user's model and data with --config (smf_ds.experiment.setups).
 
 Layout of <out> (each rank runs the same code; rank 0 writes):
-  world/  base/  base_eval/                    the world, the pretrained base model, its evaluation
+  world/  base/                                the synthetic world and its pretrained base (default)
+  retrofit/seed<k>/                            the memory retrofit of seed k (--config, retrofit: true)
+  base_eval/                                   the base model's evaluation
   runs/<variant>/seed<k>/                      one finetuning run (config, TensorBoard, artifact)
   runs/<variant>/seed<k>/eval/                 its evaluation (per-example predictions)
   results.json  report.md  tradeoff.png        the aggregate (smf_ds.experiment.stats / report)
@@ -20,15 +23,13 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import ConfigError
-from ..data.synthetic_world import build_world
 from ..parallel.process_group import barrier, get_rank, init_process_group
-from .jobs import BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, check_variants, evaluate, finetune, pretrain_base
 from .report import results_table, write_report
+from .setups import ConfigSetup, WorldSetup, load_experiment_config
 from .stats import aggregate
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SEEDS = (0, 1, 2)
 SUMMARY = "summary.json"  # what an evaluation leaves (smf_ds.eval.runner)
 
 
@@ -36,7 +37,7 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
     return out / "runs" / variant / f"seed{seed}"
 
 
-def run_one(world: dict, base: Path, out: Path, variant: str, seed: int, steps: int) -> Path:
+def run_one(setup, out: Path, variant: str, seed: int) -> Path:
     """Train (unless done) and evaluate (unless done) one run; its eval dir."""
     directory = run_dir(out, variant, seed)
     eval_dir = directory / "eval"
@@ -47,58 +48,68 @@ def run_one(world: dict, base: Path, out: Path, variant: str, seed: int, steps: 
     if summary_path.is_file():
         artifact = Path(json.loads(summary_path.read_text())["artifact"])
     else:
-        artifact = Path(finetune(world, base, variant, directory, steps, seed)["artifact"])
-    evaluate(world, base, artifact, eval_dir, {"model": variant, "seed": seed})
+        artifact = setup.finetune(variant, seed, directory)
+    setup.evaluate(artifact, eval_dir, {"model": variant, "seed": seed})
     return eval_dir
 
 
-def collect_runs(out: Path) -> dict[str, dict[int, Path]]:
-    """variant -> {seed: eval dir} for every finished evaluation under <out>/runs, variants in VARIANTS order."""
+def collect_runs(out: Path, order: Sequence[str] = ()) -> dict[str, dict[int, Path]]:
+    """variant -> {seed: eval dir} for every finished evaluation under <out>/runs; `order` first."""
+    names = [*order, *sorted(p.name for p in (out / "runs").glob("*") if p.is_dir() and p.name not in order)]
     runs: dict[str, dict[int, Path]] = {}
-    for variant in VARIANTS:
+    for variant in names:
         for summary in sorted((out / "runs" / variant).glob(f"seed*/eval/{SUMMARY}")):
             runs.setdefault(variant, {})[int(summary.parent.parent.name[len("seed"):])] = summary.parent
     return runs
 
 
-def build_report(out: str | Path, settings: dict | None = None, n_boot: int = 1000) -> dict:
+def build_report(out: str | Path, settings: dict | None = None, order: Sequence[str] = (),
+                 n_boot: int = 1000) -> dict:
     """Aggregate the evaluations under `out`; write results.json, report.md and tradeoff.png."""
     out = Path(out)
     if not (out / "base_eval" / SUMMARY).is_file():
         raise ConfigError(f"--out {out}: no base-model evaluation ({out}/base_eval/{SUMMARY}); is it an experiment dir?")
-    runs = collect_runs(out)
+    previous = out / "results.json"
+    if previous.is_file():
+        before = json.loads(previous.read_text())
+        settings = settings if settings is not None else before.get("settings")
+        order = order or list(before.get("variants", {}))
+    settings = settings or {}
+    runs = collect_runs(out, order)
     if not runs:
         raise ConfigError(f"--out {out}: no evaluated run under {out}/runs to report on")
-    previous = out / "results.json"
-    if settings is None and previous.is_file():
-        settings = json.loads(previous.read_text()).get("settings")
-    results = aggregate(out / "base_eval", runs, medmcqa_mode=MEDMCQA_MODES[0], n_boot=n_boot)
-    results["settings"] = settings or {}
+    results = aggregate(out / "base_eval", runs, medmcqa_mode=settings.get("medmcqa_mode", "answer"), n_boot=n_boot)
+    results["settings"] = settings
     previous.write_text(json.dumps(results, indent=2))
     write_report(results, out)
     return results
 
 
-def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] = tuple(VARIANTS),
-                   seeds: Sequence[int] = DEFAULT_SEEDS, quick: bool = False) -> dict:
-    variants = check_variants(variants)
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"--seeds: expected distinct integers, got {list(seeds)}")
-    init_process_group()
-    mode = "quick" if quick else "full"
+def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] | None = None,
+                   seeds: Sequence[int] | None = None, quick: bool = False, config: str | None = None) -> dict:
+    """`variants` / `seeds` default to the setup's (all variants; the config's seeds, or 0, 1, 2)."""
     out = Path(out)
-    world = build_world(out / "world")
-    base = pretrain_base(world, out / "base", BASE_STEPS[mode])
+    if config:
+        exp = load_experiment_config(config)
+        setup, seeds = ConfigSetup(exp, out), list(seeds or exp.seeds)
+    else:
+        setup, seeds = WorldSetup(out, quick), list(seeds or (0, 1, 2))
+    variants = [v.strip() for v in (variants or setup.variants) if v.strip()]
+    unknown = [v for v in variants if v not in setup.variants]
+    if unknown or not variants:
+        raise ConfigError(f"--methods: expected a comma-separated list of {list(setup.variants)}, got {unknown or variants}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct integers, got {seeds}")
+    init_process_group()
+    setup.prepare()
     if not (out / "base_eval" / SUMMARY).is_file():
-        evaluate(world, base, None, out / "base_eval", {"model": "base"})
+        setup.evaluate(None, out / "base_eval", {"model": "base"})
     for variant in variants:
         for seed in seeds:
-            run_one(world, base, out, variant, seed, TASK_STEPS[mode])
+            run_one(setup, out, variant, seed)
     results = None
     if get_rank() == 0:
-        settings = {"variants": variants, "seeds": list(seeds), "steps": TASK_STEPS[mode],
-                    "base_steps": BASE_STEPS[mode], "data": "embedded synthetic world"}
-        results = build_report(out, settings)
+        results = build_report(out, setup.settings(), order=list(setup.variants))
         log.info("experiment results (%s):\n%s", out / "report.md", results_table(results))
     barrier()
     return results or {}

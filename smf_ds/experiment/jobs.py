@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import ConfigError, load_config
+from ..config import load_config
 from ..data.medmcqa import MedMCQAPrompt
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
 from ..data.wikitext import join_docs, load_wikitext
@@ -61,14 +61,6 @@ VARIANTS: dict[str, list[str]] = {
 NEEDS_BACKGROUND = ("tfidf", "kl")
 
 
-def check_variants(names) -> list[str]:
-    names = [n.strip() for n in names if n.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown or not names:
-        raise ConfigError(f"--methods: expected a comma-separated list of {list(VARIANTS)}, got {unknown or names}")
-    return names
-
-
 def _read_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
@@ -107,7 +99,7 @@ def variant_overrides(world: dict[str, Path], base: Path, variant: str, run_dir:
     """The run config of one variant on the world's task (loss on the answer only: the world's
     explanations restate it)."""
     return [f"model.name_or_path={base}", f"data.train={world['medmcqa_train']}",
-            f"data.background={world['oasst']}", f"train.steps={steps}", f"train.seed={seed}",
+            f"data.background={world['oasst']}", f"train.steps={steps}", f"train.seed={seed}", f"memory.seed={seed}",
             "train.micro_batch_size=8", "train.max_length=96", "data.train_explanation=false",
             f"out_dir={run_dir}", *VARIANTS[variant]]
 

@@ -29,7 +29,8 @@ def task_examples(cfg: SMFConfig, tokenizer) -> list[dict]:
         prompt = MedMCQAPrompt(answer_continuation=cfg.data.answer_continuation)
     except ValueError as err:
         raise ConfigError(f"data.answer_continuation={cfg.data.answer_continuation!r}: {err}") from None
-    examples, report = load_medmcqa(cfg.data.train, limit=cfg.data.train_limit, seed=cfg.data.seed)
+    examples, report = load_medmcqa(cfg.data.train, split=cfg.data.train_split, limit=cfg.data.train_limit,
+                                    seed=cfg.data.seed)
     if report.issues:
         log.warning("data.train=%s:\n%s", cfg.data.train, report.format())
     pairs = (prompt.training_pair(ex, with_explanation=cfg.data.train_explanation) for ex in examples)

@@ -1,0 +1,148 @@
+"""What an experiment runs on: the embedded synthetic world (the default), or a user's own
+model and data from an experiment config (`smf-ds experiment --config exp.yaml`).
+
+A setup prepares the base model once, finetunes one variant with one seed into a run dir
+(returning the artifact to evaluate), and evaluates the base or an artifact into an eval dir.
+
+An experiment config (YAML; unknown keys are errors that name them):
+
+  run: qwen.yaml              # the run config every variant starts from (smf-ds train's --config)
+  seeds: [0, 1, 2]
+  variants:                   # name: key=value overrides on the run config ({}: DEFAULT_VARIANTS)
+    smf-kl: [train.method=smf, sparse.scoring=kl]
+    lora: [train.method=lora, train.lr=2.0e-4]
+  retrofit: true              # SMF variants start from `smf-ds retrofit` of their seed's memory
+  eval: {medmcqa_split: validation, limit: {triviaqa: 2000}}   # smf-ds eval's settings
+
+Per seed, the seed sets train.seed and memory.seed; SMF variants share that seed's retrofit
+(<out>/retrofit/seed<k>/) and compute their own background statistics where their rule needs them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import ConfigError, load_config
+from ..eval.runner import TASKS, EvalSettings, run_tasks
+from .jobs import (BASE_STEPS, MEDMCQA_MODES, NEEDS_BACKGROUND, TASK_STEPS, VARIANTS, evaluate, finetune,
+                   pretrain_base)
+
+DEFAULT_VARIANTS: dict[str, list[str]] = {
+    "smf-tfidf": ["train.method=smf", "sparse.scoring=tfidf"],
+    "smf-kl": ["train.method=smf", "sparse.scoring=kl"],
+    "smf-dense-accessed": ["train.method=smf", "sparse.scoring=dense-accessed"],
+    "smf-dense-all": ["train.method=smf", "sparse.scoring=dense-all"],
+    "lora": ["train.method=lora"],
+    "full": ["train.method=full"],
+}
+
+
+@dataclass
+class ExperimentConfig:
+    run: str = ""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    retrofit: bool = True
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def validate(self, prefix: str = "") -> None:
+        if not self.run:
+            raise ConfigError("run: expected the path of a run config (YAML), got ''")
+        if not Path(self.run).is_file():
+            raise ConfigError(f"run: {self.run}: not found")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: expected distinct integers, got {self.seeds}")
+
+
+class WorldSetup:
+    """The embedded synthetic world: smf_ds.experiment.jobs."""
+
+    def __init__(self, out: Path, quick: bool = False) -> None:
+        self.out, self.mode = out, "quick" if quick else "full"
+        self.variants = dict(VARIANTS)
+        self.world = self.base = None
+
+    def prepare(self) -> None:
+        from ..data.synthetic_world import build_world
+
+        self.world = build_world(self.out / "world")
+        self.base = pretrain_base(self.world, self.out / "base", BASE_STEPS[self.mode])
+
+    def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
+        return Path(finetune(self.world, self.base, variant, run_dir, TASK_STEPS[self.mode], seed)["artifact"])
+
+    def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
+        return evaluate(self.world, self.base, artifact, eval_dir, meta)
+
+    def settings(self) -> dict:
+        return {"steps": TASK_STEPS[self.mode], "base_steps": BASE_STEPS[self.mode], "data": "embedded synthetic world",
+                "medmcqa_mode": MEDMCQA_MODES[0]}
+
+
+class ConfigSetup:
+    """A user's model and data: every variant is `smf-ds train` of the run config plus its overrides."""
+
+    def __init__(self, exp: ExperimentConfig, out: Path) -> None:
+        self.exp, self.out = exp, out
+        self.variants = dict(exp.variants or DEFAULT_VARIANTS)
+        self.base = load_config(exp.run).model.name_or_path
+
+    def prepare(self) -> None:
+        if not self.base:
+            raise ConfigError(f"run: {self.exp.run}: model.name_or_path is empty")
+
+    def _config(self, overrides: list[str], seed: int, run_dir: Path):
+        return load_config(self.exp.run, [*overrides, f"train.seed={seed}", f"memory.seed={seed}", f"out_dir={run_dir}"])
+
+    def _retrofit(self, seed: int) -> Path:
+        from ..train.run import retrofit_main
+
+        run_dir = self.out / "retrofit" / f"seed{seed}"
+        summary = run_dir / "retrofit_summary.json"
+        if not summary.is_file():
+            retrofit_main(self._config(["train.method=smf"], seed, run_dir))
+        return Path(json.loads(summary.read_text())["artifact"])
+
+    def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
+        from ..train.run import background_main, train_main
+
+        overrides = list(self.variants[variant])
+        cfg = self._config(overrides, seed, run_dir)
+        adapter = None
+        if cfg.train.method == "smf":
+            adapter = str(self._retrofit(seed)) if self.exp.retrofit else None
+            if cfg.sparse.scoring in NEEDS_BACKGROUND:
+                stats = background_main(cfg, adapter, out=str(run_dir / "background.safetensors"))
+                cfg = self._config([*overrides, f"sparse.background={stats}"], seed, run_dir)
+        return Path(train_main(cfg, adapter)["artifact"])
+
+    def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
+        from ..eval.cli import load_model_and_tokenizer
+        from ..memory.adapter import CONFIG_NAME as MEMORY_ADAPTER_CONFIG
+
+        if artifact is not None and (artifact / MEMORY_ADAPTER_CONFIG).is_file():
+            model, tokenizer = load_model_and_tokenizer(self.base, memory_adapter=str(artifact))
+        else:
+            model, tokenizer = load_model_and_tokenizer(str(artifact or self.base))
+        return run_tasks(model, tokenizer, TASKS, self.exp.eval, eval_dir, echo=None,
+                         meta={**meta, "artifact": str(artifact or self.base)})
+
+    def settings(self) -> dict:
+        run = load_config(self.exp.run)
+        return {"steps": run.train.steps, "data": run.data.train, "model": self.base, "run_config": self.exp.run,
+                "retrofit": self.exp.retrofit, "medmcqa_mode": self.exp.eval.medmcqa_modes[0],
+                "eval": self.exp.eval.to_dict()}
+
+
+def load_experiment_config(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    exp = load_config(path, overrides, cls=ExperimentConfig)
+    # A relative run config is found next to the experiment config first.
+    if exp.run and not Path(exp.run).is_absolute() and (Path(path).parent / exp.run).is_file():
+        exp = dataclasses.replace(exp, run=str(Path(path).parent / exp.run))
+    try:
+        exp.validate()
+    except ConfigError as err:
+        raise ConfigError(f"experiment config {path}: {err}") from None
+    return exp
