@@ -124,17 +124,16 @@ def eval_settings(world: dict[str, Path], n_boot: int = 200) -> EvalSettings:
                         max_new_tokens=8, max_length=64, stride=32, n_boot=n_boot)
 
 
-def evaluate(world: dict[str, Path], base: Path, artifact: Path | None, out_dir: Path, meta: dict) -> dict:
-    """Evaluate the base (artifact None) or a run's artifact on the task and both probes.
+def load_for_eval(base: Path | str, artifact: Path | None):
+    """(model, tokenizer) of the base (artifact None), of the base plus a memory adapter, or of a
+    model or LoRA adapter dir (eval's loader reads peft adapters through transformers)."""
+    if artifact is not None and (artifact / MEMORY_ADAPTER_CONFIG).is_file():
+        return load_model_and_tokenizer(str(base), memory_adapter=str(artifact))
+    return load_model_and_tokenizer(str(artifact or base))
 
-    eval's loader takes a model dir, a LoRA adapter dir (peft through transformers), or the base
-    plus a memory adapter.
-    """
-    if artifact is None:
-        model, tokenizer = load_model_and_tokenizer(str(base))
-    elif (artifact / MEMORY_ADAPTER_CONFIG).is_file():
-        model, tokenizer = load_model_and_tokenizer(str(base), memory_adapter=str(artifact))
-    else:
-        model, tokenizer = load_model_and_tokenizer(str(artifact))
+
+def evaluate(world: dict[str, Path], base: Path, artifact: Path | None, out_dir: Path, meta: dict) -> dict:
+    """Evaluate the base (artifact None) or a run's artifact on the world's task and both probes."""
+    model, tokenizer = load_for_eval(base, artifact)
     return run_tasks(model, tokenizer, TASKS, eval_settings(world), out_dir, echo=None,
                      meta={**meta, "artifact": str(artifact or base)})

@@ -27,7 +27,7 @@ from pathlib import Path
 from ..config import ConfigError, load_config
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from .jobs import (BASE_STEPS, MEDMCQA_MODES, NEEDS_BACKGROUND, TASK_STEPS, VARIANTS, evaluate, finetune,
-                   pretrain_base)
+                   load_for_eval, pretrain_base)
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "smf-tfidf": ["train.method=smf", "sparse.scoring=tfidf"],
@@ -119,13 +119,7 @@ class ConfigSetup:
         return Path(train_main(cfg, adapter)["artifact"])
 
     def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
-        from ..eval.cli import load_model_and_tokenizer
-        from ..memory.adapter import CONFIG_NAME as MEMORY_ADAPTER_CONFIG
-
-        if artifact is not None and (artifact / MEMORY_ADAPTER_CONFIG).is_file():
-            model, tokenizer = load_model_and_tokenizer(self.base, memory_adapter=str(artifact))
-        else:
-            model, tokenizer = load_model_and_tokenizer(str(artifact or self.base))
+        model, tokenizer = load_for_eval(self.base, artifact)
         return run_tasks(model, tokenizer, TASKS, self.exp.eval, eval_dir, echo=None,
                          meta={**meta, "artifact": str(artifact or self.base)})
 
