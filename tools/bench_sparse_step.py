@@ -79,6 +79,8 @@ import sys
 import time
 from pathlib import Path
 
+from row_read_floor import floor_ratio, row_read_floor_ms  # tools/, next to this script
+
 FULL_SIZES = [16_384, 262_144, 1_048_576]
 QUICK_SIZES = [4_096, 16_384, 65_536]
 GOAL_FLAT_RATIO = 1.2
@@ -289,22 +291,6 @@ def time_all(a) -> dict:
             res["row_read_floor_ms"] = row_read_floor_ms(p.table.weight, p.idx, a.steps)
         out.setdefault(c[0], {})[str(c[1])] = res
     return out
-
-
-def row_read_floor_ms(weight, indices, repeats: int) -> float:
-    """Least time to read once every row the step touches: the sorted unique rows, gathered in
-    address order into a buffer made beforehand (min over repeats). Any step that forms the read
-    weights' gradient reads each of them at least once, so this much of it cannot be flat in N
-    once the rows no longer fit in cache."""
-    import torch
-    rows = torch.unique(indices)
-    out = torch.empty(rows.numel(), weight.shape[1], dtype=weight.dtype)
-    best = math.inf
-    for _ in range(max(repeats, 3)):
-        t0 = time.perf_counter()
-        torch.index_select(weight, 0, rows, out=out)
-        best = min(best, _ms(t0, time.perf_counter()))
-    return best
 
 
 def ours_breakdown(p: Ours, a) -> dict:
@@ -579,12 +565,12 @@ def main(argv=None) -> int:
     small, large = fmt_n(first["num_rows"]), fmt_n(last["num_rows"])
     # The best ratio any implementation could reach here if all but reading the rows were flat.
     floor_small, floor_large = first["ours"]["row_read_floor_ms"], last["ours"]["row_read_floor_ms"]
-    floor_ratio = (first["ours"]["step_ms_median"] - floor_small + floor_large) / first["ours"]["step_ms_median"]
+    ratio_at_floor = floor_ratio(first["ours"]["step_ms_median"], floor_small, floor_large)
     goals = [
         {"goal": f"ours flat in N: step {large}/{small} <= {GOAL_FLAT_RATIO}",
          "value": last["ours_ratio_to_smallest"], "value_min": last["ours_min_ratio_to_smallest"],
          "target": GOAL_FLAT_RATIO, "pass": last["ours_ratio_to_smallest"] <= GOAL_FLAT_RATIO,
-         "row_read_floor_ratio": floor_ratio},
+         "row_read_floor_ratio": ratio_at_floor},
         {"goal": f"ours >= {GOAL_SPEEDUP:g}x faster than paper at N={large}",
          "value": last["speedup"], "value_min": last["speedup_min"],
          "target": GOAL_SPEEDUP, "pass": last["speedup"] >= GOAL_SPEEDUP},
@@ -648,7 +634,7 @@ def main(argv=None) -> int:
 
     print(f"\nFloor: reading once each row the step touches (sorted, into a ready buffer) takes "
           f"{floor_small:.1f} ms at {small} and {floor_large:.1f} ms at {large}. Were everything else flat, "
-          f"the step's {large}/{small} ratio would still be {floor_ratio:.2f}.")
+          f"the step's {large}/{small} ratio would still be {ratio_at_floor:.2f}.")
 
     busy = max(row[name]["others_cpu_busy"] for row in rows for name in PATHS)
     print(f"\nOther processes' share of the CPUs during the timed steps: at most {100 * busy:.0f}%"
