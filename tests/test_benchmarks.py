@@ -1,0 +1,50 @@
+"""The benchmarks run (smallest settings) and write what their READMEs read: a smoke test, not a
+timing. Timings are never asserted; the checks that can fail are that every tool exits 0, that
+bench_eval's evaluators and the paper-style loops give the same predictions, and that the JSON
+carries the fields the tables are built from."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool(name, *args, timeout=600):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "tools" / name), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def test_bench_sparse_step_quick(tmp_path):
+    out = tmp_path / "sparse_step.json"
+    printed = _tool("bench_sparse_step.py", "--quick", "--sizes", "4096,16384", "--no-memory", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert "Floor:" in printed
+    for row in result["results"]:
+        assert row["ours"]["rows_changed_per_step"] <= 512  # only the selected rows move
+        assert row["ours"]["row_read_floor_ms"] > 0 and row["speedup"] > 0
+    assert {g["goal"].split(":")[0] for g in result["goals"]} >= {"ours flat in N"}
+
+
+def test_bench_memory_quick(tmp_path):
+    out = tmp_path / "memory.json"
+    printed = _tool("bench_memory.py", "--quick", "--sizes", "1024,4096", "--procs", "1,2", "--no-memory",
+                    "--no-layer", "--draws", "uniform", "--out", str(out))
+    result = json.loads(out.read_text())
+    rows = result["results"]
+    assert {(r["strategy"], r["procs"]) for r in rows} == {(s, p) for s in ("local", "row", "column") for p in (1, 2)}
+    assert all(r["bytes_sent_max_rank"] == 0 for r in rows if r["procs"] == 1)  # one process sends nothing
+    assert all(r["bytes_sent_max_rank"] > 0 for r in rows if r["procs"] == 2 and r["strategy"] != "local")
+    assert "were all but reading the rows flat" in printed
+
+
+def test_bench_eval_predictions_identical(tmp_path):
+    out = tmp_path / "eval.json"
+    _tool("bench_eval.py", "--n", "12", "--wiki-articles", "3", "--repeats", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert set(result["tasks"]) == {"medmcqa", "triviaqa", "wikitext"}
+    assert all(task["identical"] for task in result["tasks"].values())
