@@ -102,3 +102,15 @@ def test_deepspeed_launcher_equals_one_process(tmp_path):
     for key, value in one["adapter"].items():
         assert (value - two["adapter"][key]).abs().max() <= 1e-6, key
     assert abs(one["loss"] - two["loss"]) <= 1e-5
+
+
+def test_experiment_under_the_deepspeed_launcher(tmp_path):
+    """The grid's steps hand files from rank 0 to every rank (a run's artifact, then its
+    evaluation): under 2 processes each rank must wait for rank 0's writes."""
+    out = tmp_path / "exp"
+    _smf_ds(["experiment", "--quick", "--methods", "lora", "--seeds", "0", "--out", str(out)], 2, out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["variants"]["lora"]["seeds"] == [0]
+    for summary in (out / "base_eval" / "summary.json", out / "runs" / "lora" / "seed0" / "eval" / "summary.json"):
+        assert json.loads(summary.read_text())["world_size"] == 2
+    assert json.loads((out / "runs" / "lora" / "seed0" / "train_summary.json").read_text())["world_size"] == 2

@@ -10,7 +10,9 @@ LOWER_IS_BETTER = {"wikitext"}
 
 def _signed(x: float) -> str:
     """3 decimals; changes under 0.01 in 2 significant digits, so a starred interval never reads 0."""
-    return f"{x:+.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:+.1e}"
+    if abs(x) < 1e-12:  # float noise of a mean of equal values
+        return f"{0.0:+.3f}"
+    return f"{x:+.3f}" if abs(x) >= 0.01 else f"{x:+.1e}"
 
 
 def _delta_cell(delta: dict) -> str:

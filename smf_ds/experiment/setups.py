@@ -101,9 +101,9 @@ class ConfigSetup:
 
         run_dir = self.out / "retrofit" / f"seed{seed}"
         summary = run_dir / "retrofit_summary.json"
-        if not summary.is_file():
-            retrofit_main(self._config(["train.method=smf"], seed, run_dir))
-        return Path(json.loads(summary.read_text())["artifact"])
+        if summary.is_file():  # done before: every rank sees the file (rank 0 writes it only after its run)
+            return Path(json.loads(summary.read_text())["artifact"])
+        return Path(retrofit_main(self._config(["train.method=smf"], seed, run_dir))["artifact"])
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
         from ..train.run import background_main, train_main

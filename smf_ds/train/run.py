@@ -13,7 +13,7 @@ from ..config import ConfigError, SMFConfig, save_config
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.oasst import load_oasst_texts
 from ..memory.inject import value_tables
-from ..parallel.process_group import get_rank, get_world_size
+from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
 from .batches import GlobalBatchOrder, collate, tokenize_prompt_answer, tokenize_text
 from .build import add_memory, load_background, load_tokenizer_and_model
@@ -109,6 +109,7 @@ def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
         elif get_rank() == 0:
             model.save_pretrained(str(target))
             tokenizer.save_pretrained(str(target))
+    barrier()  # no rank reads the artifact (the demo, the experiment) before rank 0 has written it
     return target
 
 
