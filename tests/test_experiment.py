@@ -178,6 +178,9 @@ eval: {{medmcqa: {data['medmcqa']}, triviaqa: {data['triviaqa']}, wikitext: {dat
     base_summary = json.loads((out / "base_eval" / "summary.json").read_text())
     assert base_summary["tasks"]["medmcqa"]["n"] == 12 and base_summary["tasks"]["triviaqa"]["n"] == 6
 
-    (tmp_path / "bad.yaml").write_text("run: run.yaml\nvariants: {x: [train.method=smf]}\nseedz: [1]\n")
-    done = _cli("experiment", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "b"), check=False)
-    assert done.returncode == 2 and "unknown config key 'seedz'" in done.stderr
+    for bad, message in [("seedz: [1]", "unknown config key 'seedz'"),
+                         ("eval: {medmcqa_prompt: {answer_continuation: ' {option}'}}",
+                          "differs from the run config's data.answer_continuation")]:
+        (tmp_path / "bad.yaml").write_text(f"run: run.yaml\n{bad}\n")
+        done = _cli("experiment", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "b"), check=False)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]

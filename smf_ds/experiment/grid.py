@@ -90,6 +90,9 @@ def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] 
     """`variants` / `seeds` default to the setup's (all variants; the config's seeds, or 0, 1, 2)."""
     out = Path(out)
     if config:
+        if quick:
+            raise ConfigError("--quick: shortens the synthetic world's runs; with --config, set train.steps in the "
+                              "run config or a variant")
         exp = load_experiment_config(config)
         setup, seeds = ConfigSetup(exp, out), list(seeds or exp.seeds)
     else:

@@ -87,7 +87,12 @@ class ConfigSetup:
     def __init__(self, exp: ExperimentConfig, out: Path) -> None:
         self.exp, self.out = exp, out
         self.variants = dict(exp.variants or DEFAULT_VARIANTS)
-        self.base = load_config(exp.run).model.name_or_path
+        run = load_config(exp.run)
+        self.base = run.model.name_or_path
+        trained, scored = run.data.answer_continuation, exp.eval.medmcqa_prompt.answer_continuation
+        if trained != scored:  # the task would be scored on another text than the one learned
+            raise ConfigError(f"eval.medmcqa_prompt.answer_continuation={scored!r} differs from the run config's "
+                              f"data.answer_continuation={trained!r} ({exp.run}); set both alike")
 
     def prepare(self) -> None:
         if not self.base:
