@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ..data.synthetic_world import build_world
 from ..parallel.process_group import get_rank, init_process_group
-from .jobs import BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, TASKS, evaluate, finetune, pretrain_base
+from ..eval.runner import TASKS
+from .jobs import BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, evaluate, finetune, pretrain_base
 
 log = logging.getLogger(__name__)
 

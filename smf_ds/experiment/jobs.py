@@ -16,13 +16,13 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import load_config
+from ..config import RULES_NEEDING_BACKGROUND, load_config
 from ..data.medmcqa import MedMCQAPrompt
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
 from ..data.wikitext import join_docs, load_wikitext
 from ..eval.cli import load_model_and_tokenizer
 from ..memory.adapter import CONFIG_NAME as MEMORY_ADAPTER_CONFIG
-from ..eval.runner import EvalSettings, run_tasks
+from ..eval.runner import TASKS, EvalSettings, run_tasks
 from ..parallel.process_group import barrier, get_rank
 from ..train.batches import tokenize_text
 from ..train.loop import Trainer
@@ -33,7 +33,6 @@ BASE_STEPS = {"quick": 60, "full": 1500}
 TASK_STEPS = {"quick": 10, "full": 300}
 PRETRAIN_LENGTH = 64
 
-TASKS = ("medmcqa", "wikitext", "triviaqa")
 TRIVIA_TEMPLATE = "Question: {question} Answer:"  # the probe's prompt, as the world's general text has it
 # The test asks the training facts with the options reshuffled: the answer's likelihood shows
 # whether a fact was learned; a letter learned by rote would now point at the wrong option.
@@ -58,7 +57,6 @@ VARIANTS: dict[str, list[str]] = {
     "lora": ["train.method=lora", "train.lr=0.003", "train.lora_r=8", "train.lora_alpha=16"],
     "full": ["train.method=full", "train.lr=0.001"],
 }
-NEEDS_BACKGROUND = ("tfidf", "kl")
 
 
 def _read_texts(path: Path) -> list[str]:
@@ -110,7 +108,7 @@ def finetune(world: dict[str, Path], base: Path, variant: str, run_dir: Path, st
 
     overrides = variant_overrides(world, base, variant, run_dir, steps, seed)
     cfg = load_config(overrides=overrides)
-    if cfg.train.method == "smf" and cfg.sparse.scoring in NEEDS_BACKGROUND:
+    if cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND:
         stats = background_main(cfg, out=str(run_dir / "background.safetensors"))
         cfg = load_config(overrides=overrides + [f"sparse.background={stats}"])
     cfg.data.answer_continuation = ANSWER_CONTINUATION  # a leading space: set here, not as key=value

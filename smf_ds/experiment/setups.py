@@ -24,9 +24,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, load_config
+from ..config import RULES_NEEDING_BACKGROUND, ConfigError, load_config
 from ..eval.runner import TASKS, EvalSettings, run_tasks
-from .jobs import (BASE_STEPS, MEDMCQA_MODES, NEEDS_BACKGROUND, TASK_STEPS, VARIANTS, evaluate, finetune,
+from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, evaluate, finetune,
                    load_for_eval, pretrain_base)
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
@@ -118,7 +118,7 @@ class ConfigSetup:
         adapter = None
         if cfg.train.method == "smf":
             adapter = str(self._retrofit(seed)) if self.exp.retrofit else None
-            if cfg.sparse.scoring in NEEDS_BACKGROUND:
+            if cfg.sparse.scoring in RULES_NEEDING_BACKGROUND:
                 stats = background_main(cfg, adapter, out=str(run_dir / "background.safetensors"))
                 cfg = self._config([*overrides, f"sparse.background={stats}"], seed, run_dir)
         return Path(train_main(cfg, adapter)["artifact"])

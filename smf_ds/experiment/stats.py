@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..eval.bootstrap import bootstrap_statistic
-
-TASKS = ("medmcqa", "wikitext", "triviaqa")
+from ..eval.runner import TASKS
 
 
 def read_records(eval_dir: Path, task: str) -> list[dict]:
