@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .experiment.jobs import VARIANTS
 
-    p = sub.add_parser("experiment", help="every method x seed on the synthetic world: stats, plot, report")
+    p = sub.add_parser("experiment", help="every method x seed (synthetic world, or --config): stats, plot, report")
     p.add_argument("--out", default="runs/experiment")
     p.add_argument("--config", help="experiment config (YAML: run, seeds, variants, retrofit, eval) for your own "
                                     "model and data; default: the embedded synthetic world")
