@@ -102,17 +102,28 @@ def variant_overrides(world: dict[str, Path], base: Path, variant: str, run_dir:
             f"out_dir={run_dir}", *VARIANTS[variant]]
 
 
-def finetune(world: dict[str, Path], base: Path, variant: str, run_dir: Path, steps: int, seed: int = 0) -> dict:
-    """Train one variant (background stats first where its scoring needs them); the train summary."""
+def background_then_train(make_config, run_dir: Path, adapter: str | None = None) -> dict:
+    """`smf-ds background` (when the run's scoring rule needs it), then `smf-ds train`; the train
+    summary. make_config(extra overrides) builds the run config; adapter: memory to start from."""
     from ..train.run import background_main, train_main
 
-    overrides = variant_overrides(world, base, variant, run_dir, steps, seed)
-    cfg = load_config(overrides=overrides)
+    cfg = make_config([])
     if cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND:
-        stats = background_main(cfg, out=str(run_dir / "background.safetensors"))
-        cfg = load_config(overrides=overrides + [f"sparse.background={stats}"])
-    cfg.data.answer_continuation = ANSWER_CONTINUATION  # a leading space: set here, not as key=value
-    return train_main(cfg)
+        stats = background_main(cfg, adapter, out=str(run_dir / "background.safetensors"))
+        cfg = make_config([f"sparse.background={stats}"])
+    return train_main(cfg, adapter)
+
+
+def finetune(world: dict[str, Path], base: Path, variant: str, run_dir: Path, steps: int, seed: int = 0) -> dict:
+    """Train one variant on the world's task; the train summary."""
+    overrides = variant_overrides(world, base, variant, run_dir, steps, seed)
+
+    def make_config(extra):
+        cfg = load_config(overrides=overrides + extra)
+        cfg.data.answer_continuation = ANSWER_CONTINUATION  # a leading space: set here, not as key=value
+        return cfg
+
+    return background_then_train(make_config, run_dir)
 
 
 def eval_settings(world: dict[str, Path], n_boot: int = 200) -> EvalSettings:

@@ -24,9 +24,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import RULES_NEEDING_BACKGROUND, ConfigError, load_config
+from ..config import ConfigError, load_config
 from ..eval.runner import TASKS, EvalSettings, run_tasks
-from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, evaluate, finetune,
+from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, background_then_train, evaluate, finetune,
                    load_for_eval, pretrain_base)
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
@@ -111,17 +111,13 @@ class ConfigSetup:
         return Path(retrofit_main(self._config(["train.method=smf"], seed, run_dir))["artifact"])
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
-        from ..train.run import background_main, train_main
-
         overrides = list(self.variants[variant])
-        cfg = self._config(overrides, seed, run_dir)
         adapter = None
-        if cfg.train.method == "smf":
-            adapter = str(self._retrofit(seed)) if self.exp.retrofit else None
-            if cfg.sparse.scoring in RULES_NEEDING_BACKGROUND:
-                stats = background_main(cfg, adapter, out=str(run_dir / "background.safetensors"))
-                cfg = self._config([*overrides, f"sparse.background={stats}"], seed, run_dir)
-        return Path(train_main(cfg, adapter)["artifact"])
+        if self.exp.retrofit and self._config(overrides, seed, run_dir).train.method == "smf":
+            adapter = str(self._retrofit(seed))
+        summary = background_then_train(lambda extra: self._config([*overrides, *extra], seed, run_dir), run_dir,
+                                        adapter)
+        return Path(summary["artifact"])
 
     def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
         model, tokenizer = load_for_eval(self.base, artifact)

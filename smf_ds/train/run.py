@@ -113,6 +113,19 @@ def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
     return target
 
 
+def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool, **extra) -> dict:
+    """Train, save the artifact, write <out_dir>/<summary_name> (rank 0); the summary."""
+    result = trainer.fit(progress=progress)
+    out_dir = Path(trainer.cfg.out_dir)
+    artifact = save_trained(trainer, tokenizer, out_dir)
+    summary = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
+               "final_loss": result.losses[-1] if result.losses else None, "seconds": result.seconds,
+               "artifact": str(artifact), "world_size": get_world_size(), **extra}
+    if get_rank() == 0:
+        (out_dir / summary_name).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def retrofit_run_config(cfg: SMFConfig) -> SMFConfig:
     """The run config a retrofit trains with: SMF, its scope, every value row every step
     (dense-all) with the retrofit's optimizer and learning rates, its step count."""
@@ -122,8 +135,7 @@ def retrofit_run_config(cfg: SMFConfig) -> SMFConfig:
     run.train.steps, run.train.lr = r.steps, r.lr
     run.sparse.scoring, run.sparse.optimizer, run.sparse.background = "dense-all", r.value_optimizer, None
     run.memory.value_lr = r.value_lr if r.value_lr is not None else r.lr
-    if run.sparse.weight_decay and r.value_optimizer != "adamw":
-        run.sparse.weight_decay = 0.0
+    run.sparse.weight_decay = 0.0  # sparse.weight_decay is the sparse phase's; the warm-up does not decay values
     return run
 
 
@@ -141,14 +153,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
     if not examples:
         raise ConfigError(f"retrofit.data={source!r}: no text to train on")
     trainer = Trainer(run, model, examples, tokenizer.pad_token_id)
-    result = trainer.fit(progress=progress)
-    artifact = save_trained(trainer, tokenizer, Path(run.out_dir))
-    summary = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
-               "final_loss": result.losses[-1] if result.losses else None, "seconds": result.seconds,
-               "artifact": str(artifact), "data": source, "world_size": get_world_size()}
-    if get_rank() == 0:
-        (Path(run.out_dir) / "retrofit_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return fit_and_save(trainer, tokenizer, "retrofit_summary.json", progress, data=source)
 
 
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
@@ -159,10 +164,4 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
     trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id, background)
     if resume and trainer.resume():
         log.info("resumed at step %d", trainer.step)
-    result = trainer.fit(progress=progress)
-    artifact = save_trained(trainer, tokenizer, Path(cfg.out_dir))
-    summary = {"steps": result.steps, "final_loss": result.losses[-1] if result.losses else None,
-               "seconds": result.seconds, "artifact": str(artifact), "world_size": get_world_size()}
-    if get_rank() == 0:
-        (Path(cfg.out_dir) / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    return fit_and_save(trainer, tokenizer, "train_summary.json", progress)
