@@ -210,3 +210,18 @@ def test_frozen_values_send_no_gradients():
     mem(inputs()).sum().backward()
     assert mem.values.sink.grad_entries == []
     assert mem.query.weight.grad is not None
+
+
+@pytest.mark.parametrize("knn", [1, 2, 3, 7, 16, 32, 40])
+def test_candidate_pairs_keep_the_top_knn_sums(knn):
+    """The pruned pairs' top-knn sums equal the top-knn of all knn**2 sums, ties included."""
+    from smf_ds.memory.layer import candidate_pairs
+
+    first, second = candidate_pairs(knn, torch.device("cpu"))
+    assert first.numel() < knn * knn or knn == 1
+    g = torch.Generator().manual_seed(knn)
+    for values in (torch.randn(200, 2, knn, generator=g), torch.randint(0, 4, (200, 2, knn), generator=g).float()):
+        a, b = values.sort(dim=-1, descending=True).values.unbind(1)  # best-first lists, many ties
+        every = (a[:, :, None] + b[:, None, :]).reshape(200, -1).topk(knn, dim=-1).values
+        pruned = (a[:, first] + b[:, second]).topk(knn, dim=-1).values
+        assert torch.equal(pruned, every)
