@@ -66,7 +66,8 @@ def _cmd_experiment(args) -> dict:
     from .experiment.grid import run_experiment
 
     methods = args.methods.split(",") if args.methods else None
-    return run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config)
+    return run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config,
+                          world_seed=args.world_seed)
 
 
 def _cmd_report(args) -> dict:
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated variants (default: all; the world's: {', '.join(VARIANTS)})")
     p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated (default: the config's, or 0,1,2)")
     p.add_argument("--quick", action="store_true", help="fewer steps on the synthetic world (smoke run)")
+    p.add_argument("--world-seed", type=int, default=None,
+                   help="which synthetic world (default 0; the world's settings were chosen on world 0)")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="rebuild an experiment's results.json, report.md and plot")

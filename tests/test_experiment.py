@@ -129,6 +129,11 @@ def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
 def test_experiment_and_report_name_the_bad_flag(tmp_path):
     done = _cli("experiment", "--methods", "smf,lora", "--out", str(tmp_path / "x"), check=False)
     assert done.returncode == 2 and "--methods" in done.stderr and "smf-tfidf" in done.stderr
+    (tmp_path / "exp.yaml").write_text("run: run.yaml\n")
+    for flag in (["--quick"], ["--world-seed", "1"]):
+        done = _cli("experiment", *flag, "--config", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "y"),
+                    check=False)
+        assert done.returncode == 2 and flag[0] in done.stderr and "synthetic world" in done.stderr
     done = _cli("report", "--out", str(tmp_path), check=False)
     assert done.returncode == 2 and f"--out {tmp_path}" in done.stderr
 
@@ -184,3 +189,15 @@ eval: {{medmcqa: {data['medmcqa']}, triviaqa: {data['triviaqa']}, wikitext: {dat
         (tmp_path / "bad.yaml").write_text(f"run: run.yaml\n{bad}\n")
         done = _cli("experiment", "--config", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "b"), check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_worlds_differ_by_seed_and_one_directory_holds_one_world(tmp_path):
+    from smf_ds.data.synthetic_world import WorldSpec, build_world
+
+    first = build_world(tmp_path / "w", WorldSpec(seed=0))
+    other = build_world(tmp_path / "v", WorldSpec(seed=1))
+    assert first["medmcqa_train"].read_text() != other["medmcqa_train"].read_text()
+    again = build_world(tmp_path / "w", WorldSpec(seed=0))  # the same world again: rewritten identically
+    assert again["medmcqa_test"].read_text() == first["medmcqa_test"].read_text()
+    with pytest.raises(ValueError, match="world_spec.json.*another output directory"):
+        build_world(tmp_path / "w", WorldSpec(seed=1))

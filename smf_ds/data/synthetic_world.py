@@ -13,6 +13,7 @@ no download:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
@@ -93,12 +94,25 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+SPEC_FILE = "world_spec.json"
+
+
 def build_world(directory: str | Path, spec: WorldSpec | None = None) -> dict[str, Path]:
-    """Write the world's files into `directory`; returns name -> path."""
+    """Write the world's files into `directory`; returns name -> path.
+
+    The spec is recorded in `world_spec.json`; a directory that holds another world is refused,
+    so models trained on one world are never evaluated on another.
+    """
     spec = spec or WorldSpec()
     rng = random.Random(spec.seed)
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    spec_path = out / SPEC_FILE
+    wanted = dataclasses.asdict(spec)
+    if spec_path.is_file() and json.loads(spec_path.read_text()) != wanted:
+        raise ValueError(f"{spec_path}: this directory holds the world {spec_path.read_text().strip()}, not {wanted}; "
+                         f"use another output directory (or the same world seed)")
+    spec_path.write_text(json.dumps(wanted))
     facts = _general_facts(rng, spec)
     sentences = [s for f in facts for s in _general_sentences(f)]
     trivia = [r for i, f in enumerate(facts) for r in _trivia(f, i)]

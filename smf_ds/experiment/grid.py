@@ -86,17 +86,20 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
 
 
 def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] | None = None,
-                   seeds: Sequence[int] | None = None, quick: bool = False, config: str | None = None) -> dict:
-    """`variants` / `seeds` default to the setup's (all variants; the config's seeds, or 0, 1, 2)."""
+                   seeds: Sequence[int] | None = None, quick: bool = False, config: str | None = None,
+                   world_seed: int | None = None) -> dict:
+    """`variants` / `seeds` default to the setup's (all variants; the config's seeds, or 0, 1, 2);
+    `world_seed` picks the synthetic world (default 0)."""
     out = Path(out)
     if config:
-        if quick:
-            raise ConfigError("--quick: shortens the synthetic world's runs; with --config, set train.steps in the "
-                              "run config or a variant")
+        for flag, value in (("--quick", quick or None), ("--world-seed", world_seed)):
+            if value is not None:
+                raise ConfigError(f"{flag}: applies to the embedded synthetic world only, not with --config "
+                                  f"(set train.steps or seeds in the experiment config)")
         exp = load_experiment_config(config)
         setup, seeds = ConfigSetup(exp, out), list(seeds or exp.seeds)
     else:
-        setup, seeds = WorldSetup(out, quick), list(seeds or (0, 1, 2))
+        setup, seeds = WorldSetup(out, quick, world_seed or 0), list(seeds or (0, 1, 2))
     variants = [v.strip() for v in (variants or setup.variants) if v.strip()]
     unknown = [v for v in variants if v not in setup.variants]
     if unknown or not variants:

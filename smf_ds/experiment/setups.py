@@ -59,15 +59,15 @@ class ExperimentConfig:
 class WorldSetup:
     """The embedded synthetic world: smf_ds.experiment.jobs."""
 
-    def __init__(self, out: Path, quick: bool = False) -> None:
-        self.out, self.mode = out, "quick" if quick else "full"
+    def __init__(self, out: Path, quick: bool = False, world_seed: int = 0) -> None:
+        self.out, self.mode, self.world_seed = out, "quick" if quick else "full", world_seed
         self.variants = dict(VARIANTS)
         self.world = self.base = None
 
     def prepare(self) -> None:
-        from ..data.synthetic_world import build_world
+        from ..data.synthetic_world import WorldSpec, build_world
 
-        self.world = build_world(self.out / "world")
+        self.world = build_world(self.out / "world", WorldSpec(seed=self.world_seed))
         self.base = pretrain_base(self.world, self.out / "base", BASE_STEPS[self.mode])
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
@@ -78,7 +78,7 @@ class WorldSetup:
 
     def settings(self) -> dict:
         return {"steps": TASK_STEPS[self.mode], "base_steps": BASE_STEPS[self.mode], "data": "embedded synthetic world",
-                "medmcqa_mode": MEDMCQA_MODES[0]}
+                "world_seed": self.world_seed, "medmcqa_mode": MEDMCQA_MODES[0]}
 
 
 class ConfigSetup:
