@@ -77,7 +77,7 @@ class WorldSetup:
         return evaluate(self.world, self.base, artifact, eval_dir, meta)
 
     def settings(self) -> dict:
-        return {"steps": TASK_STEPS[self.mode], "base_steps": BASE_STEPS[self.mode], "data": "embedded synthetic world",
+        return {"steps": TASK_STEPS[self.mode], "base_steps": BASE_STEPS[self.mode], "data": f"embedded synthetic world (seed {self.world_seed})",
                 "world_seed": self.world_seed, "medmcqa_mode": MEDMCQA_MODES[0]}
 
 
