@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from .config import ConfigError, load_config
+from .config import InputError, load_config
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
         done = True
-    except ConfigError as err:
+    except InputError as err:
         print(f"smf-ds {args.command}: {err}", file=sys.stderr)
         return 2
     finally:

@@ -15,7 +15,12 @@ from typing import Any, Literal
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """The user gave something wrong (a flag, a config value, a file); the message names it and
+    says what was expected. The CLI prints it in one line (exit status 2), not as a traceback."""
+
+
+class ConfigError(InputError):
     """A config value is wrong; the message names the dotted key and what was expected."""
 
 

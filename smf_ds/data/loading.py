@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..config import InputError
+
 log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
@@ -38,7 +40,7 @@ JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
 
 
-class DataSourceError(ValueError):
+class DataSourceError(InputError):
     """A data source cannot be read; the message names the source (and flag, where known)."""
 
 

@@ -11,10 +11,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..config import InputError
 from .loading import Rows
 
 
-class MalformedRowError(ValueError):
+class MalformedRowError(InputError):
     """A row of a data file is malformed (strict mode); the message names file, row and field."""
 
 

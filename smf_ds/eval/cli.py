@@ -18,13 +18,11 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import InputError
 from ..data import medmcqa as medmcqa_data
 from ..data import triviaqa as triviaqa_data
 from ..data import wikitext as wikitext_data
-from ..data.loading import DataSourceError
 from ..data.medmcqa import MedMCQAPrompt
-from ..data.validation import MalformedRowError
 from .medmcqa import MODES, check_modes
 from .runner import TASKS, EvalSettings, check_tasks, run_tasks
 
@@ -33,7 +31,7 @@ log = logging.getLogger(__name__)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class EvalCLIError(ValueError):
+class EvalCLIError(InputError):
     """A wrong flag value; the message names the flag."""
 
 
@@ -230,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run_eval(args)
-    except (EvalCLIError, DataSourceError, MalformedRowError, ConfigError) as err:
+    except InputError as err:
         parser.exit(2, f"smf-ds eval: error: {err}\n")
     return 0
 
