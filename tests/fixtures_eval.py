@@ -8,6 +8,9 @@ slower than one.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,3 +77,26 @@ def load_tiny(model_dir):
 def tiny_lm(eval_world):
     """(model, tokenizer) loaded back from the saved directory, fp32, eval mode."""
     return load_tiny(eval_world.model_dir)
+
+
+@contextlib.contextmanager
+def deprecation_notices():
+    """Yield a list that collects every deprecation notice raised inside the block: Python
+    FutureWarning/DeprecationWarning (pytest.ini ignores them, so they would pass unseen) and
+    transformers' `logger.warning_once` messages (its per-process cache would hide a repeat)."""
+    notices: list[str] = []
+    once = logging.Logger.warning_once  # added by transformers
+
+    def record_once(self, msg, *args, **kwargs):
+        if "deprecat" in str(msg).lower():
+            notices.append(f"warning_once: {msg}")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logging.Logger.warning_once = record_once
+        try:
+            yield notices
+        finally:
+            logging.Logger.warning_once = once
+    notices.extend(f"{w.category.__name__}: {w.message}" for w in caught
+                   if issubclass(w.category, (FutureWarning, DeprecationWarning)))

@@ -2,12 +2,12 @@
 import numpy as np
 import pytest
 import torch
-from fixtures_eval import eval_world, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
+from fixtures_eval import deprecation_notices, eval_world, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
 
 from smf_ds.data.medmcqa import MedMCQAPrompt, load_medmcqa
 from smf_ds.eval.medmcqa import MODES, evaluate_medmcqa, summarize_medmcqa
 from smf_ds.eval.reference import loglikelihood, medmcqa_one_by_one
-from smf_ds.eval.scoring import build_rows, score_requests, score_shared_context
+from smf_ds.eval.scoring import _cache_kwarg, build_rows, score_requests, score_shared_context
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,31 @@ def test_shared_context_scores_equal_direct_loglikelihood(tiny_lm):
         got = score_shared_context(model, groups, tok.pad_token_id, batch_size=batch_size)
         for (ctx, conts), scores in zip(groups, got):
             np.testing.assert_allclose(scores, [loglikelihood(model, ctx, c) for c in conts], atol=1e-4, rtol=0)
+
+
+def test_shared_context_scoring_uses_no_deprecated_transformers_api(tiny_lm):
+    """The continuation pass on the KV cache (multi-token continuations) triggers no deprecation
+    notice: a deprecated argument may be removed in a later transformers 5.x (setup.py allows <6)."""
+    model, tok = tiny_lm
+    groups = [([5, 6, 7], [[8, 9, 10], [11]]), ([12, 13], [[14, 15], [16, 17, 18, 19]])]
+    with deprecation_notices() as notices:
+        got = score_shared_context(model, groups, tok.pad_token_id, batch_size=2)
+    assert notices == []
+    for (ctx, conts), scores in zip(groups, got):
+        np.testing.assert_allclose(scores, [loglikelihood(model, ctx, c) for c in conts], atol=1e-4, rtol=0)
+
+
+def test_cache_argument_follows_the_model_signature():
+    class OldModel(torch.nn.Module):  # transformers before the `cache` rename
+        def forward(self, input_ids=None, past_key_values=None, **kwargs):
+            return input_ids
+
+    class NewModel(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, **kwargs):
+            return input_ids
+
+    assert _cache_kwarg(NewModel()) == "cache"
+    assert _cache_kwarg(OldModel()) == "past_key_values"
 
 
 def test_custom_template_and_mode_subset(tiny_lm, examples):

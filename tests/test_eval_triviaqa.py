@@ -3,7 +3,7 @@ import contextlib
 
 import pytest
 import torch
-from fixtures_eval import eval_world, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
+from fixtures_eval import deprecation_notices, eval_world, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
 
 from smf_ds.data.triviaqa import TriviaQAExample, load_triviaqa
 from smf_ds.eval.reference import generate_one, triviaqa_one_by_one
@@ -46,6 +46,13 @@ def test_left_padded_batched_generation_equals_unbatched(tiny_lm, examples, bias
         assert 0 in lengths and 12 in lengths and len(lengths) > 3
     else:
         assert lengths == {12}
+
+
+def test_generation_uses_no_deprecated_transformers_api(tiny_lm, examples):
+    model, tok = tiny_lm
+    with deprecation_notices() as notices:
+        evaluate_triviaqa(model, tok, examples[:3], max_new_tokens=4, batch_size=3)
+    assert notices == []
 
 
 def test_generation_stops_at_newline_and_eos(tiny_lm):

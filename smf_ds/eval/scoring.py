@@ -14,6 +14,7 @@ longest continuation in the batch.
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -125,6 +126,23 @@ def _check_finite(values, desc: str) -> None:
 # Shared contexts: one context, several continuations (a question and its options).
 
 
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: `cache` in the transformers 5.x that renamed it,
+    `past_key_values` before (where an unknown `cache` would be swallowed by **kwargs, silently
+    scoring without the context)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(out):
+    """The KV cache a forward returned (`out.cache`; `out.past_key_values` is its deprecated alias)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _expand_cache(cache, index: torch.Tensor):
     """The KV cache with its batch rows taken in `index` order (rows may repeat)."""
     if cache is not None and hasattr(cache, "reorder_cache"):
@@ -180,12 +198,12 @@ def score_shared_context(model, groups: Sequence[tuple[Sequence[int], Sequence[S
                 cont_ids[r, :len(x)] = torch.tensor(x)
                 cont_mask[r, :len(x)] = 1
             index = torch.tensor([b for b, _, _ in longer], device=device)
-            cache = _expand_cache(out.past_key_values, index)
+            cache = _expand_cache(_output_cache(out), index)
             full_mask = torch.cat([mask.index_select(0, index), cont_mask.to(device)], dim=1)
             ctx_len = mask.sum(-1).index_select(0, index)
             cont_pos = ctx_len[:, None] + torch.arange(n_max, device=device)[None, :]
             logits = model(input_ids=cont_ids.to(device), attention_mask=full_mask, position_ids=cont_pos,
-                           past_key_values=cache, use_cache=True).logits  # [R, n_max, V]
+                           use_cache=True, **{_cache_kwarg(model): cache}).logits  # [R, n_max, V]
             r_idx, j_idx, t_idx = [], [], []
             for r, (_, g, c) in enumerate(longer):
                 cont = groups[g][1][c]
