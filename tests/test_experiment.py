@@ -125,6 +125,10 @@ def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
     assert grown["variants"]["lora"]["seeds"] == [0, 1, 2]
     assert grown["variants"]["smf-tfidf"] == results["variants"]["smf-tfidf"]
 
+    # the full-length grid into the quick grid's directory would reuse its short runs: refused
+    done = _cli("experiment", "--methods", "lora", "--seeds", "0", "--out", str(out), check=False)
+    assert done.returncode == 2 and "mode: 'quick' there, 'full' now" in done.stderr, done.stderr[-2000:]
+
 
 def test_experiment_and_report_name_the_bad_flag(tmp_path):
     done = _cli("experiment", "--methods", "smf,lora", "--out", str(tmp_path / "x"), check=False)
@@ -201,3 +205,27 @@ def test_worlds_differ_by_seed_and_one_directory_holds_one_world(tmp_path):
     assert again["medmcqa_test"].read_text() == first["medmcqa_test"].read_text()
     with pytest.raises(ValueError, match="world_spec.json.*another output directory"):
         build_world(tmp_path / "w", WorldSpec(seed=1))
+
+
+def test_an_output_directory_keeps_one_setup(tmp_path):
+    from smf_ds.config import ConfigError
+    from smf_ds.experiment.outdir import SETUP_FILE, claim
+
+    setup = {"mode": "full", "steps": 300, "variants": {"lora": ["train.method=lora"]}}
+    claim(tmp_path, setup)
+    claim(tmp_path, setup)  # the same settings again
+    claim(tmp_path, {**setup, "variants": {"full": ["train.method=full"]}})  # a variant joins
+    assert set(json.loads((tmp_path / SETUP_FILE).read_text())["variants"]) == {"lora", "full"}
+    with pytest.raises(ConfigError, match="steps: 300 there, 10 now.*Use another --out"):
+        claim(tmp_path, {**setup, "steps": 10})
+    with pytest.raises(ConfigError, match="variant lora:"):
+        claim(tmp_path, {**setup, "variants": {"lora": ["train.method=lora", "train.lr=1.0"]}})
+
+
+def test_experiment_config_variant_typo_fails_before_anything_runs(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: {name_or_path: some/model}\n")
+    (tmp_path / "exp.yaml").write_text("run: run.yaml\nvariants: {fast: [train.stepz=3]}\n")
+    out = tmp_path / "out"
+    done = _cli("experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(out), check=False)
+    assert done.returncode == 2 and "variant fast" in done.stderr and "train.stepz" in done.stderr
+    assert not (out / "base_eval").exists()

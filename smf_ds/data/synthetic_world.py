@@ -19,6 +19,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ConfigError
+
 SYLLABLES = ["ka", "lo", "mi", "ra", "to", "ve", "su", "ni", "do", "pe", "ga", "zu", "fi", "ho", "ba", "te",
              "ri", "mo", "sa", "le", "nu", "vi", "ko", "da"]
 
@@ -110,8 +112,8 @@ def build_world(directory: str | Path, spec: WorldSpec | None = None) -> dict[st
     spec_path = out / SPEC_FILE
     wanted = dataclasses.asdict(spec)
     if spec_path.is_file() and json.loads(spec_path.read_text()) != wanted:
-        raise ValueError(f"{spec_path}: this directory holds the world {spec_path.read_text().strip()}, not {wanted}; "
-                         f"use another output directory (or the same world seed)")
+        raise ConfigError(f"{spec_path}: this directory holds the world {spec_path.read_text().strip()}, not "
+                          f"{json.dumps(wanted)}; use another output directory (or the same world seed)")
     spec_path.write_text(json.dumps(wanted))
     facts = _general_facts(rng, spec)
     sentences = [s for f in facts for s in _general_sentences(f)]

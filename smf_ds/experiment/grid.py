@@ -24,6 +24,7 @@ from typing import Sequence
 
 from ..config import ConfigError
 from ..parallel.process_group import barrier, get_rank, init_process_group
+from .outdir import claim
 from .report import results_table, write_report
 from .setups import ConfigSetup, WorldSetup, load_experiment_config
 from .stats import aggregate
@@ -107,6 +108,7 @@ def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] 
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds: expected distinct integers, got {seeds}")
     init_process_group()
+    claim(out, setup.fingerprint())
     setup.prepare()
     if not (out / "base_eval" / SUMMARY).is_file():
         setup.evaluate(None, out / "base_eval", {"model": "base"})

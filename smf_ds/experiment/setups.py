@@ -76,6 +76,11 @@ class WorldSetup:
     def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
         return evaluate(self.world, self.base, artifact, eval_dir, meta)
 
+    def fingerprint(self) -> dict:
+        """What the runs in the output directory depend on (smf_ds.experiment.outdir)."""
+        return {"setup": "synthetic world", "mode": self.mode, "world_seed": self.world_seed,
+                "base_steps": BASE_STEPS[self.mode], "steps": TASK_STEPS[self.mode], "variants": self.variants}
+
     def settings(self) -> dict:
         return {"steps": TASK_STEPS[self.mode], "base_steps": BASE_STEPS[self.mode], "data": f"embedded synthetic world (seed {self.world_seed})",
                 "world_seed": self.world_seed, "medmcqa_mode": MEDMCQA_MODES[0]}
@@ -89,6 +94,11 @@ class ConfigSetup:
         self.variants = dict(exp.variants or DEFAULT_VARIANTS)
         run = load_config(exp.run)
         self.base = run.model.name_or_path
+        for name, overrides in self.variants.items():  # a typo fails now, not after hours of other runs
+            try:
+                load_config(exp.run, overrides)
+            except ConfigError as err:
+                raise ConfigError(f"variant {name}: {err}") from None
         trained, scored = run.data.answer_continuation, exp.eval.medmcqa_prompt.answer_continuation
         if trained != scored:  # the task would be scored on another text than the one learned
             raise ConfigError(f"eval.medmcqa_prompt.answer_continuation={scored!r} differs from the run config's "
@@ -123,6 +133,14 @@ class ConfigSetup:
         model, tokenizer = load_for_eval(self.base, artifact)
         return run_tasks(model, tokenizer, TASKS, self.exp.eval, eval_dir, echo=None,
                          meta={**meta, "artifact": str(artifact or self.base)})
+
+    def fingerprint(self) -> dict:
+        """What the runs in the output directory depend on: the resolved run config (not its file
+        name), retrofit, eval settings and each variant's overrides (smf_ds.experiment.outdir)."""
+        run = dataclasses.asdict(load_config(self.exp.run))
+        run.pop("out_dir", None)
+        return {"setup": "config", "run": run, "retrofit": self.exp.retrofit, "eval": self.exp.eval.to_dict(),
+                "variants": self.variants}
 
     def settings(self) -> dict:
         run = load_config(self.exp.run)
