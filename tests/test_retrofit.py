@@ -57,9 +57,11 @@ def _retrofit_then_smf(rank, world_size, world, tmp):
     train_cfg = load_config(overrides=_overrides(world, run, "train.steps=2", "sparse.top_t=4",
                                                  "data.background_batches=2"))
     stats = background_main(train_cfg, summary["artifact"], out=str(run / "background.safetensors"))
+    # memory.* that disagrees with the adapter is overridden by it (and said so in config.yaml)
     train_cfg = load_config(overrides=_overrides(world, run, "train.steps=2", "sparse.top_t=4",
-                                                 f"sparse.background={stats}"))
+                                                 f"sparse.background={stats}", "memory.n_keys=16"))
     trained = train_main(train_cfg, summary["artifact"], progress=False)
+    assert load_config(str(run / "config.yaml")).memory.n_keys == 8
     adapters = [fresh / "memory_adapter.safetensors", Path(summary["artifact"]) / "memory_adapter.safetensors",
                 Path(trained["artifact"]) / "memory_adapter.safetensors"]
     return summary, [load_file(a) for a in adapters]
@@ -90,3 +92,20 @@ def test_retrofit_trains_every_memory_tensor_then_background_and_train_start_fro
 def test_bad_retrofit_settings_name_the_field(world, tmp_path, overrides, message):
     with pytest.raises(ConfigError, match=message):
         retrofit_main(load_config(overrides=_overrides(world, tmp_path, *overrides)), progress=False)
+
+
+def test_adapter_memory_shape_replaces_the_run_configs(world, tmp_path, caplog):
+    from smf_ds.memory.adapter import save_memory_adapter
+    from smf_ds.memory.inject import inject_memory
+    from smf_ds.train.build import load_tokenizer_and_model
+    from smf_ds.train.run import adopt_adapter_memory
+
+    cfg = load_config(overrides=_overrides(world, tmp_path))
+    _, model = load_tokenizer_and_model(cfg)
+    adapter = save_memory_adapter(inject_memory(model, cfg.memory), tmp_path / "adapter")
+    other = load_config(overrides=_overrides(world, tmp_path, "memory.n_keys=16", "memory.layers=[0]",
+                                             "memory.value_lr=7.0"))
+    with caplog.at_level("WARNING"):
+        got = adopt_adapter_memory(other, str(adapter))
+    assert (got.memory.n_keys, got.memory.layers, got.memory.value_lr) == (8, [1], 7.0)  # value_lr is the run's
+    assert "memory.n_keys=16 is ignored" in caplog.text and "memory.layers=[0] is ignored" in caplog.text

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, SMFConfig, save_config
+from ..config import ConfigError, MemoryConfig, SMFConfig, save_config
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.oasst import load_oasst_texts
 from ..memory.inject import value_tables
@@ -35,6 +35,26 @@ def task_examples(cfg: SMFConfig, tokenizer) -> list[dict]:
         log.warning("data.train=%s:\n%s", cfg.data.train, report.format())
     pairs = (prompt.training_pair(ex, with_explanation=cfg.data.train_explanation) for ex in examples)
     return [tokenize_prompt_answer(tokenizer, prompt_text, answer, cfg.train.max_length) for prompt_text, answer in pairs]
+
+
+def adopt_adapter_memory(cfg: SMFConfig, adapter_dir: str | None) -> SMFConfig:
+    """With --memory-adapter the memory's shape comes from the adapter, whatever memory.* says:
+    set those fields from it, so the run's saved config.yaml tells what was trained, and warn
+    where the run config had set them otherwise."""
+    if not adapter_dir or cfg.train.method != "smf":
+        return cfg
+    from ..memory.adapter import STRUCTURAL_FIELDS, read_adapter_config
+
+    saved, _ = read_adapter_config(adapter_dir)
+    default = MemoryConfig()
+    for name in STRUCTURAL_FIELDS:
+        mine, theirs = getattr(cfg.memory, name), getattr(saved, name)
+        if mine == theirs or (name == "v_dim" and mine is None):
+            continue
+        if mine != getattr(default, name):
+            log.warning("memory.%s=%r is ignored: --memory-adapter %s has %s=%r", name, mine, adapter_dir, name, theirs)
+        setattr(cfg.memory, name, theirs)
+    return cfg
 
 
 def text_examples(texts: list[str], tokenizer, max_length: int) -> list[dict]:
@@ -78,6 +98,7 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
 
 
 def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | None = None) -> Path:
+    cfg = adopt_adapter_memory(cfg, adapter_dir)
     tokenizer, model = load_tokenizer_and_model(cfg)
     model = add_memory(model, cfg, adapter_dir)
     out_path = Path(out or Path(cfg.out_dir) / "background.safetensors")
@@ -146,7 +167,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
     if not source:
         raise ConfigError("retrofit.data: expected an OASST1-schema hub id or local file (or set data.background), "
                           "got ''")
-    run = retrofit_run_config(cfg)
+    run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
     tokenizer, model = load_tokenizer_and_model(run)
     model = add_memory(model, run, adapter_dir)
     examples = text_examples(load_oasst_texts(source), tokenizer, run.train.max_length)
@@ -157,6 +178,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
 
 
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
+    cfg = adopt_adapter_memory(cfg, adapter_dir)
     tokenizer, model = load_tokenizer_and_model(cfg)
     model = add_memory(model, cfg, adapter_dir)
     background = load_background(cfg, model) if cfg.train.method == "smf" else None
