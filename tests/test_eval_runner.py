@@ -9,7 +9,7 @@ from fixtures_eval import eval_world, load_tiny, one_thread, tiny_lm  # noqa: F4
 from smf_ds.data import samples
 from smf_ds.data.validation import MalformedRowError
 from smf_ds.eval import cli
-from smf_ds.eval.runner import EvalSettings, run_tasks
+from smf_ds.eval.runner import EvalSettings, NoUsableRowsError, run_tasks
 
 TASKS = ["medmcqa", "wikitext", "triviaqa"]
 
@@ -91,6 +91,54 @@ def test_malformed_rows_are_reported_counted_and_not_evaluated(tiny_lm, tmp_path
     s.strict = True
     with pytest.raises(MalformedRowError, match="bad.jsonl row 2 .*field 'cop'"):
         run_tasks(model, tok, ["medmcqa"], s, echo=None)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_a_task_whose_rows_are_all_malformed_is_an_error_after_writing_the_report(tiny_lm, eval_world, tmp_path,
+                                                                                 task):
+    """E.g. a file in another task's schema: an error naming task, file and counts, raised before any
+    task is evaluated, with the malformed report already written."""
+    model, tok = tiny_lm
+    wrong = samples.write_rows([{"foo": i} for i in range(6)], tmp_path / "wrong.jsonl")
+    s = _settings(eval_world)
+    setattr(s, task, str(wrong))
+    out = tmp_path / "out"
+    messages = []
+    with pytest.raises(NoUsableRowsError) as exc:
+        run_tasks(model, tok, TASKS, s, out_dir=out, echo=messages.append)
+    report_path = out / f"{task}.malformed.jsonl"
+    msg = str(exc.value)
+    assert msg.startswith(f"{task}: no usable rows in {wrong} (6 rows read, 6 malformed, 0 left out)")
+    assert f"all problems in {report_path}" in msg and "row 0 (line 1)" in msg
+    assert sorted({json.loads(x)["row"] for x in report_path.read_text().splitlines()}) == list(range(6))
+    assert not list(out.glob("*.predictions.jsonl"))  # no task was evaluated
+    assert any("6 malformed" in m for m in messages)
+
+
+@pytest.mark.parametrize("task,rows,counts", [
+    ("medmcqa", [], "0 rows read, 0 malformed, 0 left out)"),
+    ("medmcqa", [dict(r, choice_type="multi") for r in samples.medmcqa_rows(3, seed=2)],
+     "3 rows read, 0 malformed, 3 left out: choice_type not in ['single'])"),
+    ("wikitext", [{"text": ""}, {"text": " \n"}], "2 rows read, 0 malformed, 0 left out); every row is blank"),
+])
+def test_empty_filtered_or_blank_data_is_an_error(tiny_lm, tmp_path, task, rows, counts):
+    model, tok = tiny_lm
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(NoUsableRowsError) as exc:
+        run_tasks(model, tok, [task], EvalSettings(**{task: str(path)}), echo=None)
+    assert str(exc.value) == f"{task}: no usable rows in {path} ({counts}"
+
+
+def test_cli_exits_2_on_a_task_without_usable_rows(eval_world, tmp_path, capsys):
+    wrong = samples.write_rows([{"foo": 1}, {"foo": 2}], tmp_path / "wrong.jsonl")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--model", str(eval_world.model_dir), "--tasks", "medmcqa", "--medmcqa", str(wrong),
+                  "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("smf-ds eval: error: medmcqa: no usable rows in") and "2 malformed" in err
+    assert (tmp_path / "out" / "medmcqa.malformed.jsonl").read_text().count('"row": 1') >= 1
 
 
 def test_cli_end_to_end_with_flags(eval_world, tmp_path, capsys):

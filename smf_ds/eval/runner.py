@@ -12,7 +12,9 @@ A task's result: {"task", "source", "n" (examples evaluated), "metric", "value",
 "metrics" ({name: {"value", "ci95", "n"}}), "n_rows", "n_malformed", "n_filtered",
 "n_available", "warnings", "predictions", "malformed_report", "seconds"}. `n` always equals the
 number of records written; a run that asked for more examples than the data holds says so in
-"warnings".
+"warnings". Every task's data is loaded and checked before any is evaluated: a task whose data
+has no usable row (every row malformed or left out, e.g. a file in another schema) is a
+NoUsableRowsError, after its malformed report is written.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Callable, Sequence
 
 from ..data import medmcqa as medmcqa_data
 from ..data import triviaqa as triviaqa_data
+from ..config import InputError
 from ..data import wikitext as wikitext_data
 from ..data.loading import load_rows, take
 from ..data.medmcqa import MedMCQAPrompt
@@ -77,6 +80,10 @@ class EvalSettings:
         return out
 
 
+class NoUsableRowsError(InputError):
+    """A task's data has no row that can be evaluated; the message names task, source and counts."""
+
+
 def check_tasks(tasks: Sequence[str]) -> list[str]:
     tasks = [t.strip() for t in tasks if t.strip()]
     bad = [t for t in tasks if t not in TASKS]
@@ -108,34 +115,60 @@ def _headline(result: dict, metric: str) -> dict:
     return result
 
 
-def run_medmcqa(model, tokenizer, s: EvalSettings, rank, world_size, progress) -> tuple[list[dict], dict, ValidationReport]:
+def load_task(task: str, s: EvalSettings) -> tuple[list, ValidationReport]:
+    """All well-formed examples (WikiText: articles) of `task`'s data, and its malformed-row report."""
+    if task == "medmcqa":
+        return medmcqa_data.parse_medmcqa(load_rows(s.medmcqa, split=s.medmcqa_split), strict=s.strict)
+    if task == "triviaqa":
+        rows = load_rows(s.triviaqa, split=s.triviaqa_split, config=s.triviaqa_config)
+        return triviaqa_data.parse_triviaqa(rows, strict=s.strict)
+    rows = load_rows(s.wikitext, split=s.wikitext_split, config=s.wikitext_config)
+    return wikitext_data.parse_wikitext(rows, strict=s.strict)
+
+
+def _usable(task: str, items: list) -> bool:
+    if task == "wikitext":  # blank lines alone form an "article" with nothing to score
+        return any(line.strip() for doc in items for line in doc.lines)
+    return bool(items)
+
+
+def _no_usable_rows(task: str, report: ValidationReport, report_path: Path | None) -> NoUsableRowsError:
+    msg = (f"{task}: no usable rows in {report.source} ({report.n_rows} rows read, {report.n_malformed} malformed, "
+           f"{report.n_filtered} left out" + (f": {report.filtered_reason}" if report.n_filtered else "") + ")")
+    if report.issues:
+        msg += f"; is it in the {task} hub schema? First problem: {report.issues[0]}; "
+        msg += (f"all problems in {report_path}" if report_path is not None
+                else f"--out DIR writes all problems to DIR/{task}.malformed.jsonl")
+    elif report.n_rows > report.n_filtered:  # well-formed rows that hold nothing (WikiText: blank lines only)
+        msg += "; every row is blank"
+    return NoUsableRowsError(msg)
+
+
+def run_medmcqa(model, tokenizer, s: EvalSettings, all_examples: list, report: ValidationReport, rank, world_size,
+                progress) -> tuple[list[dict], dict]:
     modes = check_modes(s.medmcqa_modes)
-    rows = load_rows(s.medmcqa, split=s.medmcqa_split)
-    all_examples, report = medmcqa_data.parse_medmcqa(rows, strict=s.strict)
     limit, sample = s.limit.get("medmcqa"), s.sample.get("medmcqa")
     examples = take(all_examples, limit, sample, s.seed)
     records = evaluate_medmcqa(model, tokenizer, examples, s.medmcqa_prompt, modes, s.batch_size, rank, world_size,
                                progress)
     result = {"task": "medmcqa", "n": len(records), "metrics": summarize_medmcqa(records, modes, s.n_boot, s.boot_seed),
               "modes": list(modes), **_data_fields(report, len(all_examples), len(records), limit, sample)}
-    return records, _headline(result, f"accuracy_{modes[0]}"), report
+    return records, _headline(result, f"accuracy_{modes[0]}")
 
 
-def run_triviaqa(model, tokenizer, s: EvalSettings, rank, world_size, progress) -> tuple[list[dict], dict, ValidationReport]:
-    rows = load_rows(s.triviaqa, split=s.triviaqa_split, config=s.triviaqa_config)
-    all_examples, report = triviaqa_data.parse_triviaqa(rows, strict=s.strict)
+def run_triviaqa(model, tokenizer, s: EvalSettings, all_examples: list, report: ValidationReport, rank, world_size,
+                 progress) -> tuple[list[dict], dict]:
     limit, sample = s.limit.get("triviaqa"), s.sample.get("triviaqa")
     examples = take(all_examples, limit, sample, s.seed)
     records = evaluate_triviaqa(model, tokenizer, examples, s.triviaqa_template, s.max_new_tokens, s.gen_batch_size,
                                 rank, world_size, progress)
     result = {"task": "triviaqa", "n": len(records), "metrics": summarize_triviaqa(records, s.n_boot, s.boot_seed),
               **_data_fields(report, len(all_examples), len(records), limit, sample)}
-    return records, _headline(result, "contains"), report
+    return records, _headline(result, "contains")
 
 
-def run_wikitext(model, tokenizer, s: EvalSettings, rank, world_size, progress) -> tuple[list[dict], dict, ValidationReport]:
-    rows = load_rows(s.wikitext, split=s.wikitext_split, config=s.wikitext_config)
-    all_docs, report = wikitext_data.parse_wikitext(rows, strict=s.strict)
+def run_wikitext(model, tokenizer, s: EvalSettings, all_docs: list, report: ValidationReport, rank, world_size,
+                 progress) -> tuple[list[dict], dict]:
     limit, sample = s.limit.get("wikitext"), s.sample.get("wikitext")
     docs = take(all_docs, limit, sample, s.seed)
     text = wikitext_data.join_docs(docs)
@@ -147,7 +180,7 @@ def run_wikitext(model, tokenizer, s: EvalSettings, rank, world_size, progress) 
               "n_lines": sum(len(d.lines) for d in docs), "n_tokens_scored": n_tokens,
               "max_length": s.max_length, "stride": s.stride, "metrics": metrics,
               **_data_fields(report, len(all_docs), len(docs), limit, sample)}
-    return records, _headline(result, "perplexity"), report
+    return records, _headline(result, "perplexity")
 
 
 RUNNERS: dict[str, Callable] = {"medmcqa": run_medmcqa, "wikitext": run_wikitext, "triviaqa": run_triviaqa}
@@ -172,17 +205,31 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | N
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+    # Load and check every task's data first: a wrong file fails in seconds, not after the other tasks ran.
+    loaded = {}
+    for task in tasks:
+        start = time.perf_counter()
+        items, report = load_task(task, settings)
+        if not _usable(task, items):
+            report_path = out / f"{task}.malformed.jsonl" if out is not None else None
+            if rank == 0 and report_path is not None:
+                report.write_jsonl(report_path)
+            if rank == 0 and echo is not None:
+                echo(report.format())
+            raise _no_usable_rows(task, report, report_path)
+        loaded[task] = (items, report, time.perf_counter() - start)
     was_training = model.training
     model.eval()
     results = {}
     try:
         for task in tasks:
+            items, report, load_seconds = loaded[task]
             start = time.perf_counter()
-            records, result, report = RUNNERS[task](model, tokenizer, settings, rank, world_size, progress)
+            records, result = RUNNERS[task](model, tokenizer, settings, items, report, rank, world_size, progress)
             if len(records) != result["n"]:
                 raise RuntimeError(f"{task}: {len(records)} records but n = {result['n']}")
             result["source"] = report.source
-            result["seconds"] = round(time.perf_counter() - start, 3)
+            result["seconds"] = round(load_seconds + time.perf_counter() - start, 3)
             if rank == 0 and echo is not None and (report.n_malformed or report.n_filtered or result["warnings"]):
                 echo(report.format())
                 for w in result["warnings"]:
