@@ -49,6 +49,18 @@ def _run(rank, world, run_dir, strategy, scope, steps, save_every=0, resume=Fals
             "selected": trainer.updater.previous[1].tolist()}
 
 
+def _resume_error(rank, world, run_dir):
+    from smf_ds.config import ConfigError
+
+    cfg = _cfg(run_dir, world, "local", "values", 4)
+    trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+    try:
+        trainer.resume()
+    except ConfigError as err:
+        return str(err)
+    return "resumed"
+
+
 def test_two_ranks_equal_one_rank(tmp_path):
     ref = run_distributed(_run, 1, str(tmp_path / "w1"), "local", "values", 3)[0]
     for strategy in ("local", "row", "column"):
@@ -68,6 +80,8 @@ def test_resume_is_exact(tmp_path):
     for name, value in straight["dense"].items():
         assert torch.equal(value, resumed["dense"][name]), name
     assert straight["losses"][2:] == resumed["losses"]
+    message = run_distributed(_resume_error, 1, str(tmp_path / "b"))[0]  # values scope now: no DeepSpeed state
+    assert "train.scope='memory+scale' there, 'values' now" in message
     events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
     assert (tmp_path / "a" / "config.yaml").is_file()

@@ -43,6 +43,39 @@ def save_memory_checkpoint(directory: str | Path, tag: str, tables: list[tuple[i
     barrier()
 
 
+# What a checkpoint's engine state depends on: resuming with another value fails deep inside
+# DeepSpeed (or silently loads the wrong thing), so it is checked first and named.
+RESUME_MUST_MATCH = ("model.name_or_path", "train.method", "train.scope", "train.zero_stage", "train.offload",
+                     "train.lora_r", "train.lora_alpha", "train.lora_targets")
+RUN_FILE = "run.json"
+
+
+def _dotted(cfg, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def save_run_identity(directory: str | Path, tag: str, cfg) -> None:
+    """Rank 0: the RESUME_MUST_MATCH settings of the run, next to its checkpoint files."""
+    if get_rank() == 0:
+        path = Path(directory) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        (path / RUN_FILE).write_text(json.dumps({key: _dotted(cfg, key) for key in RESUME_MUST_MATCH}, indent=2))
+
+
+def check_run_identity(directory: str | Path, tag: str, cfg) -> None:
+    """Refuse to resume a checkpoint made with other RESUME_MUST_MATCH settings, naming them."""
+    file = Path(directory) / tag / RUN_FILE
+    if not file.is_file():  # a checkpoint from before this file existed
+        return
+    saved = json.loads(file.read_text())
+    diffs = [f"{key}={saved[key]!r} there, {_dotted(cfg, key)!r} now" for key in RESUME_MUST_MATCH
+             if key in saved and saved[key] != _dotted(cfg, key)]
+    if diffs:
+        raise ConfigError(f"resume: {file}: the checkpoint was made with other settings: {'; '.join(diffs)}. "
+                          f"Resume with the same ones, or train into another out_dir")
+
+
 def mark_latest(directory: str | Path, tag: str) -> None:
     """Point <dir>/latest_memory at `tag` once every rank's files are written."""
     barrier()

@@ -21,7 +21,8 @@ from ..parallel.process_group import get_rank, get_world_size, is_distributed
 from ..sparse.background import BackgroundStats
 from ..sparse.step import SparseMemoryUpdater
 from .batches import GlobalBatchOrder, collate
-from .checkpoint import latest_tag, load_memory_checkpoint, mark_latest, save_memory_checkpoint
+from .checkpoint import (check_run_identity, latest_tag, load_memory_checkpoint, mark_latest, save_memory_checkpoint,
+                         save_run_identity)
 from .ds_config import build_ds_config
 from .engine import build_engine
 
@@ -121,13 +122,16 @@ class Trainer:
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag, client_state={"step": self.step})
         save_memory_checkpoint(self.checkpoint_dir, tag, self.tables,
                                self.updater.state_dict() if self.updater else None)
+        save_run_identity(self.checkpoint_dir, tag, self.cfg)
         mark_latest(self.checkpoint_dir, tag)
 
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint in the run dir; False when there is none."""
         tag = latest_tag(self.checkpoint_dir)
         if tag is None:
+            log.info("resume: no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return False
+        check_run_identity(self.checkpoint_dir, tag, self.cfg)
         _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag)
         state = load_memory_checkpoint(self.checkpoint_dir, tag, self.tables)
         if self.updater is not None:
