@@ -7,6 +7,7 @@ import logging
 import sys
 
 from .config import InputError, load_config
+from .parallel.process_group import get_rank
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -145,19 +146,32 @@ def _leave_process_group(all_done: bool) -> None:
     dist.destroy_process_group()
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, but key=value overrides may also come after flags (`train --config c.yaml a=1
+    --resume b=2`): argparse's positional list stops at the first flag."""
+    args, extra = parser.parse_known_args(argv)
+    if hasattr(args, "overrides"):
+        args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
+        extra = [x for x in extra if not ("=" in x and not x.startswith("-"))]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    done = False
+    args = parse_args(build_parser(), argv)
+    done, rank = False, 0
     try:
         result = args.func(args)
         done = True
+        rank = get_rank()
     except InputError as err:
         print(f"smf-ds {args.command}: {err}", file=sys.stderr)
         return 2
     finally:
         _leave_process_group(all_done=done)
-    if result is not None:
+    if result is not None and rank == 0:  # once, not once per rank
         print(json.dumps(result, indent=2, default=str))
     return 0
 

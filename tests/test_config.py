@@ -209,3 +209,15 @@ def test_training_reads_the_train_split_not_the_evaluated_one(tmp_path):
     assert len(task_examples(cfg, _CharTokenizer())) == sum(r["choice_type"] == "single" for r in splits["train"])
     cfg = load_config(overrides=[f"data.train={tmp_path / 'mm'}", "data.train_split=validation"])
     assert len(task_examples(cfg, _CharTokenizer())) == sum(r["choice_type"] == "single" for r in splits["validation"])
+
+
+def test_cli_takes_overrides_before_and_after_flags():
+    import pytest
+
+    from smf_ds.cli import build_parser, parse_args
+
+    args = parse_args(build_parser(), ["train", "--config", "c.yaml", "train.steps=3", "--resume", "out_dir=/x"])
+    assert args.overrides == ["train.steps=3", "out_dir=/x"] and args.resume and args.config == "c.yaml"
+    with pytest.raises(SystemExit) as stop:  # what is neither a flag nor key=value is still refused
+        parse_args(build_parser(), ["train", "a=1", "--resume", "steps"])
+    assert stop.value.code == 2
