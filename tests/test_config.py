@@ -212,8 +212,6 @@ def test_training_reads_the_train_split_not_the_evaluated_one(tmp_path):
 
 
 def test_cli_takes_overrides_before_and_after_flags():
-    import pytest
-
     from smf_ds.cli import build_parser, parse_args
 
     args = parse_args(build_parser(), ["train", "--config", "c.yaml", "train.steps=3", "--resume", "out_dir=/x"])
@@ -221,3 +219,13 @@ def test_cli_takes_overrides_before_and_after_flags():
     with pytest.raises(SystemExit) as stop:  # what is neither a flag nor key=value is still refused
         parse_args(build_parser(), ["train", "a=1", "--resume", "steps"])
     assert stop.value.code == 2
+
+
+def test_training_file_in_another_schema_names_the_field_and_counts(tmp_path):
+    from smf_ds.data import samples
+    from smf_ds.train.run import task_examples
+
+    path = samples.write_rows(samples.oasst_rows(5, seed=0), tmp_path / "oasst.jsonl")
+    cfg = load_config(overrides=[f"data.train={path}"])
+    with pytest.raises(ConfigError, match=rf"data\.train={path}: no usable MedMCQA row .*\(\d+ rows read, \d+ malformed"):
+        task_examples(cfg, _CharTokenizer())

@@ -33,6 +33,11 @@ def task_examples(cfg: SMFConfig, tokenizer) -> list[dict]:
                                     seed=cfg.data.seed)
     if report.issues:
         log.warning("data.train=%s:\n%s", cfg.data.train, report.format())
+    if not examples:
+        filtered = f", {report.n_filtered} left out ({report.filtered_reason})" if report.n_filtered else ""
+        raise ConfigError(f"data.train={cfg.data.train}: no usable MedMCQA row to train on ({report.n_rows} rows read, "
+                          f"{report.n_malformed} malformed{filtered}); expected the MedMCQA schema (question, "
+                          f"opa..opd, cop, choice_type)")
     pairs = (prompt.training_pair(ex, with_explanation=cfg.data.train_explanation) for ex in examples)
     return [tokenize_prompt_answer(tokenizer, prompt_text, answer, cfg.train.max_length) for prompt_text, answer in pairs]
 
@@ -70,6 +75,9 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
     if not cfg.data.background:
         raise ConfigError("data.background: expected an OASST1-schema hub id or local file, got ''")
     examples = text_examples(load_oasst_texts(cfg.data.background), tokenizer, cfg.train.max_length)
+    if not examples:
+        raise ConfigError(f"data.background={cfg.data.background}: no assistant reply to read (expected "
+                          f"OASST1-schema messages: message_id, parent_id, role, text, lang, rank)")
     order = GlobalBatchOrder(len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum,
                              get_world_size(), cfg.data.seed)
     batches = cfg.data.background_batches
