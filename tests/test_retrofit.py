@@ -57,11 +57,12 @@ def _retrofit_then_smf(rank, world_size, world, tmp):
     train_cfg = load_config(overrides=_overrides(world, run, "train.steps=2", "sparse.top_t=4",
                                                  "data.background_batches=2"))
     stats = background_main(train_cfg, summary["artifact"], out=str(run / "background.safetensors"))
-    # memory.* that disagrees with the adapter is overridden by it (and said so in config.yaml)
-    train_cfg = load_config(overrides=_overrides(world, run, "train.steps=2", "sparse.top_t=4",
-                                                 f"sparse.background={stats}", "memory.n_keys=16"))
+    # memory.* that disagrees with the adapter is overridden by it (and said so in config.yaml);
+    # sparse.background unset: the stats `background` wrote into this out_dir are used
+    train_cfg = load_config(overrides=_overrides(world, run, "train.steps=2", "sparse.top_t=4", "memory.n_keys=16"))
     trained = train_main(train_cfg, summary["artifact"], progress=False)
-    assert load_config(str(run / "config.yaml")).memory.n_keys == 8
+    saved = load_config(str(run / "config.yaml"))
+    assert saved.memory.n_keys == 8 and saved.sparse.background == str(stats)
     adapters = [fresh / "memory_adapter.safetensors", Path(summary["artifact"]) / "memory_adapter.safetensors",
                 Path(trained["artifact"]) / "memory_adapter.safetensors"]
     return summary, [load_file(a) for a in adapters]

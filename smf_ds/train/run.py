@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, MemoryConfig, SMFConfig, save_config
+from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFConfig, save_config
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.oasst import load_oasst_texts
 from ..memory.inject import value_tables
@@ -187,6 +187,11 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
 
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     cfg = adopt_adapter_memory(cfg, adapter_dir)
+    default_stats = Path(cfg.out_dir) / "background.safetensors"  # where `smf-ds background` writes them
+    if (cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND and not cfg.sparse.background
+            and default_stats.is_file()):
+        log.info("sparse.background: using %s (written by `smf-ds background` into this out_dir)", default_stats)
+        cfg.sparse.background = str(default_stats)
     tokenizer, model = load_tokenizer_and_model(cfg)
     model = add_memory(model, cfg, adapter_dir)
     background = load_background(cfg, model) if cfg.train.method == "smf" else None
