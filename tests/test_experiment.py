@@ -108,13 +108,17 @@ def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
             assert len(row[task]["per_seed"]) == 2 and math.isfinite(row[task]["delta"]["value"])
     report = (out / "report.md").read_text()
     assert "| smf-tfidf | 2 |" in report and "| lora | 2 |" in report and "tradeoff.png" in report
+    assert "Controls:" not in report  # no dense control ran
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifact = out / "runs" / "lora" / "seed1" / "lora_adapter"
     stamp = max(p.stat().st_mtime_ns for p in artifact.iterdir())
 
     (out / "results.json").unlink()
     (out / "report.md").unlink()
-    _cli("report", "--out", str(out))
+    (out / "runs" / "lora" / "seed9").mkdir()  # an interrupted run: left out, and said so
+    done = _cli("report", "--out", str(out))
+    assert "seed9: not evaluated" in done.stderr
+    (out / "runs" / "lora" / "seed9").rmdir()
     rebuilt = json.loads((out / "results.json").read_text())
     assert rebuilt["variants"] == results["variants"] and rebuilt["base"] == results["base"]
 

@@ -59,8 +59,12 @@ def collect_runs(out: Path, order: Sequence[str] = ()) -> dict[str, dict[int, Pa
     names = [*order, *sorted(p.name for p in (out / "runs").glob("*") if p.is_dir() and p.name not in order)]
     runs: dict[str, dict[int, Path]] = {}
     for variant in names:
-        for summary in sorted((out / "runs" / variant).glob(f"seed*/eval/{SUMMARY}")):
-            runs.setdefault(variant, {})[int(summary.parent.parent.name[len("seed"):])] = summary.parent
+        for seed_dir in sorted((out / "runs" / variant).glob("seed*")):
+            if (seed_dir / "eval" / SUMMARY).is_file():
+                runs.setdefault(variant, {})[int(seed_dir.name[len("seed"):])] = seed_dir / "eval"
+            else:
+                log.warning("%s: not evaluated (interrupted?): left out of the report; `smf-ds experiment` with "
+                            "the same --out finishes it", seed_dir)
     return runs
 
 

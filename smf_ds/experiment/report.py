@@ -61,6 +61,14 @@ def plot_tradeoff(results: dict, path: Path) -> Path:
     return path
 
 
+CONTROLS_NOTE = [
+    "Controls: `smf-dense-accessed` updates every row the batch read and `smf-dense-all` every row "
+    "of the table, with the same memory, optimizer and steps as the sparse variants: if they "
+    "forget more at a similar task gain, the sparsity (not the added memory) keeps the probes. With "
+    "SGD a row nobody read has no gradient, so the two controls are the same run; with AdamW they "
+    "differ (`smf-tfidf-adamw` against `smf-dense-all-adamw`).", ""]
+
+
 def write_report(results: dict, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     plot = plot_tradeoff(results, out_dir / "tradeoff.png")
@@ -75,11 +83,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         "Δ is the mean over seeds of (variant - base) on the same examples; the interval is a paired "
         f"bootstrap over examples (WikiText: windows), {results['n_boot']} resamples; * marks an "
         "interval that excludes 0. Lower perplexity is better; a rise is forgetting.", "",
-        "Controls: `smf-dense-accessed` updates every row the batch read and `smf-dense-all` every row "
-        "of the table, with the same memory, optimizer and steps as the sparse variants: if they "
-        "forget more at a similar task gain, the sparsity (not the added memory) keeps the probes. With "
-        "SGD a row nobody read has no gradient, so the two controls are the same run; with AdamW they "
-        "differ (`smf-tfidf-adamw` against `smf-dense-all-adamw`).", "",
+        *(CONTROLS_NOTE if any(name.startswith("smf-dense") for name in results["variants"]) else []),
         f"![task gain against forgetting]({plot.name})", "",
         "Per-example predictions of every run: `runs/<variant>/seed<k>/eval/`; the base model's: `base_eval/`.",
     ]
