@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo experiment test test-fast bench clean install-mpi
+.PHONY: install demo experiment test bench clean install-mpi
 
 install: $(STAMP)
 
