@@ -24,6 +24,7 @@ from ..data import triviaqa as triviaqa_data
 from ..data import wikitext as wikitext_data
 from ..data.medmcqa import MedMCQAPrompt
 from .medmcqa import MODES, check_modes
+from .model_source import missing_dir_note, model_source
 from .runner import TASKS, EvalSettings, check_tasks, run_tasks
 
 log = logging.getLogger(__name__)
@@ -176,14 +177,21 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    try:
+        source = model_source(model_id)
+    except OSError as err:
+        raise EvalCLIError(f"--model {model_id}: {err}") from None
+    if memory_adapter:  # checked before the (possibly slow) model load
+        _check_adapter_dir(memory_adapter)
     dev = _device(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
     except OSError as err:
-        raise EvalCLIError(f"--model {model_id}: could not load a tokenizer and causal LM from it ({err})") from None
+        raise EvalCLIError(f"--model {model_id}: could not load a tokenizer and causal LM from it "
+                           f"({err}){missing_dir_note(model_id)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if memory_adapter:
@@ -193,15 +201,25 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
     return model, tokenizer
 
 
+def _check_adapter_dir(directory: str) -> Path:
+    path = Path(directory).expanduser()
+    if not path.exists():
+        raise EvalCLIError(f"--memory-adapter {directory}: no such directory (expected a directory written by "
+                           f"save_memory_adapter)")
+    if not path.is_dir():
+        raise EvalCLIError(f"--memory-adapter {directory}: not a directory (expected a directory written by "
+                           f"save_memory_adapter)")
+    return path
+
+
 def _load_memory_adapter(model, directory: str):
-    if not Path(directory).is_dir():
-        raise EvalCLIError(f"--memory-adapter {directory}: not a directory")
+    path = _check_adapter_dir(directory)
     try:
         from ..memory.adapter import load_memory_adapter
     except ImportError as err:
         raise EvalCLIError(f"--memory-adapter {directory}: the memory-adapter loader "
                            f"(smf_ds.memory.adapter.load_memory_adapter) is not available ({err})") from None
-    return load_memory_adapter(model, directory)
+    return load_memory_adapter(model, path)
 
 
 def run_eval(args: argparse.Namespace) -> dict:

@@ -6,6 +6,7 @@ import logging
 import torch
 
 from ..config import ConfigError, SMFConfig
+from ..eval.model_source import missing_dir_note, model_source
 from ..memory.inject import inject_memory, value_tables
 from ..parallel.process_group import get_world_size
 from ..parallel.shard import shard_memory
@@ -23,11 +24,15 @@ def load_tokenizer_and_model(cfg: SMFConfig):
     if not source:
         raise ConfigError("model.name_or_path: expected an HF hub id or a local model directory, got ''")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[cfg.model.dtype])
+        path = model_source(source)  # a mistyped local path fails here, not as a malformed hub id
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path={source!r}: {err}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
     except OSError as err:
         raise ConfigError(f"model.name_or_path={source!r}: could not load a tokenizer and causal LM "
-                          f"from it ({err})") from None
+                          f"from it ({err}){missing_dir_note(source)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if torch.cuda.is_available():

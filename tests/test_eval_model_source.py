@@ -1,0 +1,70 @@
+"""A model name that can only be a local path and does not exist is an error naming the flag or
+field ("no such directory"), not the hub's "Repo id must be in the form ..."; hub ids stay hub ids."""
+import pytest
+from fixtures_eval import eval_world  # noqa: F401 - pytest fixture
+
+from smf_ds.config import ConfigError, load_config
+from smf_ds.eval import cli
+from smf_ds.eval.model_source import looks_local, missing_dir_note, model_source
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2", "meta-llama/Llama-3.2-1B"])
+def test_hub_ids_pass_through(name):
+    assert not looks_local(name)
+    assert model_source(name) == name
+
+
+@pytest.mark.parametrize("name", ["/nonexistent/model", "./nomodel", "../nomodel", "~/nomodel", "runs/a/model", "."])
+def test_local_looking_names(name):
+    assert looks_local(name)
+
+
+def test_missing_local_paths_raise_and_existing_ones_resolve(tmp_path, monkeypatch):
+    for name in (str(tmp_path / "nomodel"), "./nomodel", "~/nomodel", "a/b/c"):
+        with pytest.raises(FileNotFoundError, match="^no such directory"):
+            model_source(name)
+    (tmp_path / "file.json").write_text("{}")
+    with pytest.raises(NotADirectoryError, match="^not a directory"):
+        model_source(str(tmp_path / "file.json"))
+    (tmp_path / "model").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert model_source("~/model") == str(tmp_path / "model")  # from_pretrained does not expand ~
+    monkeypatch.chdir(tmp_path)
+    assert model_source("model") == "model"
+    # "model/x" could be a hub id, so it goes to the hub; its parent is a local directory: a failed load says so
+    assert model_source("model/x") == "model/x"
+    assert missing_dir_note("model/x") == "; no local directory model/x either (model exists)"
+    assert missing_dir_note("Qwen/Qwen2.5-0.5B-Instruct") == ""
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
+    (["--model", "./nonexistent-model"], "--model ./nonexistent-model: no such directory"),
+    (["--memory-adapter", "/nonexistent/adapter"], "--memory-adapter /nonexistent/adapter: no such directory"),
+])
+def test_eval_cli_names_the_flag(eval_world, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--model", str(eval_world.model_dir), "--tasks", "medmcqa", "--no-progress", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Repo id" not in err
+
+
+def test_memory_adapter_is_checked_before_the_model_is_loaded(monkeypatch):
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter directory was checked")
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_load)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    with pytest.raises(cli.EvalCLIError, match="--memory-adapter /nonexistent/adapter: no such directory"):
+        cli.load_model_and_tokenizer("Qwen/Qwen2.5-0.5B-Instruct", memory_adapter="/nonexistent/adapter")
+
+
+def test_train_names_the_field(tmp_path):
+    from smf_ds.train.build import load_tokenizer_and_model
+
+    cfg = load_config(overrides=[f"model.name_or_path={tmp_path / 'nomodel'}"])
+    with pytest.raises(ConfigError, match=r"^model.name_or_path='.*nomodel': no such directory"):
+        load_tokenizer_and_model(cfg)
