@@ -5,7 +5,7 @@ from fixtures_eval import eval_world  # noqa: F401 - pytest fixture
 
 from smf_ds.config import ConfigError, load_config
 from smf_ds.eval import cli
-from smf_ds.eval.model_source import looks_local, missing_dir_note, model_source
+from smf_ds.model_source import looks_local, missing_dir_note, model_source
 
 
 @pytest.mark.parametrize("name", ["Qwen/Qwen2.5-0.5B-Instruct", "gpt2", "meta-llama/Llama-3.2-1B"])

@@ -9,5 +9,4 @@ bootstrap    seeded percentile-bootstrap 95% intervals
 reference    one-example-at-a-time loops the paper's way (tests and tools/bench_eval.py)
 runner       load + check data, evaluate, summarize, write JSONL / summary.json
 cli          `smf-ds eval` (add_eval_arguments, run_eval, main)
-model_source a model name as a local directory or a hub id (a missing local path is an error)
 """

@@ -24,7 +24,7 @@ from ..data import triviaqa as triviaqa_data
 from ..data import wikitext as wikitext_data
 from ..data.medmcqa import MedMCQAPrompt
 from .medmcqa import MODES, check_modes
-from .model_source import missing_dir_note, model_source
+from ..model_source import missing_dir_note, model_source
 from .runner import TASKS, EvalSettings, check_tasks, run_tasks
 
 log = logging.getLogger(__name__)

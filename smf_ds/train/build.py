@@ -6,7 +6,7 @@ import logging
 import torch
 
 from ..config import ConfigError, SMFConfig
-from ..eval.model_source import missing_dir_note, model_source
+from ..model_source import missing_dir_note, model_source
 from ..memory.inject import inject_memory, value_tables
 from ..parallel.process_group import get_world_size
 from ..parallel.shard import shard_memory
