@@ -154,7 +154,12 @@ def test_cli_end_to_end_with_flags(eval_world, tmp_path, capsys):
     assert summary["tasks"]["medmcqa"]["metric"] == "accuracy_answer_norm"
     assert [summary["tasks"][t]["n"] for t in ("medmcqa", "triviaqa")] == [5, 4]
     assert summary["tasks"]["wikitext"]["n_docs"] == 1
-    assert "accuracy_answer_norm" in capsys.readouterr().err  # the summary table
+    err = capsys.readouterr().err
+    assert "accuracy_answer_norm" in err  # the summary table
+    assert "Loading weights" not in err  # --no-progress silences transformers' bars too
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # a process-wide switch: leave it as other tests expect
 
 
 @pytest.mark.parametrize("argv,message", [

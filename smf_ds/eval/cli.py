@@ -213,13 +213,9 @@ def _check_adapter_dir(directory: str) -> Path:
 
 
 def _load_memory_adapter(model, directory: str):
-    path = _check_adapter_dir(directory)
-    try:
-        from ..memory.adapter import load_memory_adapter
-    except ImportError as err:
-        raise EvalCLIError(f"--memory-adapter {directory}: the memory-adapter loader "
-                           f"(smf_ds.memory.adapter.load_memory_adapter) is not available ({err})") from None
-    return load_memory_adapter(model, path)
+    from ..memory.adapter import load_memory_adapter
+
+    return load_memory_adapter(model, _check_adapter_dir(directory))
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -232,6 +228,10 @@ def run_eval(args: argparse.Namespace) -> dict:
     except ValueError as err:
         raise EvalCLIError(str(err)) from None
     init_from_env()
+    if args.no_progress:  # transformers' own bars too ("Loading weights")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     model, tokenizer = load_model_and_tokenizer(args.model, args.memory_adapter, args.dtype, args.device)
     return run_tasks(model, tokenizer, tasks, settings, out_dir=args.out,
                      progress=not args.no_progress and get_rank() == 0,
