@@ -233,3 +233,24 @@ def test_experiment_config_variant_typo_fails_before_anything_runs(tmp_path):
     done = _cli("experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(out), check=False)
     assert done.returncode == 2 and "variant fast" in done.stderr and "train.stepz" in done.stderr
     assert not (out / "base_eval").exists()
+
+
+def _prepare_world_counting_writes(rank, world_size, directory):
+    from smf_ds.data import synthetic_world
+    from smf_ds.experiment import jobs
+
+    writes = []
+    original = synthetic_world.build_world
+    jobs.build_world = lambda *a, **k: writes.append(rank) or original(*a, **k)
+    files = jobs.prepare_world(Path(directory))
+    return writes, {name: path.read_text() for name, path in files.items()}
+
+
+def test_the_world_is_written_by_one_rank_and_read_whole_by_all(tmp_path):
+    """Ranks that each rewrote the files could read a peer's half-written file (different tokenizers,
+    then mismatched collectives under `launch/deepspeed.sh 2 experiment`)."""
+    from distributed import run_distributed
+
+    (w0, files0), (w1, files1) = run_distributed(_prepare_world_counting_writes, 2, str(tmp_path / "world"))
+    assert (w0, w1) == ([0], [])
+    assert files0 == files1 and all(files0.values())

@@ -97,24 +97,34 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 SPEC_FILE = "world_spec.json"
+FILES = ("general", "oasst", "wikitext", "triviaqa", "medmcqa_train", "medmcqa_test")
 
 
-def build_world(directory: str | Path, spec: WorldSpec | None = None) -> dict[str, Path]:
-    """Write the world's files into `directory`; returns name -> path.
+def world_files(directory: str | Path) -> dict[str, Path]:
+    """name -> path of the world's files in `directory` (written by build_world)."""
+    return {name: Path(directory) / f"{name}.jsonl" for name in FILES}
 
-    The spec is recorded in `world_spec.json`; a directory that holds another world is refused,
-    so models trained on one world are never evaluated on another.
-    """
-    spec = spec or WorldSpec()
-    rng = random.Random(spec.seed)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    spec_path = out / SPEC_FILE
+
+def check_world(directory: str | Path, spec: WorldSpec) -> None:
+    """Refuse a directory that holds another world, so models trained on one world are never
+    evaluated on another."""
+    spec_path = Path(directory) / SPEC_FILE
     wanted = dataclasses.asdict(spec)
     if spec_path.is_file() and json.loads(spec_path.read_text()) != wanted:
         raise ConfigError(f"{spec_path}: this directory holds the world {spec_path.read_text().strip()}, not "
                           f"{json.dumps(wanted)}; use another output directory (or the same world seed)")
-    spec_path.write_text(json.dumps(wanted))
+
+
+def build_world(directory: str | Path, spec: WorldSpec | None = None) -> dict[str, Path]:
+    """Write the world's files into `directory` (after check_world; the spec goes to
+    world_spec.json); returns world_files(directory). One process writes: see
+    smf_ds.experiment.jobs.prepare_world."""
+    spec = spec or WorldSpec()
+    rng = random.Random(spec.seed)
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    check_world(out, spec)
+    (out / SPEC_FILE).write_text(json.dumps(dataclasses.asdict(spec)))
     facts = _general_facts(rng, spec)
     sentences = [s for f in facts for s in _general_sentences(f)]
     trivia = [r for i, f in enumerate(facts) for r in _trivia(f, i)]
@@ -147,11 +157,7 @@ def build_world(directory: str | Path, spec: WorldSpec | None = None) -> dict[st
         rng.shuffle(opts)
         test.append({**row, "id": row["id"] + "_test", "opa": opts[0], "opb": opts[1], "opc": opts[2],
                      "opd": opts[3], "cop": opts.index(answer)})
-    paths = {
-        "general": out / "general.jsonl", "oasst": out / "oasst.jsonl", "wikitext": out / "wikitext.jsonl",
-        "triviaqa": out / "triviaqa.jsonl", "medmcqa_train": out / "medmcqa_train.jsonl",
-        "medmcqa_test": out / "medmcqa_test.jsonl",
-    }
+    paths = world_files(out)
     _write_jsonl(paths["general"], general)
     _write_jsonl(paths["oasst"], oasst)
     _write_jsonl(paths["wikitext"], wikitext)

@@ -23,10 +23,9 @@ import json
 import logging
 from pathlib import Path
 
-from ..data.synthetic_world import build_world
 from ..parallel.process_group import get_rank, init_process_group
 from ..eval.runner import TASKS
-from .jobs import BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, evaluate, finetune, pretrain_base
+from .jobs import BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, evaluate, finetune, prepare_world, pretrain_base
 from .outdir import claim
 
 log = logging.getLogger(__name__)
@@ -64,7 +63,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
     out = Path(out)
     claim(out, {"setup": "demo", "mode": mode, "base_steps": BASE_STEPS[mode], "steps": TASK_STEPS[mode],
                 "variants": {name: VARIANTS[v] for name, v in DEMO_METHODS.items()}})
-    world = build_world(out / "world")
+    world = prepare_world(out / "world")
     base = pretrain_base(world, out / "base", BASE_STEPS[mode])
     results = {name: finetune(world, base, variant, out / name, TASK_STEPS[mode])
                for name, variant in DEMO_METHODS.items()}

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..config import RULES_NEEDING_BACKGROUND, load_config
 from ..data.medmcqa import MedMCQAPrompt
+from ..data.synthetic_world import WorldSpec, build_world, check_world, world_files
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
 from ..data.wikitext import join_docs, load_wikitext
 from ..eval.cli import load_model_and_tokenizer
@@ -57,6 +58,18 @@ VARIANTS: dict[str, list[str]] = {
     "lora": ["train.method=lora", "train.lr=0.003", "train.lora_r=8", "train.lora_alpha=16"],
     "full": ["train.method=full", "train.lr=0.001"],
 }
+
+
+def prepare_world(directory: Path, spec: WorldSpec | None = None) -> dict[str, Path]:
+    """The world's files, written by rank 0 alone: ranks rewriting files that their peers were
+    already reading gave them different tokenizers (and mismatched collectives)."""
+    spec = spec or WorldSpec()
+    check_world(directory, spec)  # on every rank: a refusal stops all of them, none waits at a barrier
+    barrier()
+    if get_rank() == 0:
+        build_world(directory, spec)
+    barrier()
+    return world_files(directory)
 
 
 def _read_texts(path: Path) -> list[str]:

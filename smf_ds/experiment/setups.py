@@ -27,7 +27,7 @@ from pathlib import Path
 from ..config import ConfigError, load_config
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, background_then_train, evaluate, finetune,
-                   load_for_eval, pretrain_base)
+                   load_for_eval, prepare_world, pretrain_base)
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "smf-tfidf": ["train.method=smf", "sparse.scoring=tfidf"],
@@ -65,9 +65,9 @@ class WorldSetup:
         self.world = self.base = None
 
     def prepare(self) -> None:
-        from ..data.synthetic_world import WorldSpec, build_world
+        from ..data.synthetic_world import WorldSpec
 
-        self.world = build_world(self.out / "world", WorldSpec(seed=self.world_seed))
+        self.world = prepare_world(self.out / "world", WorldSpec(seed=self.world_seed))
         self.base = pretrain_base(self.world, self.out / "base", BASE_STEPS[self.mode])
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
