@@ -242,3 +242,11 @@ def test_memory_adapter_flag_loads_the_adapter(eval_world, tmp_path):
     ppl = lambda summary: summary["tasks"]["wikitext"]["value"]  # noqa: E731
     assert ppl(via_cli) == pytest.approx(ppl(with_memory), rel=1e-5)
     assert ppl(via_cli) != pytest.approx(ppl(base), rel=1e-5)  # the memory changes the model
+
+
+def test_wikitext_too_short_for_one_window_is_an_error(tiny_lm, tmp_path):
+    model, tok = tiny_lm
+    path = tmp_path / "short.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(NoUsableRowsError, match=r"wikitext: 1 document\(s\) from .*short\.jsonl hold fewer than 2 tokens"):
+        run_tasks(model, tok, ["wikitext"], EvalSettings(wikitext=str(path)), echo=None)

@@ -174,6 +174,9 @@ def run_wikitext(model, tokenizer, s: EvalSettings, all_docs: list, report: Vali
     text = wikitext_data.join_docs(docs)
     records = evaluate_perplexity(model, tokenizer, text, max_length=s.max_length, stride=s.stride,
                                   batch_size=s.ppl_batch_size, rank=rank, world_size=world_size, progress=progress)
+    if docs and not records:  # rows were there, but too little text to score one token
+        raise NoUsableRowsError(f"wikitext: {len(docs)} document(s) from {report.source} hold fewer than 2 tokens; "
+                                f"a perplexity window scores tokens after the first")
     metrics = summarize_perplexity(records, s.n_boot, s.boot_seed)
     n_tokens = metrics.pop("n_tokens_scored")
     result = {"task": "wikitext", "n": len(records), "unit": "window", "n_docs": len(docs),
