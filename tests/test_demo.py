@@ -37,3 +37,14 @@ def test_quick_demo_trains_and_evaluates_every_method(tmp_path):
         assert task_summary["tasks"]["triviaqa"]["n"] == _rows(world["triviaqa"])
     # SMF trained only memory values: its artifact is a memory adapter over the unchanged base
     assert (Path(summary["runs"]["smf"]["artifact"]) / "memory_config.json").is_file()
+
+
+def test_comparison_table_columns_line_up_with_large_values():
+    from smf_ds.experiment.demo import format_comparison
+
+    table = {"base": {"medmcqa": 0.229, "wikitext": 1.002, "triviaqa": 1.0},
+             "full": {"medmcqa": 0.656, "wikitext": 135.653, "triviaqa": 0.817, "medmcqa_delta": 0.427,
+                      "wikitext_delta": 134.651, "triviaqa_delta": -0.183}}
+    lines = format_comparison(table).splitlines()
+    assert len({len(line) for line in lines}) == 1  # every column right-aligned to one width
+    assert lines[2].split() == ["full", "0.656", "(+0.427)", "135.653", "(+134.651)", "0.817", "(-0.183)"]

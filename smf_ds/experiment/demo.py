@@ -45,16 +45,20 @@ def compare(evals: dict[str, dict]) -> dict[str, dict]:
 
 
 def format_comparison(table: dict[str, dict]) -> str:
-    lines = [f"{'model':<6} {'medmcqa acc (' + MEDMCQA_MODES[0] + ')':>20} {'wikitext ppl':>16} {'triviaqa acc':>15}"]
+    """The table as aligned text; columns widen to fit (a forgetting run's perplexity can be large)."""
+    head = ["model", f"medmcqa acc ({MEDMCQA_MODES[0]})", "wikitext ppl", "triviaqa acc"]
+    rows = []
     for name, row in table.items():
-        cells = []
-        for task, fmt in (("medmcqa", "{:.3f}"), ("wikitext", "{:.3f}"), ("triviaqa", "{:.3f}")):
-            cell = fmt.format(row[task])
+        cells = [name]
+        for task in ("medmcqa", "wikitext", "triviaqa"):
+            cell = f"{row[task]:.3f}"
             if f"{task}_delta" in row:
-                cell += " (" + ("+" if row[f"{task}_delta"] >= 0 else "") + fmt.format(row[f"{task}_delta"]) + ")"
+                cell += f" ({row[f'{task}_delta']:+.3f})"
             cells.append(cell)
-        lines.append(f"{name:<6} {cells[0]:>20} {cells[1]:>16} {cells[2]:>15}")
-    return "\n".join(lines)
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in [head, *rows])
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
