@@ -122,7 +122,7 @@ def background_then_train(make_config, run_dir: Path, adapter: str | None = None
 
     cfg = make_config([])
     if cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND:
-        stats = background_main(cfg, adapter, out=str(run_dir / "background.safetensors"))
+        stats = background_main(cfg, adapter)  # into cfg.out_dir, the run dir
         cfg = make_config([f"sparse.background={stats}"])
     return train_main(cfg, adapter)
 

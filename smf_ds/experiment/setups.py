@@ -78,12 +78,12 @@ class WorldSetup:
 
     def fingerprint(self) -> dict:
         """What the runs in the output directory depend on (smf_ds.experiment.outdir)."""
-        return {"setup": "synthetic world", "mode": self.mode, "world_seed": self.world_seed,
-                "base_steps": BASE_STEPS[self.mode], "steps": TASK_STEPS[self.mode], "variants": self.variants}
+        return {"setup": "synthetic world", "mode": self.mode, **self.settings(), "variants": self.variants}
 
     def settings(self) -> dict:
-        return {"steps": TASK_STEPS[self.mode], "base_steps": BASE_STEPS[self.mode], "data": f"embedded synthetic world (seed {self.world_seed})",
-                "world_seed": self.world_seed, "medmcqa_mode": MEDMCQA_MODES[0]}
+        return {"steps": TASK_STEPS[self.mode], "base_steps": BASE_STEPS[self.mode],
+                "data": f"embedded synthetic world (seed {self.world_seed})", "world_seed": self.world_seed,
+                "medmcqa_mode": MEDMCQA_MODES[0]}
 
 
 class ConfigSetup:

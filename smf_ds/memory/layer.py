@@ -37,12 +37,9 @@ def candidate_pairs(knn: int, device: torch.device) -> tuple[torch.Tensor, torch
 def _pair_pickers(knn: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """One-hot K x P matrices: top_NHK @ pick_KP copies each pair's half-score, exactly (x * 1 plus
     zeros), and is several times faster on CPU than gathering along the last dim."""
+    eye = torch.eye(knn, dtype=dtype)
     first_P, second_P = candidate_pairs(knn, torch.device("cpu"))
-    pairs = torch.arange(first_P.numel())
-    pick1, pick2 = torch.zeros(knn, pairs.numel(), dtype=dtype), torch.zeros(knn, pairs.numel(), dtype=dtype)
-    pick1[first_P, pairs] = 1
-    pick2[second_P, pairs] = 1
-    return pick1.to(device), pick2.to(device)
+    return eye[:, first_P].to(device), eye[:, second_P].to(device)
 
 
 class ProductKeyMemory(nn.Module):

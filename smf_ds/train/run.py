@@ -51,7 +51,7 @@ def adopt_adapter_memory(cfg: SMFConfig, adapter_dir: str | None) -> SMFConfig:
     from ..memory.adapter import STRUCTURAL_FIELDS, read_adapter_config
 
     saved, _ = read_adapter_config(adapter_dir)
-    default = MemoryConfig()
+    cfg, default = copy.deepcopy(cfg), MemoryConfig()  # the caller's config is left as given
     for name in STRUCTURAL_FIELDS:
         mine, theirs = getattr(cfg.memory, name), getattr(saved, name)
         if mine == theirs or (name == "v_dim" and mine is None):
@@ -105,11 +105,16 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
     return stats
 
 
+def default_background_path(cfg: SMFConfig) -> Path:
+    """Where `smf-ds background` writes its stats (and `smf-ds train` looks when sparse.background is unset)."""
+    return Path(cfg.out_dir) / "background.safetensors"
+
+
 def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | None = None) -> Path:
     cfg = adopt_adapter_memory(cfg, adapter_dir)
     tokenizer, model = load_tokenizer_and_model(cfg)
     model = add_memory(model, cfg, adapter_dir)
-    out_path = Path(out or Path(cfg.out_dir) / "background.safetensors")
+    out_path = Path(out) if out else default_background_path(cfg)
     compute_background(cfg, model, tokenizer, out_path)
     if get_rank() == 0:  # the config that produced the stats, next to them
         save_config(cfg, out_path.with_suffix(".config.yaml"))
@@ -187,7 +192,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
 
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     cfg = adopt_adapter_memory(cfg, adapter_dir)
-    default_stats = Path(cfg.out_dir) / "background.safetensors"  # where `smf-ds background` writes them
+    default_stats = default_background_path(cfg)
     if (cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND and not cfg.sparse.background
             and default_stats.is_file()):
         log.info("sparse.background: using %s (written by `smf-ds background` into this out_dir)", default_stats)
