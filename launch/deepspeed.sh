@@ -5,7 +5,7 @@
 #   launch/deepspeed.sh 8 train --config run.yaml train.steps=1000
 #   DS_ACCELERATOR=cpu launch/deepspeed.sh 2 train --config run.yaml     # CPU, gloo
 #
-# COMMAND is an smf-ds command that runs distributed: train, background or eval.
+# COMMAND is an smf-ds command that runs distributed: train, background, eval or experiment.
 # MASTER_PORT (default 29500) picks the rendezvous port; PYTHON the interpreter (default: the
 # repository's .venv when present). Multi-node: use launch/slurm.sbatch, or deepspeed's own
 # --hostfile with the same `--module smf_ds.cli` arguments.
