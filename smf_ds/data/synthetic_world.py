@@ -7,7 +7,8 @@ no download:
 
   general.jsonl   {"text"}                           pretraining corpus of the tiny base model
   oasst.jsonl     OASST1 messages (prompter/assistant) general text for background stats
-  wikitext.jsonl  {"text"}                           WikiText-style lines (held-out general text)
+  wikitext.jsonl  {"text"}                           WikiText-style articles of the general facts (the base
+                                                     model learns them; perplexity on them probes forgetting)
   triviaqa.jsonl  TriviaQA rc.nocontext rows          general-knowledge questions
   medmcqa_train.jsonl / medmcqa_test.jsonl            the task (MedMCQA schema)
 """
