@@ -1,13 +1,15 @@
 """Launchers: their variables map to one process group, and `launch/deepspeed.sh 2` equals one process.
 
-The end-to-end test is `tools/check_launcher.py deepspeed`: `smf-ds background` and `smf-ds train`
+The end-to-end tests are `tools/check_launcher.py LAUNCHER`: `smf-ds background` and `smf-ds train`
 (SMF, tfidf, row-sharded tables) on a tiny saved model, once through the deepspeed launcher with 2
 CPU processes (gloo) and once as a plain single process with twice the gradient accumulation (the
 same global batches), comparing the background statistics, the trained memory adapter and the
-losses. The same tool checks mpirun and slurm where they are installed (README, "Launching").
+losses. deepspeed always runs; mpirun where OpenMPI is installed; slurm where slurm-wlm and munge
+are installed and the tests run as root (a one-node cluster from launch/slurm_one_node.sh).
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,14 +56,33 @@ def _check_launcher():
     return check_launcher
 
 
-def test_deepspeed_launcher_equals_one_process(tmp_path):
-    """tools/check_launcher.py deepspeed: 2 processes through launch/deepspeed.sh equal one."""
+def _launcher_missing(launcher: str) -> str | None:
+    """Why LAUNCHER cannot run on this machine, or None. The deepspeed launcher always can (it is
+    a dependency); mpirun needs OpenMPI; slurm needs slurm-wlm + munge and root, and then gets a
+    one-node cluster from launch/slurm_one_node.sh (which refuses a real cluster's config)."""
+    if launcher == "mpirun" and shutil.which("mpirun") is None:
+        return "OpenMPI is not installed (make install-mpi)"
+    if launcher == "slurm":
+        done = subprocess.run([str(REPO / "launch" / "slurm_one_node.sh")], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode == 2:  # the script's "cannot here": not root, not installed, a real cluster
+            return done.stderr.strip()
+        assert done.returncode == 0, f"launch/slurm_one_node.sh failed:\n{done.stdout}\n{done.stderr}"
+    return None
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "slurm"])
+def test_launcher_equals_one_process(launcher, tmp_path):
+    """tools/check_launcher.py: 2 processes through the launcher equal one process."""
+    missing = _launcher_missing(launcher)
+    if missing:
+        pytest.skip(f"{launcher}: {missing}")
     out = tmp_path / "checks.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, str(REPO / "tools" / "check_launcher.py"), "deepspeed",
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "check_launcher.py"), launcher,
                            "--workdir", str(tmp_path / "work"), "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"check_launcher failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    assert done.returncode == 0, f"check_launcher {launcher} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     result = json.loads(out.read_text())
     assert result["passed"] and result["procs"] == 2
     assert {c["check"] for c in result["checks"]} == {

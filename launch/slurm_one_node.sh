@@ -2,13 +2,15 @@
 # A real one-node slurm cluster on this machine, to try launch/slurm.sbatch without a cluster.
 # Needs root and Debian's slurm-wlm + munge (`apt-get install slurm-wlm munge`).
 #
-#   sudo tools/slurm_one_node.sh          # write slurm.conf for this host, start munged, slurmctld, slurmd
+#   sudo launch/slurm_one_node.sh          # write slurm.conf for this host, start munged, slurmctld, slurmd
 #   sbatch --ntasks-per-node=2 launch/slurm.sbatch train --config run.yaml
-#   sudo tools/slurm_one_node.sh stop
+#   sudo launch/slurm_one_node.sh stop
 #
-# It overwrites /etc/slurm/slurm.conf and removes cgroup.conf: use it on a scratch machine, not a cluster node.
+# It writes /etc/slurm/slurm.conf and removes cgroup.conf, so it refuses a machine whose slurm.conf
+# it did not write (a real cluster node). tests/test_launch.py uses it when slurm is installed.
 set -euo pipefail
 conf=/etc/slurm/slurm.conf
+marker="# written by smf-ds launch/slurm_one_node.sh"
 if [[ ${1:-start} == stop ]]; then
   for daemon in slurmd slurmctld munged; do
     pkill -x "$daemon" || true
@@ -20,6 +22,10 @@ if [[ $(id -u) != 0 ]]; then
   echo "$0: needs root (it writes $conf and starts the slurm and munge daemons)" >&2
   exit 2
 fi
+if [[ -e $conf ]] && ! grep -qxF "$marker" "$conf"; then
+  echo "$0: $conf exists and was not written by this script: not touching a real cluster's config" >&2
+  exit 2
+fi
 for daemon in munged slurmctld slurmd; do
   command -v "$daemon" >/dev/null || { echo "$0: $daemon not found: apt-get install slurm-wlm munge" >&2; exit 2; }
 done
@@ -29,6 +35,7 @@ node=$(slurmd -C | head -n 1)   # NodeName=<host> CPUs=.. RealMemory=..: this ma
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 chown slurm:slurm /var/spool/slurmctld /var/log/slurm
 cat >"$conf" <<EOF
+$marker
 ClusterName=local
 SlurmctldHost=$host
 SlurmUser=slurm
