@@ -13,4 +13,17 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 shift
 deepspeed_bin=${DEEPSPEED:-$( [[ -x $venv_bin/deepspeed ]] && echo "$venv_bin/deepspeed" || echo deepspeed )}
-exec "$deepspeed_bin" --num_gpus "$nproc" --master_port "${MASTER_PORT:-29500}" --module smf_ds.cli "$@"
+placement=(--num_gpus "$nproc")
+# deepspeed drops CUDA_VISIBLE_DEVICES when given --num_gpus and takes GPUs 0..NPROC-1: on a shared
+# node (a scheduler's allocation) name the visible GPUs instead.
+if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${DS_ACCELERATOR:-} != cpu ]]; then
+  IFS=, read -ra visible <<<"$CUDA_VISIBLE_DEVICES"
+  if (( ${#visible[@]} < nproc )); then
+    echo "$0: NPROC=$nproc, but CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES shows ${#visible[@]} GPU(s)" >&2
+    exit 2
+  fi
+  if [[ ${CUDA_VISIBLE_DEVICES} =~ ^[0-9]+(,[0-9]+)*$ ]]; then
+    placement=(--include "localhost:$(IFS=,; echo "${visible[*]:0:nproc}")")
+  fi
+fi
+exec "$deepspeed_bin" "${placement[@]}" --master_port "${MASTER_PORT:-29500}" --module smf_ds.cli "$@"

@@ -104,6 +104,13 @@ class ModelConfig:
     name_or_path: str = ""  # HF hub id or local directory
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
+    def validate(self, prefix: str = "model") -> None:
+        # fp16 training needs loss scaling, and the memory values' gradients (taken outside the
+        # DeepSpeed optimizer) would then arrive scaled: not supported rather than silently wrong.
+        if self.dtype == "float16":
+            raise ConfigError(f"{prefix}.dtype: float16 training needs loss scaling, which smf-ds does not "
+                              f"do; use bfloat16 or float32 (`smf-ds eval --dtype float16` is fine)")
+
 
 @dataclass
 class TrainConfig:

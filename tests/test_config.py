@@ -113,6 +113,7 @@ def test_wrong_type_in_yaml_names_file_and_key(tmp_path):
     (["sparse.top_t=0"], r"sparse\.top_t"),
     (["sparse.betas=[0.9]"], r"sparse\.betas"),
     (["sparse.weight_decay=0.1"], r"sparse\.weight_decay: only the adamw optimizer decays"),
+    (["model.dtype=float16"], r"model\.dtype: float16 training needs loss scaling"),
 ])
 def test_validate_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):

@@ -49,6 +49,31 @@ def test_bad_launcher_variables_name_them():
         launcher_env({"RANK": "zero", "WORLD_SIZE": "2"})
 
 
+@pytest.mark.parametrize("visible, accelerator, expected", [
+    ("", "", ["--num_gpus", "2"]),
+    ("4,5,6", "", ["--include", "localhost:4,5"]),  # the GPUs the scheduler gave, not 0 and 1
+    ("4,5", "cpu", ["--num_gpus", "2"]),              # CPU processes: GPUs do not matter
+    ("GPU-ab,GPU-cd", "", ["--num_gpus", "2"]),      # UUIDs: deepspeed's --include takes indices
+])
+def test_deepspeed_script_keeps_the_visible_gpus(tmp_path, visible, accelerator, expected):
+    fake = tmp_path / "deepspeed"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, DEEPSPEED=str(fake), CUDA_VISIBLE_DEVICES=visible, DS_ACCELERATOR=accelerator)
+    done = subprocess.run([str(REPO / "launch" / "deepspeed.sh"), "2", "train", "--config", "run.yaml"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [*expected, "--master_port", os.environ.get("MASTER_PORT", "29500"),
+                                   "--module", "smf_ds.cli", "train", "--config", "run.yaml"]
+
+
+def test_deepspeed_script_refuses_fewer_visible_gpus_than_processes(tmp_path):
+    env = dict(os.environ, DEEPSPEED="/bin/echo", CUDA_VISIBLE_DEVICES="3", DS_ACCELERATOR="")
+    done = subprocess.run([str(REPO / "launch" / "deepspeed.sh"), "2", "train"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "NPROC=2, but CUDA_VISIBLE_DEVICES=3 shows 1 GPU(s)" in done.stderr
+
+
 def _check_launcher():
     sys.path.insert(0, str(REPO / "tools"))
     import check_launcher

@@ -74,6 +74,25 @@ def test_product_key_topk_equals_brute_force(n_keys, knn, heads, k_dim):
         torch.testing.assert_close(weights.sum(-1), torch.ones_like(weights.sum(-1)))
 
 
+def test_bf16_layer_searches_with_fp32_scores():
+    """A bf16 model's layer scores its keys in fp32: bf16 scores tie so often that the rows read
+    would depend on how topk breaks ties (and differ from an fp32 run, and CPU from GPU)."""
+    mem = make(n_keys=32, knn=8, heads=2, k_dim=32).to(torch.bfloat16)
+    x_NC = torch.randn(256, HIDDEN, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    with torch.no_grad():
+        rows, weights = mem.select(x_NC)
+        # Reference: the same bf16 query and keys, every slot scored in fp32.
+        q_NH2Q = mem.query(x_NC).float().view(256, mem.heads, 2, mem.half_dim)
+        keys = mem.keys.float()
+        s1 = torch.einsum("nhq,hsq->nhs", q_NH2Q[:, :, 0], keys[:, 0])
+        s2 = torch.einsum("nhq,hsq->nhs", q_NH2Q[:, :, 1], keys[:, 1])
+        all_NHP = (s1[..., :, None] + s2[..., None, :]).reshape(256, mem.heads, -1)
+        ref_best, ref_rows = all_NHP.topk(mem.knn, dim=-1)
+    assert weights.dtype == torch.float32
+    assert torch.equal(rows.sort(-1).values, ref_rows.sort(-1).values)
+    torch.testing.assert_close(weights, F.softmax(ref_best, dim=-1))
+
+
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("batchnorm", [False, True])
 def test_output_equals_naive_reference(gated, batchnorm):

@@ -167,7 +167,9 @@ def _device(requested: str | None):
     if requested:
         return torch.device(requested)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        from ..parallel.process_group import local_cuda_index
+
+        return torch.device("cuda", local_cuda_index(int(os.environ.get("LOCAL_RANK", "0"))))
     return torch.device("cpu")
 
 

@@ -83,9 +83,12 @@ class ProductKeyMemory(nn.Module):
         query = self.query(x_NC)
         if self.query_norm is not None:
             query = self.query_norm(query)
-        query_NH2Q = query.view(N, H, 2, Q)
-        scores1_NHS = torch.einsum("nhq,hsq->nhs", query_NH2Q[:, :, 0], self.keys[:, 0])
-        scores2_NHS = torch.einsum("nhq,hsq->nhs", query_NH2Q[:, :, 1], self.keys[:, 1])
+        # Scores in fp32 whatever the model's dtype: bf16 scores (8-bit mantissa) tie so often
+        # that which rows are read would depend on how topk breaks ties. No-ops in fp32.
+        query_NH2Q = query.float().view(N, H, 2, Q)
+        keys_H2SQ = self.keys.float()
+        scores1_NHS = torch.einsum("nhq,hsq->nhs", query_NH2Q[:, :, 0], keys_H2SQ[:, 0])
+        scores2_NHS = torch.einsum("nhq,hsq->nhs", query_NH2Q[:, :, 1], keys_H2SQ[:, 1])
         top1_NHK, idx1_NHK = scores1_NHS.topk(K, dim=-1)  # sorted, best first
         top2_NHK, idx2_NHK = scores2_NHS.topk(K, dim=-1)
         first_P, second_P = candidate_pairs(K, x_NC.device)
@@ -93,7 +96,7 @@ class ProductKeyMemory(nn.Module):
         cand_scores_NHP = top1_NHK @ pick1_KP + top2_NHK @ pick2_KP
         best_NHK, pos_NHK = cand_scores_NHP.topk(K, dim=-1)
         indices_NHK = idx1_NHK.gather(-1, first_P[pos_NHK]) * S + idx2_NHK.gather(-1, second_P[pos_NHK])
-        weights_NHK = F.softmax(best_NHK.float(), dim=-1)
+        weights_NHK = F.softmax(best_NHK, dim=-1)
         return indices_NHK, weights_NHK
 
     def forward(self, x_BTC: torch.Tensor, token_mask_BT: torch.Tensor | None = None) -> torch.Tensor:

@@ -26,6 +26,20 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must live to go through this group's collectives: NCCL takes CUDA tensors
+    only (the current device), gloo takes CPU ones."""
+    if is_distributed() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def local_cuda_index(local_rank: int) -> int:
+    """This process's GPU: its local rank, modulo the GPUs it sees (srun --gpus-per-task or
+    --gpu-bind show each task only its own GPU, as device 0)."""
+    return local_rank % max(torch.cuda.device_count(), 1)
+
+
 def free_port() -> int:
     """A TCP port free on this host now (for a rendezvous)."""
     import socket
@@ -99,10 +113,12 @@ def init_from_env(backend: str | None = None) -> bool:
     env = launcher_env()
     if env is None:
         return False
-    os.environ.update(env)
     backend = backend or default_backend()
     if backend == "nccl":
+        # DeepSpeed takes LOCAL_RANK as the device index too: give it the GPU this process sees.
+        env["LOCAL_RANK"] = str(local_cuda_index(int(env["LOCAL_RANK"])))
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
+    os.environ.update(env)
     dist.init_process_group(backend=backend, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
     return True
 

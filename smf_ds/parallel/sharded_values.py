@@ -66,8 +66,10 @@ class RowShardedValueTable(_ShardedTable):
         if tuple(local_weight.shape) != (self.stop - self.start, dim):
             raise ValueError(f"row shard {self.rank}: expected local weight {(self.stop - self.start, dim)}, "
                              f"got {tuple(local_weight.shape)}")
-        # Upper bounds of every shard but the last: searchsorted maps a row id to its owner.
-        self._inner_bounds = torch.tensor(self.row_bounds[1:-1], dtype=torch.long, device=local_weight.device)
+        # Upper bounds of every shard but the last: searchsorted maps a row id to its owner. A
+        # buffer, so that it moves with the model.
+        self.register_buffer("_inner_bounds", torch.tensor(self.row_bounds[1:-1], dtype=torch.long,
+                                                           device=local_weight.device), persistent=False)
 
     @classmethod
     def from_full(cls, full_weight: torch.Tensor, group=None, row_sizes: list[int] | None = None):

@@ -51,28 +51,32 @@ def step_grad(table: ValueTable, rows_S: torch.Tensor) -> tuple[torch.Tensor, to
     return mine, grad
 
 
+# The helpers below take values on any device (counts kept on the CPU, say) and return them there;
+# the collective runs on the table's device, which is where the group's backend takes tensors.
+
+def _summed(value: torch.Tensor, table: ValueTable, group) -> torch.Tensor:
+    if group is None:
+        return value
+    on_table = value.to(table.local_weight.device, copy=True)
+    dist.all_reduce(on_table, group=group)
+    return on_table.to(value.device)
+
+
 def sum_over_row_owners(table: ValueTable, value: torch.Tensor) -> torch.Tensor:
     """Sum a per-process partial over rows (e.g. a count total) into the whole table's value."""
-    if table.row_group is not None:
-        value = value.clone()
-        dist.all_reduce(value, group=table.row_group)
-    return value
+    return _summed(value, table, table.row_group)
 
 
 def sum_over_shards(table: ValueTable, value: torch.Tensor) -> torch.Tensor:
     """Sum a partial over this process's part of the weights (rows or columns) over all parts."""
-    group = table.row_group if table.row_group is not None else table.col_group
-    if group is not None:
-        value = value.clone()
-        dist.all_reduce(value, group=group)
-    return value
+    return _summed(value, table, table.row_group if table.row_group is not None else table.col_group)
 
 
 def gather_over_row_owners(table: ValueTable, values: torch.Tensor) -> torch.Tensor:
     """Concatenate every row owner's `values` (variable lengths) in rank order; identity otherwise."""
     if table.row_group is None:
         return values
-    group = table.row_group
+    group, device = table.row_group, table.local_weight.device
     world = dist.get_world_size(group)
-    sizes = all_gather_v(torch.tensor([values.shape[0]], device=values.device), [1] * world, group).tolist()
-    return all_gather_v(values.contiguous(), sizes, group)
+    sizes = all_gather_v(torch.tensor([values.shape[0]], device=device), [1] * world, group).tolist()
+    return all_gather_v(values.to(device).contiguous(), sizes, group).to(values.device)

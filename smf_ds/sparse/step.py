@@ -137,5 +137,6 @@ class SparseMemoryUpdater:
             self.n_ever_updated[layer] = int(self.ever_updated[layer].sum())
             self.window_counts[layer].copy_(tensors[f"window_counts.{layer}"])
             if f"previous.{layer}" in tensors:
-                self.previous[layer] = tensors[f"previous.{layer}"]
+                device = dict(self.tables)[layer].local_weight.device  # checkpoints load on the CPU
+                self.previous[layer] = tensors[f"previous.{layer}"].to(device)
         self.step_count = int(tensors["step_count"][0])

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import SMFConfig, save_config
 from ..memory.inject import set_train_scope, value_tables
-from ..parallel.process_group import get_rank, get_world_size, is_distributed
+from ..parallel.process_group import collective_device, get_rank, get_world_size, is_distributed
 from ..sparse.background import BackgroundStats
 from ..sparse.step import SparseMemoryUpdater
 from .batches import GlobalBatchOrder, collate
@@ -57,7 +57,7 @@ def trainable_parameters(model: nn.Module, cfg: SMFConfig) -> tuple[nn.Module, l
 def _mean_over_ranks(value: float) -> float:
     if not is_distributed():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
     return float(t) / get_world_size()
 
