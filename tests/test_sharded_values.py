@@ -84,7 +84,16 @@ def _table_worker(rank, world, strategy, case, rank_tokens, sizes):
         "rowgrad": _maxabs(got_grad, expected_grad),
         "counts_equal": torch.equal(got_counts[start:stop], dense_ref_counts[start:stop]),
         "full_equal": torch.equal(table.full_weight(), full),
+        # For saving: the whole table on one rank's CPU only, sent in chunks (tiny ones here).
+        "gathered_ok": all(_gathered_ok(table.gather_full_weight(dst, chunk_bytes=40), full, rank == dst)
+                           for dst in (0, world - 1)),
     }
+
+
+def _gathered_ok(gathered, full, is_dst):
+    if not is_dst:
+        return gathered is None
+    return gathered.device.type == "cpu" and torch.equal(gathered, full)
 
 
 CASES = [
@@ -110,7 +119,7 @@ def test_sharded_table_equals_local(strategy, world, case, tokens, uneven):
         assert r["wgrad"] <= TOL, (rank, r)
         assert r["rowgrad"] <= TOL, (rank, r)
         assert r["counts_equal"], (rank, r)
-        assert r["full_equal"], (rank, r)
+        assert r["full_equal"] and r["gathered_ok"], (rank, r)
 
 
 def _forward_backward(memory, x, grad_out):

@@ -16,9 +16,10 @@ tensors left out; in replacement mode the replaced MLPs are gone, so their weigh
 plus the adapter files above. `load_merged` loads the base model, expects exactly those MLP
 weights to be missing, and injects and loads the memory.
 
-Distributed: value tables may be sharded, and `full_weight()` is then a collective. Call the
-save functions on every rank; tensors are gathered on every rank and files written by rank 0
-only, followed by a barrier. Loading reads the files on every rank, each keeping its own part.
+Distributed: value tables may be sharded, and `gather_full_weight()` is then a collective. Call the
+save functions on every rank; value tables are gathered to rank 0 (the others only send their parts)
+and files written by rank 0 only, followed by a barrier. Loading reads the files on every rank,
+each keeping its own part.
 """
 from __future__ import annotations
 
@@ -127,10 +128,9 @@ def save_memory_adapter(model: nn.Module, directory: str | Path) -> Path:
         with _gathered(list(mlp.memory.parameters()) + ([mlp.scale] if mlp.scale is not None else [])):
             for key, tensor in _memory_state(mlp).items():
                 tensors[f"layers.{i}.{key}"] = tensor.detach().cpu().clone().contiguous()
-        table = mlp.memory.values
-        with torch.no_grad():
-            full = table.full_weight()  # every rank: a collective for sharded tables
-        tensors[f"layers.{i}.values"] = full.detach().cpu().clone().contiguous()
+        full = mlp.memory.values.gather_full_weight(dst=0)  # every rank: a collective for sharded tables
+        if _rank() == 0:  # the only writer: no other rank keeps a copy of the table
+            tensors[f"layers.{i}.values"] = full.contiguous()
 
     if _rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)

@@ -263,6 +263,12 @@ class ValueTable(nn.Module, metaclass=abc.ABCMeta):
         """The whole num_rows x dim table (gathered when sharded; collective)."""
         ...
 
+    def gather_full_weight(self, dst: int = 0) -> torch.Tensor | None:
+        """The whole table on the CPU of global rank `dst`, for saving; a collective for sharded
+        tables, which send their parts to dst only, chunk by chunk, and return None elsewhere. A
+        local table is whole on every process: each gets its own (the CPU weight itself, no copy)."""
+        return self.weight.detach().cpu()
+
     @abc.abstractmethod
     def load_full_weight(self, weight: torch.Tensor) -> None:
         """Set this process's part from a whole num_rows x dim table."""

@@ -89,3 +89,32 @@ def all_gather_v(x: torch.Tensor, sizes: list[int], group=None) -> torch.Tensor:
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     copies = x.unsqueeze(0).expand(world, *x.shape).reshape(world * x.shape[0], *x.shape[1:])
     return all_to_all_v(copies, [sizes[rank]] * world, list(sizes), group)
+
+
+def gather_to_cpu(local: torch.Tensor, out_parts: list[torch.Tensor] | None, group=None, dst: int = 0,
+                  chunk_bytes: int = 64 << 20) -> None:
+    """Copy every group rank's `local` into out_parts[its group rank] on the CPU of global rank dst.
+
+    out_parts: CPU tensors (or views) shaped like each rank's `local`, on rank dst; None on the
+    other ranks. Parts travel by point-to-point in chunks of rows of at most chunk_bytes, so the
+    receiving GPU needs only a chunk beyond its own part, and no other rank receives anything
+    (saving a table the ranks share is not part of a step: not counted in COMM_STATS).
+    """
+    me = dist.get_rank()
+    for r in range(dist.get_world_size(group)):
+        owner = dist.get_global_rank(group, r) if group is not None else r
+        if me not in (owner, dst):
+            continue
+        shape = local.shape if me == owner else out_parts[r].shape
+        row_bytes = max(math.prod(shape[1:]) * local.element_size(), 1)
+        step = max(chunk_bytes // row_bytes, 1)
+        for a in range(0, shape[0], step):
+            b = min(a + step, shape[0])
+            if me == owner == dst:
+                out_parts[r][a:b] = local[a:b].detach().cpu()
+            elif me == owner:
+                dist.send(local[a:b].detach().contiguous(), dst=dst, group=group)
+            else:
+                chunk = local.new_empty((b - a, *shape[1:]))
+                dist.recv(chunk, src=owner, group=group)
+                out_parts[r][a:b] = chunk.cpu()

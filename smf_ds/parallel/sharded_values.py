@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..memory.values import ValueTable, read_counts
-from .comm import all_gather_v, all_to_all_v, exchange_counts
+from .comm import all_gather_v, all_to_all_v, exchange_counts, gather_to_cpu
 
 
 def even_split(total: int, parts: int) -> list[int]:
@@ -55,6 +55,19 @@ class _ShardedTable(ValueTable):
         mine = torch.tensor([n_tokens], dtype=torch.long, device=device)
         return all_gather_v(mine, [1] * self.world, self.group).tolist()
 
+    def _part_sizes(self) -> tuple[list[int], int]:
+        """(sizes of every rank's part, in rank order; the dimension the table is split along)."""
+        raise NotImplementedError
+
+    def gather_full_weight(self, dst: int = 0, chunk_bytes: int = 64 << 20):
+        sizes, dim = self._part_sizes()
+        if dist.get_rank() != dst:
+            gather_to_cpu(self.weight, None, self.group, dst, chunk_bytes)
+            return None
+        full = torch.empty(self.num_rows, self.dim, dtype=self.weight.dtype)
+        gather_to_cpu(self.weight, list(full.split(sizes, dim=dim)), self.group, dst, chunk_bytes)
+        return full
+
 
 class RowShardedValueTable(_ShardedTable):
     def __init__(self, num_rows: int, dim: int, local_weight: torch.Tensor, row_sizes: list[int], group=None) -> None:
@@ -78,6 +91,9 @@ class RowShardedValueTable(_ShardedTable):
         bounds = _bounds(_check_sizes(sizes, full_weight.shape[0], world, "row_sizes"))
         local = full_weight[bounds[rank]:bounds[rank + 1]].clone()
         return cls(full_weight.shape[0], full_weight.shape[1], local, sizes, group)
+
+    def _part_sizes(self):
+        return self.row_sizes, 0
 
     def owned_row_range(self):
         return self.start, self.stop
@@ -131,6 +147,9 @@ class ColumnShardedValueTable(_ShardedTable):
         if tuple(local_weight.shape) != (num_rows, self.col_stop - self.col_start):
             raise ValueError(f"column shard {self.rank}: expected local weight "
                              f"{(num_rows, self.col_stop - self.col_start)}, got {tuple(local_weight.shape)}")
+
+    def _part_sizes(self):
+        return self.col_sizes, 1
 
     @classmethod
     def from_full(cls, full_weight: torch.Tensor, group=None, col_sizes: list[int] | None = None):

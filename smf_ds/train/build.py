@@ -35,6 +35,16 @@ def load_tokenizer_and_model(cfg: SMFConfig):
                           f"from it ({err}){missing_dir_note(source)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, model
+
+
+def load_run_model(cfg: SMFConfig, adapter_dir: str | None = None):
+    """(tokenizer, model with memory) of a run, on this process's GPU when there is one.
+
+    The model moves to the GPU only after its memory tables are sharded, so a GPU never holds a
+    whole table that only a shard of is meant to live there."""
+    tokenizer, model = load_tokenizer_and_model(cfg)
+    model = add_memory(model, cfg, adapter_dir)
     if torch.cuda.is_available():
         model = model.cuda()
     return tokenizer, model

@@ -16,7 +16,7 @@ from ..memory.inject import value_tables
 from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
 from .batches import GlobalBatchOrder, collate, tokenize_prompt_answer, tokenize_text
-from .build import add_memory, load_background, load_tokenizer_and_model
+from .build import load_background, load_run_model
 from .loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,7 @@ def default_background_path(cfg: SMFConfig) -> Path:
 
 def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | None = None) -> Path:
     cfg = adopt_adapter_memory(cfg, adapter_dir)
-    tokenizer, model = load_tokenizer_and_model(cfg)
-    model = add_memory(model, cfg, adapter_dir)
+    tokenizer, model = load_run_model(cfg, adapter_dir)
     out_path = Path(out) if out else default_background_path(cfg)
     compute_background(cfg, model, tokenizer, out_path)
     if get_rank() == 0:  # the config that produced the stats, next to them
@@ -181,8 +180,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
         raise ConfigError("retrofit.data: expected an OASST1-schema hub id or local file (or set data.background), "
                           "got ''")
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
-    tokenizer, model = load_tokenizer_and_model(run)
-    model = add_memory(model, run, adapter_dir)
+    tokenizer, model = load_run_model(run, adapter_dir)
     examples = text_examples(load_oasst_texts(source), tokenizer, run.train.max_length)
     if not examples:
         raise ConfigError(f"retrofit.data={source!r}: no text to train on")
@@ -197,8 +195,7 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
             and default_stats.is_file()):
         log.info("sparse.background: using %s (written by `smf-ds background` into this out_dir)", default_stats)
         cfg.sparse.background = str(default_stats)
-    tokenizer, model = load_tokenizer_and_model(cfg)
-    model = add_memory(model, cfg, adapter_dir)
+    tokenizer, model = load_run_model(cfg, adapter_dir)
     background = load_background(cfg, model) if cfg.train.method == "smf" else None
     examples = task_examples(cfg, tokenizer)
     trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id, background)
