@@ -1,10 +1,19 @@
+from glob import glob
+
 from setuptools import find_packages, setup
+
+# The DeepSpeed templates stay at the top of the tree (ds_configs/), outside the package; a
+# regular install gets them under <prefix>/share/smf-ds/ds_configs (smf_ds/train/ds_config.py).
+DS_CONFIGS = sorted(glob("ds_configs/*.json"))
+if not DS_CONFIGS:
+    raise SystemExit("setup.py: no ds_configs/*.json here; run it from the project root")
 
 setup(
     name="smf-ds",
     version="0.1.0",
     description="Sparse Memory Finetuning of language models on DeepSpeed",
     packages=find_packages(include=["smf_ds", "smf_ds.*"]),
+    data_files=[("share/smf-ds/ds_configs", DS_CONFIGS)],
     python_requires=">=3.10",
     install_requires=[
         # 2.13.0 has a CPU wheel on our GPU-less machines; on a CUDA box the same pin gets the CUDA build.

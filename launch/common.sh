@@ -2,7 +2,7 @@
 # After `source common.sh "$@"`: $nproc, $here (the repository), $venv_bin, and "$@" minus NPROC
 # is left to the caller, which shifts it off.
 if [[ $# -lt 2 ]]; then
-  echo "usage: $0 NPROC {train|background|eval|experiment} [smf-ds arguments...]" >&2
+  echo "usage: $0 NPROC {retrofit|train|background|eval|experiment} [smf-ds arguments...]" >&2
   exit 2
 fi
 nproc=$1

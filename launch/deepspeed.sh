@@ -5,10 +5,11 @@
 #   launch/deepspeed.sh 8 train --config run.yaml train.steps=1000
 #   DS_ACCELERATOR=cpu launch/deepspeed.sh 2 train --config run.yaml     # CPU, gloo
 #
-# COMMAND is an smf-ds command that runs distributed: train, background, eval or experiment.
-# MASTER_PORT (default 29500) picks the rendezvous port; PYTHON the interpreter (default: the
-# repository's .venv when present). Multi-node: use launch/slurm.sbatch, or deepspeed's own
-# --hostfile with the same `--module smf_ds.cli` arguments.
+# COMMAND is an smf-ds command that runs distributed: retrofit, train, background, eval or experiment.
+# MASTER_PORT (default 29500) picks the rendezvous port; DEEPSPEED the launcher (default: the
+# repository's .venv/bin/deepspeed when present, else deepspeed on PATH); the ranks run under the
+# Python that launcher belongs to (PYTHON is not read here). Multi-node: use launch/slurm.sbatch,
+# or deepspeed's own --hostfile with the same `--module smf_ds.cli` arguments.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 shift

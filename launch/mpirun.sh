@@ -6,7 +6,8 @@
 #   MPIRUN_ARGS="--hostfile hosts" MASTER_ADDR=node0 launch/mpirun.sh 16 train --config run.yaml
 #
 # smf-ds reads OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK (smf_ds.parallel.process_group);
-# MASTER_ADDR (default: this host) and MASTER_PORT (default 29500) are exported to every rank.
+# MASTER_ADDR (default: this host) and MASTER_PORT (default 29500) are exported to every rank;
+# PYTHON the interpreter (default: the repository's .venv/bin/python when present, else python3).
 # Needs OpenMPI (`make install-mpi` installs it on Debian).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -105,14 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("demo", help="the main job on the embedded synthetic world")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", metavar="DIR",
+                   help="output directory: the world, base model, smf/lora/full runs, eval/ and "
+                        "demo_summary.json (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
     p.set_defaults(func=_cmd_demo)
 
     from .experiment.jobs import VARIANTS
 
     p = sub.add_parser("experiment", help="every method x seed (synthetic world, or --config): stats, plot, report")
-    p.add_argument("--out", default="runs/experiment")
+    p.add_argument("--out", default="runs/experiment", metavar="DIR",
+                   help="output directory: runs/<variant>/seed<k>/ (with eval/), results.json, report.md, "
+                        "tradeoff.png; called again with the same settings, finished runs are kept "
+                        "(default: %(default)s)")
     p.add_argument("--config", help="experiment config (YAML: run, seeds, variants, retrofit, eval) for your own "
                                     "model and data; default: the embedded synthetic world")
     p.add_argument("--methods", default=None,

@@ -6,6 +6,7 @@ expected. The resolved config is written into each run directory (`save_config`)
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,15 @@ class InputError(ValueError):
 
 class ConfigError(InputError):
     """A config value is wrong; the message names the dotted key and what was expected."""
+
+
+# NaN fails every comparison, so `x <= 0` lets it through: test what is wanted, finite included.
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def _non_negative(x: float) -> bool:
+    return math.isfinite(x) and x >= 0
 
 
 @dataclass
@@ -59,7 +69,10 @@ class MemoryConfig:
         need(1 <= self.knn <= self.n_keys, "knn", f"1 <= knn <= n_keys (= {self.n_keys})", self.knn)
         need(self.k_dim >= 2 and self.k_dim % 2 == 0, "k_dim", "an even integer >= 2", self.k_dim)
         need(self.v_dim is None or self.v_dim >= 1, "v_dim", "None or an integer >= 1", self.v_dim)
-        need(self.value_lr > 0, "value_lr", "a positive learning rate", self.value_lr)
+        need(self.value_init_std is None or _non_negative(self.value_init_std), "value_init_std",
+             "None or a finite number >= 0", self.value_init_std)
+        need(_positive(self.value_lr), "value_lr", "a positive learning rate", self.value_lr)
+        need(math.isfinite(self.scale_init), "scale_init", "a finite number", self.scale_init)
         need(self.mode in ("additive", "replacement"), "mode", "'additive' or 'replacement'", self.mode)
         need(self.sharding in ("local", "row", "column"), "sharding", "'local', 'row' or 'column'",
              self.sharding)
@@ -89,9 +102,10 @@ class SparseConfig:
             raise ConfigError(f"{prefix}.top_t: expected a positive number of rows per step, got {self.top_t}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"{prefix}.betas: expected two numbers in [0, 1), got {self.betas}")
-        if self.eps <= 0:
-            raise ConfigError(f"{prefix}.eps: expected a positive number, got {self.eps}")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
+        for key in ("eps", "kl_eps"):
+            if not _positive(getattr(self, key)):
+                raise ConfigError(f"{prefix}.{key}: expected a positive number, got {getattr(self, key)}")
+        if not (_non_negative(self.weight_decay) and _non_negative(self.max_grad_norm)):
             raise ConfigError(f"{prefix}.weight_decay / {prefix}.max_grad_norm: expected >= 0, "
                               f"got {self.weight_decay} / {self.max_grad_norm}")
         if self.weight_decay > 0 and self.optimizer != "adamw":
@@ -140,10 +154,20 @@ class TrainConfig:
                 raise ConfigError(f"{prefix}.{key}: expected an integer >= 1, got {getattr(self, key)}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"{prefix}.zero_stage: expected 0, 1, 2 or 3, got {self.zero_stage}")
-        if self.offload and self.zero_stage == 0:
-            raise ConfigError(f"{prefix}.offload: needs {prefix}.zero_stage >= 1")
-        if self.lr <= 0:
+        if self.offload and self.zero_stage != 3:  # ds_configs/ has an offload template for ZeRO-3 only
+            raise ConfigError(f"{prefix}.offload: needs {prefix}.zero_stage=3, got zero_stage={self.zero_stage}")
+        if not _positive(self.lr):
             raise ConfigError(f"{prefix}.lr: expected a positive learning rate, got {self.lr}")
+        for key in ("weight_decay", "max_grad_norm"):
+            if not _non_negative(getattr(self, key)):
+                raise ConfigError(f"{prefix}.{key}: expected a finite number >= 0, got {getattr(self, key)}")
+        if self.log_every < 1:  # the loop logs when step % log_every == 0
+            raise ConfigError(f"{prefix}.log_every: expected an integer >= 1, got {self.log_every}")
+        if self.save_every < 0:
+            raise ConfigError(f"{prefix}.save_every: expected an integer >= 0 (0 = only at the end), "
+                              f"got {self.save_every}")
+        if not 0 <= self.lora_dropout < 1:  # also rejects NaN
+            raise ConfigError(f"{prefix}.lora_dropout: expected a probability in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
@@ -160,6 +184,14 @@ class DataConfig:
     # Append the row's explanation (exp) to the training answer, as MedMCQA provides one. Off when
     # the explanation only restates the answer: its easy, copyable tokens then dilute the loss.
     train_explanation: bool = True
+
+    def validate(self, prefix: str = "data") -> None:
+        # None = every row; 0 rows would only fail later as "no usable row"
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ConfigError(f"{prefix}.train_limit: expected None (every row) or an integer >= 1, "
+                              f"got {self.train_limit}")
+        if self.background_batches < 1:
+            raise ConfigError(f"{prefix}.background_batches: expected an integer >= 1, got {self.background_batches}")
 
 
 @dataclass
@@ -180,7 +212,7 @@ class RetrofitConfig:
             raise ConfigError(f"{prefix}.steps: expected an integer >= 1, got {self.steps}")
         for key in ("lr", "value_lr"):
             value = getattr(self, key)
-            if value is not None and value <= 0:
+            if value is not None and not _positive(value):
                 raise ConfigError(f"{prefix}.{key}: expected a positive learning rate, got {value}")
 
 

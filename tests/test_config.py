@@ -114,10 +114,43 @@ def test_wrong_type_in_yaml_names_file_and_key(tmp_path):
     (["sparse.betas=[0.9]"], r"sparse\.betas"),
     (["sparse.weight_decay=0.1"], r"sparse\.weight_decay: only the adamw optimizer decays"),
     (["model.dtype=float16"], r"model\.dtype: float16 training needs loss scaling"),
+    (["train.offload=true", "train.zero_stage=2"], r"train\.offload: needs train\.zero_stage=3, got zero_stage=2"),
+    # NaN passes `x <= 0`; inf is no rate either
+    (["train.lr=nan"], r"train\.lr: expected a positive learning rate, got nan"),
+    (["train.lr=inf"], r"train\.lr: expected a positive learning rate, got inf"),
+    (["memory.value_lr=nan"], r"memory\.value_lr: expected a positive learning rate"),
+    (["memory.value_lr=inf"], r"memory\.value_lr: expected a positive learning rate"),
+    (["retrofit.lr=nan"], r"retrofit\.lr: expected a positive learning rate, got nan"),
+    (["retrofit.value_lr=inf"], r"retrofit\.value_lr: expected a positive learning rate, got inf"),
+    (["retrofit.value_lr=0"], r"retrofit\.value_lr: expected a positive learning rate"),
+    (["sparse.eps=nan"], r"sparse\.eps: expected a positive number"),
+    (["sparse.kl_eps=0"], r"sparse\.kl_eps: expected a positive number"),
+    (["sparse.max_grad_norm=nan"], r"sparse\.weight_decay / sparse\.max_grad_norm: expected >= 0"),
+    (["train.weight_decay=nan"], r"train\.weight_decay: expected a finite number >= 0"),
+    (["train.max_grad_norm=-1"], r"train\.max_grad_norm: expected a finite number >= 0"),
+    (["memory.value_init_std=nan"], r"memory\.value_init_std: expected None or a finite number >= 0"),
+    (["memory.scale_init=nan"], r"memory\.scale_init: expected a finite number, got nan"),
+    (["memory.scale_init=-inf"], r"memory\.scale_init: expected a finite number, got -inf"),
+    (["train.log_every=0"], r"train\.log_every: expected an integer >= 1, got 0"),
+    (["train.save_every=-5"], r"train\.save_every: expected an integer >= 0 \(0 = only at the end\), got -5"),
+    (["train.lora_dropout=1.5"], r"train\.lora_dropout: expected a probability in \[0, 1\), got 1\.5"),
+    (["train.lora_dropout=1"], r"train\.lora_dropout: expected a probability in \[0, 1\)"),
+    (["train.lora_dropout=-0.1"], r"train\.lora_dropout"),
+    (["train.lora_dropout=nan"], r"train\.lora_dropout"),
+    (["data.train_limit=0"], r"data\.train_limit: expected None \(every row\) or an integer >= 1, got 0"),
+    (["data.background_batches=0"], r"data\.background_batches: expected an integer >= 1, got 0"),
 ])
 def test_validate_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, override)
+
+
+def test_edge_values_that_mean_something_still_load():
+    cfg = load_config(None, ["train.save_every=0", "train.lora_dropout=0.5", "data.train_limit=null",
+                             "data.train_limit=1", "memory.scale_init=-0.5", "memory.value_init_std=0",
+                             "retrofit.value_lr=null", "train.max_grad_norm=0"])
+    assert (cfg.train.save_every, cfg.train.lora_dropout, cfg.data.train_limit) == (0, 0.5, 1)
+    assert load_config(None, ["data.train_limit=null"]).data.train_limit is None  # None = every row
 
 
 def test_validate_on_the_dataclass_itself():

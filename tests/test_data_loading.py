@@ -48,6 +48,18 @@ def test_json_object_with_a_data_list_and_jsonl_with_json_suffix(tmp_path):
     assert load_rows(str(tmp_path / "b.json")).rows == rows
 
 
+def test_a_leading_utf8_bom_is_not_part_of_the_data(tmp_path):
+    # Windows editors (Notepad, Excel's "UTF-8" export) start files with a BOM
+    rows = samples.triviaqa_rows(3)
+    bom = "\ufeff".encode("utf-8")
+    for name, text in (("a.jsonl", "".join(json.dumps(r) + "\n" for r in rows)),  # the BOM cost row 0
+                       ("b.json", json.dumps(rows)),  # the BOM made the whole array malformed
+                       ("c.json", "".join(json.dumps(r) + "\n" for r in rows))):  # JSON Lines named .json
+        (tmp_path / name).write_bytes(bom + text.encode("utf-8"))
+        loaded = load_rows(str(tmp_path / name))
+        assert loaded.rows == rows and not loaded.bad_json, name
+
+
 def test_missing_paths_and_unknown_hub_ids_name_the_source(tmp_path):
     with pytest.raises(DataSourceError, match="no such file"):
         load_rows(str(tmp_path / "nope.jsonl"))

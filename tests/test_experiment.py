@@ -81,6 +81,19 @@ def test_aggregate_averages_seeds_and_pairs_with_the_base(tmp_path):
         assert lo <= row[task]["delta"]["value"] <= hi
 
 
+def test_report_prints_no_sd_for_a_single_seed(tmp_path):
+    from smf_ds.experiment.report import results_table
+
+    base = _write_eval(tmp_path / "base", [0, 0, 1, 1], [1, 1, 1, 1], [4.0, 4.0])
+    s0 = _write_eval(tmp_path / "s0", [1, 0, 1, 1], [1, 0, 1, 1], [8.0, 8.0])
+    s1 = _write_eval(tmp_path / "s1", [1, 1, 1, 1], [1, 1, 0, 0], [4.0, 12.0])
+    table = results_table(aggregate(base, {"one": {0: s0}, "two": {0: s0, 1: s1}}, n_boot=50))
+    one = next(line for line in table.splitlines() if line.startswith("| one |"))
+    two = next(line for line in table.splitlines() if line.startswith("| two |"))
+    assert "| 1 | 0.750 ± - | " in one and "± 0.000" not in one  # one seed: no spread to report
+    assert f"| 2 | 0.875 ± {np.std([0.75, 1.0], ddof=1):.3f} | " in two
+
+
 def test_aggregate_refuses_runs_evaluated_on_other_examples(tmp_path):
     base = _write_eval(tmp_path / "base", [0, 1], [1, 1], [4.0])
     other = _write_eval(tmp_path / "other", [0, 1], [1, 1], [4.0], ids=["q0", "zz"])
@@ -254,3 +267,18 @@ def test_the_world_is_written_by_one_rank_and_read_whole_by_all(tmp_path):
     (w0, files0), (w1, files1) = run_distributed(_prepare_world_counting_writes, 2, str(tmp_path / "world"))
     assert (w0, w1) == ([0], [])
     assert files0 == files1 and all(files0.values())
+
+
+def test_every_out_flag_says_what_goes_there():
+    import argparse
+
+    from smf_ds.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    for command in ("demo", "experiment", "report", "background", "eval"):
+        (out,) = [a for a in sub.choices[command]._actions if "--out" in a.option_strings]
+        assert out.help, command
+    assert "demo_summary.json" in sub.choices["demo"].format_help()
+    assert "report.md" in sub.choices["experiment"].format_help()
+    help_eval = " ".join(sub.choices["eval"].format_help().split())
+    assert "without --out nothing is written" in help_eval

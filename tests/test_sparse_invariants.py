@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from distributed import run_distributed
-from smf_ds.config import SCORING_RULES, ConfigError
+from smf_ds.config import SCORING_RULES, ConfigError, MemoryConfig
 from smf_ds.sparse.background import BackgroundStats, collect_background
 from smf_ds.sparse.selection import _row_hash
 from smf_ds.sparse.step import SparseMemoryUpdater
@@ -232,3 +232,35 @@ def test_background_of_another_table_shape_is_an_error(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ConfigError, match="junk.safetensors"):
         BackgroundStats.load(tmp_path / "junk.safetensors")
+
+
+def test_background_read_through_another_memory_is_an_error(tmp_path, caplog):
+    """Stats record the memory they were read through (memory_fingerprint); training from
+    another memory (another seed, a forgotten --memory-adapter) refuses them."""
+    from smf_ds.memory.adapter import memory_fingerprint
+    from smf_ds.memory.inject import inject_memory, value_tables
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def model(seed):
+        torch.manual_seed(0)
+        base = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                            num_attention_heads=2, num_key_value_heads=1))
+        return inject_memory(base, MemoryConfig(layers=[1], n_keys=4, heads=1, knn=2, k_dim=4, seed=seed))
+
+    first, same, other = model(0), model(0), model(1)
+    assert memory_fingerprint(first) == memory_fingerprint(same) != memory_fingerprint(other)
+    tables = value_tables(first)
+    rows = tables[0][1].num_rows
+    stats = BackgroundStats(2, {1: torch.zeros(rows, dtype=torch.long)}, {1: torch.zeros(rows, dtype=torch.long)},
+                            memory_fingerprint(first))
+    stats.save(tmp_path / "bg.safetensors")
+    loaded = BackgroundStats.load(tmp_path / "bg.safetensors")
+    loaded.check_against(value_tables(same), "bg", memory_fingerprint(same))
+    with pytest.raises(ConfigError, match="bg: these stats were read through another memory"):
+        loaded.check_against(value_tables(other), "bg", memory_fingerprint(other))
+    # Stats from before fingerprints: accepted, with a warning that they cannot be checked.
+    BackgroundStats(2, loaded.df, loaded.counts).save(tmp_path / "old.safetensors")
+    with caplog.at_level("WARNING"):
+        BackgroundStats.load(tmp_path / "old.safetensors").check_against(value_tables(other), "old",
+                                                                          memory_fingerprint(other))
+    assert "cannot check" in caplog.text

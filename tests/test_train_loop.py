@@ -1,4 +1,5 @@
 """The training loop: W=2 equals W=1 with the same global batch; resume is exact; TensorBoard."""
+import pytest
 import torch
 
 from distributed import run_distributed
@@ -27,13 +28,13 @@ def _examples(n=24):
     return out
 
 
-def _cfg(run_dir, world, strategy="local", scope="values", steps=3, save_every=0):
+def _cfg(run_dir, world, strategy="local", scope="values", steps=3, save_every=0, extra=()):
     accum = 2 // world
     return load_config(overrides=[
         "memory.layers=[1]", "memory.n_keys=8", "memory.knn=4", "memory.k_dim=8", "memory.scale_init=1.0",
         f"memory.sharding={strategy}", "sparse.scoring=tf", "sparse.top_t=6",
         f"train.scope={scope}", f"train.steps={steps}", "train.micro_batch_size=2", f"train.grad_accum={accum}",
-        f"train.save_every={save_every}", "train.lr=0.01", f"out_dir={run_dir}"])
+        f"train.save_every={save_every}", "train.lr=0.01", f"out_dir={run_dir}", *extra])
 
 
 def _run(rank, world, run_dir, strategy, scope, steps, save_every=0, resume=False):
@@ -49,10 +50,10 @@ def _run(rank, world, run_dir, strategy, scope, steps, save_every=0, resume=Fals
             "selected": trainer.updater.previous[1].tolist()}
 
 
-def _resume_error(rank, world, run_dir):
+def _resume_error(rank, world, run_dir, scope="values", extra=()):
     from smf_ds.config import ConfigError
 
-    cfg = _cfg(run_dir, world, "local", "values", 4)
+    cfg = _cfg(run_dir, world, "local", scope, 4, extra=extra)
     trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
     try:
         trainer.resume()
@@ -80,8 +81,74 @@ def test_resume_is_exact(tmp_path):
     for name, value in straight["dense"].items():
         assert torch.equal(value, resumed["dense"][name]), name
     assert straight["losses"][2:] == resumed["losses"]
+    record = (tmp_path / "b" / "config.yaml").read_text()
+    n_events = len(list((tmp_path / "b" / "tensorboard").glob("events.out.tfevents.*")))
     message = run_distributed(_resume_error, 1, str(tmp_path / "b"))[0]  # values scope now: no DeepSpeed state
     assert "train.scope='memory+scale' there, 'values' now" in message
+    # Another memory to start from (the frozen memory parameters come from the seed or adapter).
+    message = run_distributed(_resume_error, 1, str(tmp_path / "b"), "memory+scale", ["memory.seed=5"])[0]
+    assert "the memory it started from (fingerprint" in message and "--memory-adapter" in message
+    # A refused resume leaves the run's record alone.
+    assert (tmp_path / "b" / "config.yaml").read_text() == record
+    assert len(list((tmp_path / "b" / "tensorboard").glob("events.out.tfevents.*"))) == n_events
     events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
     assert (tmp_path / "a" / "config.yaml").is_file()
+
+
+def _crash_and_resume(rank, world, run_dir):
+    """3 steps (checkpoint at 2, logged to 3), then as if it died before saving step 3: resume to 4."""
+    import time
+
+    from smf_ds.train.checkpoint import mark_latest
+
+    cfg = _cfg(run_dir, world, "local", "values", 4, save_every=2, extra=["train.log_every=1"])
+    Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0).fit(steps=3)
+    mark_latest(f"{run_dir}/checkpoints", "step0000002")
+    time.sleep(1.1)  # event files are named by the second: the resumed run's must sort after
+    trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+    assert trainer.resume() and trainer.step == 2
+    return trainer.fit().losses
+
+
+def test_resumed_run_logs_each_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    straight = run_distributed(_run, 1, str(tmp_path / "a"), "local", "values", 4)[0]["losses"]
+    resumed = run_distributed(_crash_and_resume, 1, str(tmp_path / "b"))[0]
+    assert resumed == straight[2:]
+    events = EventAccumulator(str(tmp_path / "b" / "tensorboard"))
+    events.Reload()
+    logged = events.Scalars("train/loss")
+    assert [e.step for e in logged] == [1, 2, 3, 4]  # step 3 logged twice, the first purged
+    assert [e.value for e in logged[2:]] == torch.tensor(straight[2:]).float().tolist()
+
+
+def test_a_nan_loss_stops_training_with_its_likely_causes(tmp_path):
+    from smf_ds.train.loop import NonFiniteLossError
+
+    cfg = _cfg(tmp_path, 1)
+    no_labels = [{"input_ids": e["input_ids"], "labels": [-100] * len(e["labels"])} for e in _examples()]
+    trainer = Trainer(cfg, _model(cfg.memory), no_labels, pad_id=0)
+    with pytest.raises(NonFiniteLossError, match=r"the loss is nan at step 1; .*train\.max_length"):
+        trainer.fit()
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_lora_targets_that_match_nothing_name_the_field(tmp_path):
+    from smf_ds.config import ConfigError
+    from smf_ds.train.loop import trainable_parameters
+
+    cfg = _cfg(tmp_path, 1, extra=["train.method=lora", "train.lora_targets=[q_prj]"])
+    with pytest.raises(ConfigError, match=r"train\.lora_targets=\['q_prj'\]"):
+        trainable_parameters(_model(cfg.memory), cfg)
+
+
+def test_training_into_a_used_out_dir_needs_resume(tmp_path):
+    from smf_ds.config import ConfigError
+    from smf_ds.train.run import train_main
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest_memory").write_text("step0000100")
+    with pytest.raises(ConfigError, match=r"earlier run .*latest step0000100\); pass --resume"):
+        train_main(_cfg(tmp_path, 1))

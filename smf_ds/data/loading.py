@@ -70,7 +70,7 @@ class Rows:
 
 def _read_jsonl(path: Path) -> Rows:
     rows, lines, bad = [], [], {}
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # -sig: a leading BOM (some Windows editors) is dropped
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -88,7 +88,7 @@ def _read_jsonl(path: Path) -> Rows:
 
 
 def _read_json(path: Path) -> Rows:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a leading BOM is not part of the JSON
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

@@ -43,7 +43,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="load a saved memory adapter (smf_ds.memory.adapter) into the model before evaluating")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--out", default=None, metavar="DIR",
-                   help="write <task>.predictions.jsonl, <task>.malformed.jsonl and summary.json here")
+                   help="write <task>.predictions.jsonl, <task>.malformed.jsonl and summary.json here; "
+                        "without --out nothing is written: the metrics are only printed (table on stderr) "
+                        "and the per-example predictions are not kept")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     g = p.add_argument_group("data (hub id or local .jsonl/.json/.parquet/save_to_disk dir, in the hub schema)")

@@ -124,7 +124,8 @@ def background_then_train(make_config, run_dir: Path, adapter: str | None = None
     if cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND:
         stats = background_main(cfg, adapter)  # into cfg.out_dir, the run dir
         cfg = make_config([f"sparse.background={stats}"])
-    return train_main(cfg, adapter)
+    # A run dir with checkpoints is this run's, cut short (setup.json guards the settings): go on.
+    return train_main(cfg, adapter, resume=True)
 
 
 def finetune(world: dict[str, Path], base: Path, variant: str, run_dir: Path, steps: int, seed: int = 0) -> dict:

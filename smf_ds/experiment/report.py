@@ -21,6 +21,11 @@ def _delta_cell(delta: dict) -> str:
     return f"{_signed(delta['value'])} [{_signed(lo)}, {_signed(hi)}]{mark}"
 
 
+def _mean_sd_cell(metric: dict, n_seeds: int) -> str:
+    # one seed has no spread: "± 0.000" would read as a measured sd of zero
+    return f"{metric['mean']:.3f} ± {metric['sd']:.3f}" if n_seeds > 1 else f"{metric['mean']:.3f} ± -"
+
+
 def results_table(results: dict) -> str:
     tasks = list(TASK_LABELS)
     head = ["variant", "seeds"] + [f"{TASK_LABELS[t]} (mean ± sd)" for t in tasks] + [f"Δ {TASK_LABELS[t]} [95% CI]" for t in tasks]
@@ -28,7 +33,7 @@ def results_table(results: dict) -> str:
     lines.append("| base | - | " + " | ".join(f"{results['base'][t]:.3f}" for t in tasks) + " |" + " - |" * len(tasks))
     for name, row in results["variants"].items():
         cells = [name, str(len(row["seeds"]))]
-        cells += [f"{row[t]['mean']:.3f} ± {row[t]['sd']:.3f}" for t in tasks]
+        cells += [_mean_sd_cell(row[t], len(row["seeds"])) for t in tasks]
         cells += [_delta_cell(row[t]["delta"]) for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -89,6 +90,21 @@ def _memory_config(model: nn.Module) -> MemoryConfig:
 def _memory_state(mlp: MemoryMLP, keep_vars: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor of a MemoryMLP that belongs to the memory (not the wrapped base MLP)."""
     return {k: v for k, v in mlp.state_dict(keep_vars=keep_vars).items() if not k.startswith("base_layer.")}
+
+
+def memory_fingerprint(model: nn.Module) -> str:
+    """A short hash of every memory tensor but the value tables (query, keys, gate, out, scale,
+    query-norm statistics) in layer order: which memory a run starts from, whether a saved adapter
+    or a seeded initialisation. The same on every rank; take it before DeepSpeed partitions
+    parameters (ZeRO-3)."""
+    digest = hashlib.sha256()
+    for i, mlp in memory_layers(model):
+        for key, tensor in sorted(_memory_state(mlp).items()):
+            if key.startswith("memory.values."):
+                continue
+            digest.update(f"{i}.{key}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _base_model_info(model: nn.Module) -> dict:

@@ -9,6 +9,7 @@ table shapes) and reused by later runs and by resume.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from ..config import ConfigError
 from ..memory.values import ValueTable
 from .stats import step_access, sum_over_row_owners
 
+log = logging.getLogger(__name__)
+
 FORMAT_VERSION = 1
 
 
@@ -28,6 +31,7 @@ class BackgroundStats:
     num_batches: int = 0
     df: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_rows,) int64
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_rows,) int64
+    memory: str | None = None  # memory_fingerprint of the model the reads went through
 
     @classmethod
     def empty(cls, tables: list[tuple[int, ValueTable]]) -> "BackgroundStats":
@@ -50,7 +54,17 @@ class BackgroundStats:
             self.df[layer] = sum_over_row_owners(table, self.df[layer])
             self.counts[layer] = sum_over_row_owners(table, self.counts[layer])
 
-    def check_against(self, tables: list[tuple[int, ValueTable]], source: str = "background stats") -> None:
+    def check_against(self, tables: list[tuple[int, ValueTable]], source: str = "background stats",
+                      memory: str | None = None) -> None:
+        """Refuse stats that do not fit these tables; `memory`: the run's memory_fingerprint, which
+        must be the one the stats were read through (rows mean nothing under other keys)."""
+        if memory is not None and self.memory is not None and memory != self.memory:
+            raise ConfigError(f"{source}: these stats were read through another memory (fingerprint "
+                              f"{self.memory}) than this run starts from ({memory}); compute them with "
+                              f"`smf-ds background` and the same --memory-adapter and memory.* settings as training")
+        if memory is not None and self.memory is None:
+            log.warning("%s: written before stats recorded their memory: cannot check that they were read "
+                        "through this run's memory", source)
         for layer, table in tables:
             if layer not in self.df:
                 raise ConfigError(f"{source}: no statistics for memory layer {layer}; "
@@ -76,6 +90,8 @@ class BackgroundStats:
             tensors[f"layers.{layer}.counts"] = self.counts[layer].contiguous()
         meta = {"format_version": str(FORMAT_VERSION), "num_batches": str(self.num_batches),
                 "layers": json.dumps(sorted(self.df))}
+        if self.memory is not None:
+            meta["memory_fingerprint"] = self.memory
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -89,7 +105,8 @@ class BackgroundStats:
                 layers = json.loads(meta["layers"])
                 stats = cls(int(meta["num_batches"]),
                             {i: f.get_tensor(f"layers.{i}.df") for i in layers},
-                            {i: f.get_tensor(f"layers.{i}.counts") for i in layers})
+                            {i: f.get_tensor(f"layers.{i}.counts") for i in layers},
+                            meta.get("memory_fingerprint"))
         except (KeyError, ValueError, OSError, SafetensorError) as err:
             raise ConfigError(f"sparse.background: {path} is not a background stats file "
                               f"written by `smf-ds background` ({err})") from None

@@ -7,6 +7,7 @@ import torch
 
 from ..config import ConfigError, SMFConfig
 from ..model_source import missing_dir_note, model_source
+from ..memory.adapter import memory_fingerprint
 from ..memory.inject import inject_memory, value_tables
 from ..parallel.process_group import get_world_size
 from ..parallel.shard import shard_memory
@@ -69,5 +70,6 @@ def load_background(cfg: SMFConfig, model) -> BackgroundStats | None:
     if not cfg.sparse.background:
         return None
     stats = BackgroundStats.load(cfg.sparse.background)
-    stats.check_against(value_tables(model), f"sparse.background={cfg.sparse.background}")
+    stats.check_against(value_tables(model), f"sparse.background={cfg.sparse.background}",
+                        memory_fingerprint(model))
     return stats

@@ -55,22 +55,30 @@ def _dotted(cfg, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def save_run_identity(directory: str | Path, tag: str, cfg) -> None:
-    """Rank 0: the RESUME_MUST_MATCH settings of the run, next to its checkpoint files."""
+def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None) -> None:
+    """Rank 0: the RESUME_MUST_MATCH settings of the run and the memory_fingerprint it started
+    from, next to its checkpoint files."""
     if get_rank() == 0:
         path = Path(directory) / tag
         path.mkdir(parents=True, exist_ok=True)
-        (path / RUN_FILE).write_text(json.dumps({key: _dotted(cfg, key) for key in RESUME_MUST_MATCH}, indent=2))
+        identity = {key: _dotted(cfg, key) for key in RESUME_MUST_MATCH}
+        identity["memory_fingerprint"] = memory
+        (path / RUN_FILE).write_text(json.dumps(identity, indent=2))
 
 
-def check_run_identity(directory: str | Path, tag: str, cfg) -> None:
-    """Refuse to resume a checkpoint made with other RESUME_MUST_MATCH settings, naming them."""
+def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None) -> None:
+    """Refuse to resume a checkpoint made with other RESUME_MUST_MATCH settings, or from another
+    memory (the frozen memory parameters are not in the checkpoint: they come from the adapter or
+    the seed each time), naming what differs."""
     file = Path(directory) / tag / RUN_FILE
     if not file.is_file():  # a checkpoint from before this file existed
         return
     saved = json.loads(file.read_text())
     diffs = [f"{key}={saved[key]!r} there, {_dotted(cfg, key)!r} now" for key in RESUME_MUST_MATCH
              if key in saved and saved[key] != _dotted(cfg, key)]
+    if saved.get("memory_fingerprint") not in (None, memory):
+        diffs.append(f"the memory it started from (fingerprint {saved['memory_fingerprint']} there, {memory} now: "
+                     f"pass the same --memory-adapter and memory.* settings)")
     if diffs:
         raise ConfigError(f"resume: {file}: the checkpoint was made with other settings: {'; '.join(diffs)}. "
                           f"Resume with the same ones, or train into another out_dir")

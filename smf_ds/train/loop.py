@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import SMFConfig, save_config
+from ..config import ConfigError, InputError, SMFConfig, save_config
+from ..memory.adapter import memory_fingerprint
 from ..memory.inject import set_train_scope, value_tables
 from ..parallel.process_group import collective_device, get_rank, get_world_size, is_distributed
 from ..sparse.background import BackgroundStats
@@ -50,8 +51,15 @@ def trainable_parameters(model: nn.Module, cfg: SMFConfig) -> tuple[nn.Module, l
 
     lora = LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=cfg.train.lora_dropout,
                       target_modules=list(cfg.train.lora_targets), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:  # peft: no module matches the targets
+        raise ConfigError(f"train.lora_targets={list(cfg.train.lora_targets)}: {err}") from None
     return model, [p for p in model.parameters() if p.requires_grad]
+
+
+class NonFiniteLossError(InputError):
+    """Training stopped on a NaN or infinite loss (almost always a setting: said in the message)."""
 
 
 def _mean_over_ranks(value: float) -> float:
@@ -69,6 +77,8 @@ class Trainer:
         self.run_dir = Path(run_dir or cfg.out_dir)
         self.rank, self.world = get_rank(), get_world_size()
         torch.manual_seed(cfg.train.seed)
+        # Which memory the run starts from (checked on resume); before ZeRO-3 partitions it.
+        self.memory = memory_fingerprint(model) if cfg.train.method == "smf" else None
         self.model, params = trainable_parameters(model, cfg)
         self.engine = build_engine(self.model, params, build_ds_config(cfg), cfg.train.grad_accum)
         self.tables = value_tables(self.model) if cfg.train.method == "smf" else []
@@ -80,12 +90,18 @@ class Trainer:
                                       self.world, cfg.train.seed)
         self.step = 0
         self.writer = None
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+    def _open_run_record(self) -> None:
+        """Rank 0: config.yaml and the TensorBoard writer, once the run is sure to go on (after a
+        resume was accepted). A resumed run drops the events logged after its checkpoint, which it
+        logs again."""
+        if self.rank != 0 or self.writer is not None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -122,7 +138,7 @@ class Trainer:
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag, client_state={"step": self.step})
         save_memory_checkpoint(self.checkpoint_dir, tag, self.tables,
                                self.updater.state_dict() if self.updater else None)
-        save_run_identity(self.checkpoint_dir, tag, self.cfg)
+        save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory)
         mark_latest(self.checkpoint_dir, tag)
 
     def resume(self) -> bool:
@@ -131,7 +147,7 @@ class Trainer:
         if tag is None:
             log.info("resume: no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return False
-        check_run_identity(self.checkpoint_dir, tag, self.cfg)
+        check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory)
         _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag)
         state = load_memory_checkpoint(self.checkpoint_dir, tag, self.tables)
         if self.updater is not None:
@@ -142,6 +158,7 @@ class Trainer:
 
     def fit(self, steps: int | None = None, progress: bool = False) -> TrainResult:
         total = steps if steps is not None else self.cfg.train.steps
+        self._open_run_record()
         result = TrainResult()
         start = time.time()
         bar = None
@@ -152,6 +169,13 @@ class Trainer:
         save_every = self.cfg.train.save_every
         while self.step < total:
             loss, metrics = self.train_step()
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"train: the loss is {loss} at step {self.step}; stopped without saving this step "
+                    f"(checkpoints so far are in {self.checkpoint_dir}). Common causes: no answer token "
+                    f"left to learn from (train.max_length={self.cfg.train.max_length} cuts the answers off), "
+                    f"a learning rate too large (train.lr={self.cfg.train.lr}, "
+                    f"memory.value_lr={self.cfg.memory.value_lr})")
             if self.updater is not None and self.step % self.cfg.train.log_every == 0:
                 metrics.update(self.updater.usage_metrics())
             result.losses.append(loss)

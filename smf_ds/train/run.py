@@ -12,11 +12,13 @@ import torch
 from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFConfig, save_config
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.oasst import load_oasst_texts
+from ..memory.adapter import memory_fingerprint
 from ..memory.inject import value_tables
 from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
 from .batches import GlobalBatchOrder, collate, tokenize_prompt_answer, tokenize_text
 from .build import load_background, load_run_model
+from .checkpoint import latest_tag
 from .loop import Trainer
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
                     batches, order.global_batch, batches * order.global_batch, cfg.data.background, len(examples))
     model.eval()
     device = _device(model)
+    fingerprint = memory_fingerprint(model)
 
     def run_forward(step: int) -> None:
         for micro in range(cfg.train.grad_accum):
@@ -98,6 +101,7 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
 
         bar = tqdm(total=batches, desc="background", unit="batch")
     stats = collect_background(value_tables(model), run_forward, range(batches), bar)
+    stats.memory = fingerprint
     if bar is not None:
         bar.close()
     if get_rank() == 0:
@@ -114,6 +118,8 @@ def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | N
     cfg = adopt_adapter_memory(cfg, adapter_dir)
     tokenizer, model = load_run_model(cfg, adapter_dir)
     out_path = Path(out) if out else default_background_path(cfg)
+    if out_path.is_dir():  # `--out DIR`: the stats go into it
+        out_path = out_path / default_background_path(cfg).name
     compute_background(cfg, model, tokenizer, out_path)
     if get_rank() == 0:  # the config that produced the stats, next to them
         save_config(cfg, out_path.with_suffix(".config.yaml"))
@@ -195,10 +201,21 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
             and default_stats.is_file()):
         log.info("sparse.background: using %s (written by `smf-ds background` into this out_dir)", default_stats)
         cfg.sparse.background = str(default_stats)
+    checkpoints = Path(cfg.out_dir) / "checkpoints"
+    if not resume and latest_tag(checkpoints) is not None:
+        raise ConfigError(f"out_dir={cfg.out_dir}: holds the checkpoints of an earlier run ({checkpoints}, latest "
+                          f"{latest_tag(checkpoints)}); pass --resume to continue it, or train into another out_dir")
     tokenizer, model = load_run_model(cfg, adapter_dir)
     background = load_background(cfg, model) if cfg.train.method == "smf" else None
     examples = task_examples(cfg, tokenizer)
     trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id, background)
+    extra = {}
     if resume and trainer.resume():
-        log.info("resumed at step %d", trainer.step)
-    return fit_and_save(trainer, tokenizer, "train_summary.json", progress)
+        summary_file = Path(cfg.out_dir) / "train_summary.json"
+        if trainer.step >= cfg.train.steps:
+            log.warning("resume: the checkpoint is at step %d and train.steps=%d: nothing to train (raise "
+                        "train.steps to train on)", trainer.step, cfg.train.steps)
+            if summary_file.is_file():  # the finished run's own summary, not an empty one
+                return json.loads(summary_file.read_text())
+        extra["resumed_at_step"] = trainer.step  # first_loss is then the first loss after it
+    return fit_and_save(trainer, tokenizer, "train_summary.json", progress, **extra)
