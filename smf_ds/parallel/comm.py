@@ -72,10 +72,11 @@ def all_reduce_sum(x: torch.Tensor, group=None) -> torch.Tensor:
 
 
 def exchange_counts(send_counts: torch.Tensor, group=None) -> torch.Tensor:
-    """send_counts[r] = how many rows I send to rank r  ->  recv_counts[r] = how many r sends me."""
+    """send_counts[r] = how many rows I send to rank r  ->  recv_counts[r] = how many r sends me.
+    Rows of several counts (send_counts[r] of shape (k,)) travel together."""
     world = dist.get_world_size(group)
     recv = torch.empty_like(send_counts)
-    _count(send_counts, [1] * world, dist.get_rank(group), 1)
+    _count(send_counts, [1] * world, dist.get_rank(group), math.prod(send_counts.shape[1:]))
     dist.all_to_all_single(recv, send_counts, group=group)
     return recv
 

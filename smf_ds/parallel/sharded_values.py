@@ -103,8 +103,11 @@ class RowShardedValueTable(_ShardedTable):
         rows_E = indices_NK.reshape(-1)
         owners_E = torch.searchsorted(self._inner_bounds, rows_E, right=True)
         by_owner = torch.argsort(owners_E, stable=True)  # keeps token order within each owner
-        send = torch.bincount(owners_E, minlength=self.world).tolist()
-        recv = exchange_counts(torch.tensor(send, device=rows_E.device), self.group).tolist()
+        send_counts = torch.bincount(owners_E, minlength=self.world)
+        send = send_counts.tolist()
+        # One exchange (one host sync) for both: the reads each rank sends me, and its token count.
+        got = exchange_counts(torch.stack([send_counts, torch.full_like(send_counts, n_tokens)], dim=1), self.group)
+        recv, token_counts = got.t().tolist()
         tokens_E = by_owner // per_token
         counted_E = (torch.ones_like(tokens_E) if token_mask_N is None
                      else token_mask_N.reshape(-1)[tokens_E].long())
@@ -116,7 +119,6 @@ class RowShardedValueTable(_ShardedTable):
 
         # One bag per (requesting rank, token); requesters' tokens are stacked in rank order, and
         # the reads arrive sorted by bag (rank order, then token order), as embedding_bag needs.
-        token_counts = self._token_counts(n_tokens, rows_E.device)
         first_bag = torch.tensor([0] + token_counts[:-1], device=rows_E.device).cumsum(0)
         source = torch.repeat_interleave(torch.arange(self.world, device=rows_E.device),
                                          torch.tensor(recv, device=rows_E.device))
