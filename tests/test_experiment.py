@@ -3,6 +3,7 @@ whole grid end to end on the embedded world (quick)."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -135,12 +136,35 @@ def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
     rebuilt = json.loads((out / "results.json").read_text())
     assert rebuilt["variants"] == results["variants"] and rebuilt["base"] == results["base"]
 
-    # called again, nothing is retrained; a new seed is added to the same report
+    # Damaged files are named, not a traceback; stray dirs are ignored; the settings are recorded.
+    (out / "runs" / "lora" / "seed_old").mkdir()
+    predictions = out / "runs" / "lora" / "seed0" / "eval" / "triviaqa.predictions.jsonl"
+    kept = predictions.read_text()
+    predictions.write_text(kept[: len(kept) // 2])
+    done = _cli("report", "--out", str(out), check=False)
+    assert done.returncode == 2 and "triviaqa.predictions.jsonl: line" in done.stderr, done.stderr[-2000:]
+    assert "seed_old: not a run dir" in done.stderr
+    predictions.write_text(kept)
+    (out / "runs" / "lora" / "seed_old").rmdir()
+    (out / "results.json").unlink()
+    (out / "report_settings.json").unlink()
+    done = _cli("report", "--out", str(out), check=False)
+    assert done.returncode == 2 and "run `smf-ds experiment` with this --out again" in done.stderr
+
+    # moved, then called again: nothing is retrained, the moved run dir's own artifact is what is
+    # evaluated again, and a new seed is added to the same report
+    out.rename(tmp_path / "moved")
+    out = tmp_path / "moved"
+    artifact = out / "runs" / "lora" / "seed1" / "lora_adapter"
+    shutil.rmtree(out / "runs" / "lora" / "seed1" / "eval")
     _cli("experiment", "--quick", "--methods", "lora", "--seeds", "1,2", "--out", str(out))
+    assert json.loads((out / "runs" / "lora" / "seed1" / "eval" / "summary.json").read_text())["artifact"] == str(artifact)
     assert max(p.stat().st_mtime_ns for p in artifact.iterdir()) == stamp
     grown = json.loads((out / "results.json").read_text())
     assert grown["variants"]["lora"]["seeds"] == [0, 1, 2]
     assert grown["variants"]["smf-tfidf"] == results["variants"]["smf-tfidf"]
+    for task in ("medmcqa", "wikitext", "triviaqa"):  # seed 1 evaluated again: the same numbers
+        assert grown["variants"]["lora"][task]["per_seed"][:2] == results["variants"]["lora"][task]["per_seed"], task
 
     # the full-length grid into the quick grid's directory would reuse its short runs: refused
     done = _cli("experiment", "--methods", "lora", "--seeds", "0", "--out", str(out), check=False)

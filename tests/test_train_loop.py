@@ -146,9 +146,11 @@ def test_lora_targets_that_match_nothing_name_the_field(tmp_path):
 
 def test_training_into_a_used_out_dir_needs_resume(tmp_path):
     from smf_ds.config import ConfigError
-    from smf_ds.train.run import train_main
+    from smf_ds.train.run import retrofit_main, train_main
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest_memory").write_text("step0000100")
     with pytest.raises(ConfigError, match=r"earlier run .*latest step0000100\); pass --resume"):
         train_main(_cfg(tmp_path, 1))
+    with pytest.raises(ConfigError, match=r"earlier run .*; retrofit into another out_dir"):
+        retrofit_main(_cfg(tmp_path, 1, extra=["data.background=oasst.jsonl"]))

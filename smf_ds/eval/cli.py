@@ -76,7 +76,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    metavar="TEXT|FILE", help="prompt template with {question}")
     t.add_argument("--max-new-tokens", type=int, default=32, help="TriviaQA: greedy tokens at most")
     t.add_argument("--max-length", type=int, default=1024, help="WikiText: tokens per window")
-    t.add_argument("--stride", type=int, default=512, help="WikiText: window stride (<= --max-length)")
+    t.add_argument("--stride", type=int, default=512, help="WikiText: window stride (<= --max-length; equal to it gives disjoint windows, whose "
+                   "first tokens are not scored)")
     b = p.add_argument_group("batching and statistics")
     b.add_argument("--batch-size", type=int, default=32, help="MedMCQA: questions per batch (all their options with them)")
     b.add_argument("--gen-batch-size", type=int, default=32, help="TriviaQA: prompts per generate call")

@@ -4,7 +4,9 @@ The text (smf_ds.data.wikitext.join_docs) is tokenized once, without special tok
 follow the Hugging Face perplexity guide: window w covers tokens [begin, end) with
 begin = w * stride, end = min(begin + max_length, N); it scores the tokens not scored by the
 previous window, [prev_end, end) (token 0 has no prediction and is never scored), using the rest
-of the window as context. Every token 1..N-1 is scored exactly once.
+of the window as context. With stride < max_length every token 1..N-1 is scored exactly once; with
+stride == max_length (disjoint windows) the first token of each later window has no context in
+its window and is not scored, as in the guide (the summary's n_tokens_scored says how many were).
 
 Perplexity = exp(sum of token NLLs / number of scored tokens), NLL summed exactly per window
 (not the guide's approximation mean loss * trg_len). A window is a scoring request

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -45,9 +46,11 @@ def run_one(setup, out: Path, variant: str, seed: int) -> Path:
     if (eval_dir / SUMMARY).is_file():
         log.info("%s seed %d: evaluated already, kept", variant, seed)
         return eval_dir
+    from ..train.run import read_run_summary
+
     summary_path = directory / "train_summary.json"
     if summary_path.is_file():
-        artifact = Path(json.loads(summary_path.read_text())["artifact"])
+        artifact = Path(read_run_summary(summary_path)["artifact"])
     else:
         artifact = setup.finetune(variant, seed, directory)
     setup.evaluate(artifact, eval_dir, {"model": variant, "seed": seed})
@@ -60,12 +63,39 @@ def collect_runs(out: Path, order: Sequence[str] = ()) -> dict[str, dict[int, Pa
     runs: dict[str, dict[int, Path]] = {}
     for variant in names:
         for seed_dir in sorted((out / "runs" / variant).glob("seed*")):
+            if not re.fullmatch(r"seed\d+", seed_dir.name):
+                log.warning("%s: not a run dir (runs/<variant>/seed<k>): ignored", seed_dir)
+                continue
             if (seed_dir / "eval" / SUMMARY).is_file():
                 runs.setdefault(variant, {})[int(seed_dir.name[len("seed"):])] = seed_dir / "eval"
             else:
                 log.warning("%s: not evaluated (interrupted?): left out of the report; `smf-ds experiment` with "
                             "the same --out finishes it", seed_dir)
     return runs
+
+
+REPORT_SETTINGS = "report_settings.json"
+
+
+def _write_json(path: Path, value) -> None:
+    if get_rank() == 0:
+        path.write_text(json.dumps(value, indent=2))
+
+
+def _recorded_report_settings(out: Path) -> tuple[dict, list[str]]:
+    """(settings, variant order) that `smf-ds experiment` recorded for its report: in
+    report_settings.json, or (older dirs) in results.json."""
+    for name in (REPORT_SETTINGS, "results.json"):
+        try:
+            recorded = json.loads((out / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if "settings" in recorded:
+            order = recorded.get("order", list(recorded.get("variants", {})))
+            return recorded["settings"], order
+    raise ConfigError(f"--out {out}: no readable {REPORT_SETTINGS} or results.json to tell how the experiment "
+                      f"evaluates (MedMCQA mode, steps, data); run `smf-ds experiment` with this --out again, "
+                      f"which reuses the finished runs and writes the report")
 
 
 def build_report(out: str | Path, settings: dict | None = None, order: Sequence[str] = (),
@@ -75,17 +105,21 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
     if not (out / "base_eval" / SUMMARY).is_file():
         raise ConfigError(f"--out {out}: no base-model evaluation ({out}/base_eval/{SUMMARY}); is it an experiment dir?")
     previous = out / "results.json"
-    if previous.is_file():
-        before = json.loads(previous.read_text())
-        settings = settings if settings is not None else before.get("settings")
-        order = order or list(before.get("variants", {}))
-    settings = settings or {}
+    if settings is None:  # `smf-ds report`: the settings the experiment recorded
+        settings, order = _recorded_report_settings(out)
+    else:
+        _write_json(out / REPORT_SETTINGS, {"settings": settings, "order": list(order)})
     runs = collect_runs(out, order)
     if not runs:
         raise ConfigError(f"--out {out}: no evaluated run under {out}/runs to report on")
-    results = aggregate(out / "base_eval", runs, medmcqa_mode=settings.get("medmcqa_mode", "answer"), n_boot=n_boot)
+    try:
+        results = aggregate(out / "base_eval", runs, medmcqa_mode=settings.get("medmcqa_mode", "answer"),
+                            n_boot=n_boot)
+    except (OSError, ValueError, KeyError) as err:  # a damaged or hand-edited evaluation
+        raise ConfigError(f"--out {out}: cannot aggregate the evaluations: {err}. To evaluate that run again, "
+                          f"remove its eval/ dir and run `smf-ds experiment` with this --out") from None
     results["settings"] = settings
-    previous.write_text(json.dumps(results, indent=2))
+    _write_json(previous, results)
     write_report(results, out)
     return results
 

@@ -148,10 +148,17 @@ def eval_settings(world: dict[str, Path], n_boot: int = 200) -> EvalSettings:
 
 
 def load_for_eval(base: Path | str, artifact: Path | None):
-    """(model, tokenizer) of the base (artifact None), of the base plus a memory adapter, or of a
-    model or LoRA adapter dir (eval's loader reads peft adapters through transformers)."""
+    """(model, tokenizer) of the base (artifact None), of the base plus a memory or LoRA adapter,
+    or of a model dir. Adapters go onto `base` as it is now: a LoRA adapter records its base's
+    path from when it was trained, which is stale once the experiment dir has moved."""
     if artifact is not None and (artifact / MEMORY_ADAPTER_CONFIG).is_file():
         return load_model_and_tokenizer(str(base), memory_adapter=str(artifact))
+    if artifact is not None and (artifact / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model, tokenizer = load_model_and_tokenizer(str(base))
+        # The LoRA layers go into the model in place: keep the plain transformers model.
+        return PeftModel.from_pretrained(model, str(artifact)).base_model.model.eval(), tokenizer
     return load_model_and_tokenizer(str(artifact or base))
 
 

@@ -20,7 +20,6 @@ Per seed, the seed sets train.seed and memory.seed; SMF variants share that seed
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,12 +111,13 @@ class ConfigSetup:
         return load_config(self.exp.run, [*overrides, f"train.seed={seed}", f"memory.seed={seed}", f"out_dir={run_dir}"])
 
     def _retrofit(self, seed: int) -> Path:
-        from ..train.run import retrofit_main
+        from ..train.run import clear_unfinished_run, read_run_summary, retrofit_main
 
         run_dir = self.out / "retrofit" / f"seed{seed}"
         summary = run_dir / "retrofit_summary.json"
         if summary.is_file():  # done before: every rank sees the file (rank 0 writes it only after its run)
-            return Path(json.loads(summary.read_text())["artifact"])
+            return Path(read_run_summary(summary)["artifact"])
+        clear_unfinished_run(run_dir)  # a retrofit cut short starts over (it has no resume)
         return Path(retrofit_main(self._config(["train.method=smf"], seed, run_dir))["artifact"])
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:

@@ -27,7 +27,14 @@ def read_records(eval_dir: Path, task: str) -> list[dict]:
     path = Path(eval_dir) / f"{task}.predictions.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no predictions for {task} (was the evaluation run?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                raise ValueError(f"{path}: line {number} is not valid JSON ({err})") from None
+    return records
 
 
 def _keys(records: list[dict], task: str) -> list:

@@ -93,15 +93,16 @@ class Trainer:
 
     def _open_run_record(self) -> None:
         """Rank 0: config.yaml and the TensorBoard writer, once the run is sure to go on (after a
-        resume was accepted). A resumed run drops the events logged after its checkpoint, which it
-        logs again."""
+        resume was accepted). Events already in the run's TensorBoard dir from this step on (a
+        resumed run's steps past its checkpoint; a killed run's before any checkpoint) are dropped:
+        they are logged again."""
         if self.rank != 0 or self.writer is not None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.step + 1)
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -165,6 +166,33 @@ def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool,
     return summary
 
 
+def read_run_summary(summary_file: str | Path) -> dict:
+    """A run's summary, its artifact found beside it: the artifact is saved into the run dir, and
+    the path recorded then is stale once the dir has been moved or copied."""
+    summary_file = Path(summary_file)
+    summary = json.loads(summary_file.read_text())
+    summary["artifact"] = str(summary_file.parent / Path(summary["artifact"]).name)
+    return summary
+
+
+def clear_unfinished_run(run_dir: str | Path) -> None:
+    """Remove the checkpoints of a run that was cut short (for stages with no resume), so that
+    it can start over in its dir; rank 0 removes, every rank waits."""
+    checkpoints = Path(run_dir) / "checkpoints"
+    if get_rank() == 0 and checkpoints.is_dir():
+        log.warning("%s: a run cut short left checkpoints there: removed, the run starts over", run_dir)
+        shutil.rmtree(checkpoints)
+    barrier()
+
+
+def refuse_used_out_dir(cfg: SMFConfig, advice: str) -> None:
+    """A run dir holds one run: refuse to start another over an earlier run's checkpoints."""
+    checkpoints = Path(cfg.out_dir) / "checkpoints"
+    if latest_tag(checkpoints) is not None:
+        raise ConfigError(f"out_dir={cfg.out_dir}: holds the checkpoints of an earlier run ({checkpoints}, latest "
+                          f"{latest_tag(checkpoints)}); {advice}")
+
+
 def retrofit_run_config(cfg: SMFConfig) -> SMFConfig:
     """The run config a retrofit trains with: SMF, its scope, every value row every step
     (dense-all) with the retrofit's optimizer and learning rates, its step count."""
@@ -185,6 +213,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
     if not source:
         raise ConfigError("retrofit.data: expected an OASST1-schema hub id or local file (or set data.background), "
                           "got ''")
+    refuse_used_out_dir(cfg, "retrofit into another out_dir (or remove it)")
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
     tokenizer, model = load_run_model(run, adapter_dir)
     examples = text_examples(load_oasst_texts(source), tokenizer, run.train.max_length)
@@ -201,10 +230,8 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
             and default_stats.is_file()):
         log.info("sparse.background: using %s (written by `smf-ds background` into this out_dir)", default_stats)
         cfg.sparse.background = str(default_stats)
-    checkpoints = Path(cfg.out_dir) / "checkpoints"
-    if not resume and latest_tag(checkpoints) is not None:
-        raise ConfigError(f"out_dir={cfg.out_dir}: holds the checkpoints of an earlier run ({checkpoints}, latest "
-                          f"{latest_tag(checkpoints)}); pass --resume to continue it, or train into another out_dir")
+    if not resume:
+        refuse_used_out_dir(cfg, "pass --resume to continue it, or train into another out_dir")
     tokenizer, model = load_run_model(cfg, adapter_dir)
     background = load_background(cfg, model) if cfg.train.method == "smf" else None
     examples = task_examples(cfg, tokenizer)
@@ -216,6 +243,6 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
             log.warning("resume: the checkpoint is at step %d and train.steps=%d: nothing to train (raise "
                         "train.steps to train on)", trainer.step, cfg.train.steps)
             if summary_file.is_file():  # the finished run's own summary, not an empty one
-                return json.loads(summary_file.read_text())
+                return read_run_summary(summary_file)
         extra["resumed_at_step"] = trainer.step  # first_loss is then the first loss after it
     return fit_and_save(trainer, tokenizer, "train_summary.json", progress, **extra)
