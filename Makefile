@@ -32,7 +32,7 @@ install-mpi: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m smf_ds.cli demo --out runs/demo
 
-# Every method variant x 3 seeds on the synthetic world: paired intervals, a plot, a report (~8 min).
+# Every method variant x 3 seeds on the synthetic world: paired intervals, a plot, a report (8-10 min).
 experiment: $(STAMP)
 	$(PY) -m smf_ds.cli experiment --out runs/experiment
 

@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="stats file (default: <out_dir>/background.safetensors)")
     p.set_defaults(func=_cmd_background)
 
-    p = sub.add_parser("eval", help="MedMCQA / WikiText / TriviaQA evaluation")
+    p = sub.add_parser("eval", help="MedMCQA / WikiText / TriviaQA evaluation",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     from .eval.cli import add_eval_arguments
 
     add_eval_arguments(p)
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="rebuild an experiment's results.json, report.md and plot")
-    p.add_argument("--out", default="runs/experiment", help="the experiment's directory")
+    p.add_argument("--out", default="runs/experiment", help="the experiment's directory (default: runs/experiment)")
     p.set_defaults(func=_cmd_report)
     return parser
 

@@ -168,6 +168,11 @@ def test_cli_end_to_end_with_flags(eval_world, tmp_path, capsys):
     (["--limit", "trivia=5"], "--limit: unknown task 'trivia'"),
     (["--stride", "600", "--max-length", "512"], "--stride"),
     (["--medmcqa-template", "{question} {answer}"], "--medmcqa-template"),
+    (["--medmcqa-template", "Options: {opa} {opb}"], "expected a {question} placeholder"),
+    (["--triviaqa-template", "Answer this:"], "--triviaqa-template: 'Answer this:' is neither a file nor a template"),
+    (["--triviaqa-template", "prompts/tqa.txt"], "'prompts/tqa.txt' is neither a file"),
+    (["--triviaqa-template", "Q: {q}"], "unknown placeholder {q}"),
+    (["--triviaqa-template", "Q: {{literal}}"], "--triviaqa-template: TriviaQA prompt template: expected a {question}"),
     (["--memory-adapter", "/nonexistent/adapter"], "--memory-adapter /nonexistent/adapter"),
     (["--medmcqa", "/nonexistent/medmcqa.jsonl", "--tasks", "medmcqa"], "/nonexistent/medmcqa.jsonl"),
 ])

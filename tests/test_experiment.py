@@ -257,10 +257,18 @@ def test_an_output_directory_keeps_one_setup(tmp_path):
     claim(tmp_path, setup)  # the same settings again
     claim(tmp_path, {**setup, "variants": {"full": ["train.method=full"]}})  # a variant joins
     assert set(json.loads((tmp_path / SETUP_FILE).read_text())["variants"]) == {"lora", "full"}
+    # Nothing made yet under the recorded settings (say, the last call failed on a bad path): replaced.
+    claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "../model"}}})
+    claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}}})
+    (tmp_path / "runs" / "lora" / "seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "lora" / "seed0" / "train_summary.json").write_text("{}")  # a run was made
+    with pytest.raises(ConfigError, match="run.model.name_or_path: '/abs/model' there, 'x' now"):
+        claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "x"}}})
     with pytest.raises(ConfigError, match="steps: 300 there, 10 now.*Use another --out"):
-        claim(tmp_path, {**setup, "steps": 10})
+        claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}}, "steps": 10})
     with pytest.raises(ConfigError, match="variant lora:"):
-        claim(tmp_path, {**setup, "variants": {"lora": ["train.method=lora", "train.lr=1.0"]}})
+        claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}},
+                         "variants": {"lora": ["train.method=lora", "train.lr=1.0"]}})
 
 
 def test_experiment_config_variant_typo_fails_before_anything_runs(tmp_path):
@@ -270,6 +278,10 @@ def test_experiment_config_variant_typo_fails_before_anything_runs(tmp_path):
     done = _cli("experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(out), check=False)
     assert done.returncode == 2 and "variant fast" in done.stderr and "train.stepz" in done.stderr
     assert not (out / "base_eval").exists()
+    (tmp_path / "exp.yaml").write_text("run: run.yaml\n")
+    (tmp_path / "run.yaml").write_text("model: {name_or_path: ../nowhere/model}\n")
+    done = _cli("experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(out), check=False)
+    assert done.returncode == 2 and "model.name_or_path='../nowhere/model': no such directory" in done.stderr
 
 
 def _prepare_world_counting_writes(rank, world_size, directory):

@@ -53,11 +53,14 @@ class MedMCQAExample:
         return LETTERS[self.answer]
 
 
-def _check_placeholders(template: str, allowed: set[str], what: str) -> None:
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is not None and name not in allowed:
-            raise ValueError(f"{what}: unknown placeholder {{{name}}}; allowed: "
-                             + ", ".join("{" + a + "}" for a in sorted(allowed)))
+def _check_placeholders(template: str, allowed: set[str], what: str, required: tuple[str, ...] = ()) -> None:
+    names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    for name in sorted(names - allowed):
+        raise ValueError(f"{what}: unknown placeholder {{{name}}}; allowed: "
+                         + ", ".join("{" + a + "}" for a in sorted(allowed)))
+    for name in required:
+        if name not in names:
+            raise ValueError(f"{what}: expected a {{{name}}} placeholder, got {template!r}")
 
 
 @dataclass
@@ -70,7 +73,8 @@ class MedMCQAPrompt:
     explanation: str = "\nExplanation: {exp}"
 
     def __post_init__(self) -> None:
-        _check_placeholders(self.template, {"question", *OPTION_FIELDS, *LETTERS}, "MedMCQA prompt template")
+        _check_placeholders(self.template, {"question", *OPTION_FIELDS, *LETTERS}, "MedMCQA prompt template",
+                            required=("question",))
         _check_placeholders(self.letter_continuation, {"letter", "option"}, "MedMCQA letter continuation")
         _check_placeholders(self.answer_continuation, {"letter", "option"}, "MedMCQA answer continuation")
         _check_placeholders(self.explanation, {"exp"}, "MedMCQA explanation template")

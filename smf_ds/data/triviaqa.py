@@ -38,9 +38,11 @@ class TriviaQAExample:
 
 
 def check_template(template: str) -> str:
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name is not None and name != "question":
-            raise ValueError(f"TriviaQA prompt template: unknown placeholder {{{name}}}; allowed: {{question}}")
+    names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    for name in sorted(names - {"question"}):
+        raise ValueError(f"TriviaQA prompt template: unknown placeholder {{{name}}}; allowed: {{question}}")
+    if "question" not in names:  # every question would get the same prompt
+        raise ValueError(f"TriviaQA prompt template: expected a {{question}} placeholder, got {template!r}")
     return template
 
 

@@ -120,6 +120,8 @@ def _template(value: str, flag: str) -> str:
             return path.read_text(encoding="utf-8").rstrip("\n")
     except OSError:
         pass
+    if "{" not in value:  # no placeholder: a file name, mistyped
+        raise EvalCLIError(f"{flag}: {value!r} is neither a file nor a template with placeholders")
     try:
         return codecs.decode(value, "unicode_escape") if "\\" in value else value
     except UnicodeDecodeError as err:
@@ -243,9 +245,13 @@ def run_eval(args: argparse.Namespace) -> dict:
                      meta={"model": args.model, "memory_adapter": args.memory_adapter})
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smf-ds eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -8,6 +8,7 @@ keep its overrides.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,15 +16,35 @@ from ..config import ConfigError
 from ..parallel.process_group import barrier, get_rank
 
 SETUP_FILE = "setup.json"
+log = logging.getLogger(__name__)
+
+
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as dotted keys (run.model.name_or_path), so that a difference names its leaf."""
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _differences(before: dict, now: dict) -> list[str]:
-    diffs = [f"{key}: {before.get(key)!r} there, {now.get(key)!r} now"
-             for key in sorted((set(before) | set(now)) - {"variants"}) if before.get(key) != now.get(key)]
+    flat_before = _flat({k: v for k, v in before.items() if k != "variants"})
+    flat_now = _flat({k: v for k, v in now.items() if k != "variants"})
+    diffs = [f"{key}: {flat_before.get(key)!r} there, {flat_now.get(key)!r} now"
+             for key in sorted(set(flat_before) | set(flat_now)) if flat_before.get(key) != flat_now.get(key)]
     old, new = before.get("variants", {}), now.get("variants", {})
     diffs += [f"variant {name}: {old[name]} there, {new[name]} now"
               for name in sorted(set(old) & set(new)) if old[name] != new[name]]
     return diffs
+
+
+def _holds_results(out: Path) -> bool:
+    """Whether anything was made under the recorded settings: a run's or an evaluation's summary,
+    or a pretrained base model."""
+    return any(out.rglob("*summary.json")) or (out / "base" / "config.json").is_file()
 
 
 def claim(out: Path, settings: dict, flag: str = "--out") -> None:
@@ -36,7 +57,11 @@ def claim(out: Path, settings: dict, flag: str = "--out") -> None:
     recorded = json.loads(path.read_text()) if path.is_file() else {}
     if recorded:
         diffs = _differences(recorded, now)
-        if diffs:
+        if diffs and not _holds_results(Path(out)):  # e.g. the last call failed on a bad path
+            log.warning("%s: nothing was made under its recorded settings yet: they are replaced (%s)", out,
+                        "; ".join(diffs))
+            recorded = {}
+        elif diffs:
             raise ConfigError(f"{flag} {out}: holds runs made with other settings ({path}): " + "; ".join(diffs)
                               + f". Use another {flag}, or the settings recorded there")
     merged = {**now, "variants": {**recorded.get("variants", {}), **now.get("variants", {})}}

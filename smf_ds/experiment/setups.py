@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from ..model_source import model_source
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, background_then_train, evaluate, finetune,
                    load_for_eval, prepare_world, pretrain_base)
@@ -106,6 +107,11 @@ class ConfigSetup:
     def prepare(self) -> None:
         if not self.base:
             raise ConfigError(f"run: {self.exp.run}: model.name_or_path is empty")
+        try:  # a mistyped local path fails here, named as the run config's field
+            model_source(self.base)
+        except OSError as err:
+            raise ConfigError(f"run: {self.exp.run}: model.name_or_path={self.base!r}: {err} "
+                              f"(relative paths are from the working directory)") from None
 
     def _config(self, overrides: list[str], seed: int, run_dir: Path):
         return load_config(self.exp.run, [*overrides, f"train.seed={seed}", f"memory.seed={seed}", f"out_dir={run_dir}"])
