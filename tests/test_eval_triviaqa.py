@@ -85,6 +85,10 @@ def test_squad_normalization_and_metrics():
     assert token_f1("the beatles band", refs) == pytest.approx(2 * (1 / 2 * 1) / (1 / 2 + 1))
     assert token_f1("", refs) == 0.0 and token_f1("Beatles", refs) == 1.0
     assert not contains_match("anything", ["", "!!"])  # empty references never match
+    # Answers that are only articles normalize to nothing: found as text, and never below exact match.
+    assert exact_match("The The", ["The The"]) and contains_match("The The", ["The The"])
+    assert contains_match("It was The The, I think", ["The The"]) and contains_match("A", ["A"])
+    assert not contains_match("B", ["A"]) and not contains_match("Then there", ["The The"])
 
 
 def test_prediction_records_carry_references(tiny_lm):

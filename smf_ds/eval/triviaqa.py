@@ -49,8 +49,16 @@ def exact_match(prediction: str, references: Sequence[str]) -> bool:
 
 
 def contains_match(prediction: str, references: Sequence[str]) -> bool:
-    p = normalize_answer(prediction)
-    return any(r and r in p for r in (normalize_answer(x) for x in references))
+    """A reference's normalized text inside the prediction's. A reference that normalizes to
+    nothing (articles only: 'A', 'The The') is looked for as lower-cased text; an exact match always
+    counts, so that contains is never false where exact match is true."""
+    p, lowered = normalize_answer(prediction), " ".join(prediction.lower().split())
+    for ref in references:
+        normalized = normalize_answer(ref)
+        text = normalized or " ".join(ref.lower().split())
+        if text and text in (p if normalized else lowered):
+            return True
+    return exact_match(prediction, references)
 
 
 def _f1(pred_tokens: list[str], ref_tokens: list[str]) -> float:

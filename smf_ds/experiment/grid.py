@@ -9,11 +9,12 @@ Layout of <out> (each rank runs the same code; rank 0 writes):
   runs/<variant>/seed<k>/                      one finetuning run (config, TensorBoard, artifact)
   runs/<variant>/seed<k>/eval/                 its evaluation (per-example predictions)
   results.json  report.md  tradeoff.png        the aggregate (smf_ds.experiment.stats / report)
+  setup.json  report_settings.json             the settings the runs were made with; how to report them
 
 A run whose evaluation is already there is not redone, and one whose training finished is only
 evaluated: an interrupted experiment continues where it stopped when called again with the
-same --out. `smf-ds report --out DIR` rebuilds results.json, report.md and the plot from the
-evaluations present.
+same --out (a run cut short resumes from its checkpoint). `smf-ds report --out DIR` rebuilds
+results.json, report.md and the plot from the evaluations present.
 """
 from __future__ import annotations
 
