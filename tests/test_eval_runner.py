@@ -255,3 +255,16 @@ def test_wikitext_too_short_for_one_window_is_an_error(tiny_lm, tmp_path):
     path.write_text(json.dumps({"text": "a"}) + "\n")
     with pytest.raises(NoUsableRowsError, match=r"wikitext: 1 document\(s\) from .*short\.jsonl hold fewer than 2 tokens"):
         run_tasks(model, tok, ["wikitext"], EvalSettings(wikitext=str(path)), echo=None)
+
+
+def test_windows_longer_than_the_model_positions_are_warned_about(tiny_lm, tmp_path, caplog):
+    model, tok = tiny_lm
+    path = tmp_path / "wiki.jsonl"
+    path.write_text(json.dumps({"text": " the heart pumps blood through the artery and the vein .\n"}) + "\n")
+    positions = model.config.max_position_embeddings
+    with caplog.at_level("WARNING"):
+        run_tasks(model, tok, ["wikitext"], EvalSettings(wikitext=str(path), max_length=positions), echo=None)
+        assert "max_position_embeddings" not in caplog.text
+        run_tasks(model, tok, ["wikitext"], EvalSettings(wikitext=str(path), max_length=positions + 1,
+                                                         stride=positions), echo=None)
+    assert f"--max-length {positions + 1} is more than the model's max_position_embeddings ({positions})" in caplog.text

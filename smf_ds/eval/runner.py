@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from .batching import resolve_shard
 from .medmcqa import MODES, check_modes, evaluate_medmcqa, summarize_medmcqa
 from .triviaqa import evaluate_triviaqa, summarize_triviaqa
 from .wikitext import evaluate_perplexity, summarize_perplexity
+
+log = logging.getLogger(__name__)
 
 TASKS = ("medmcqa", "wikitext", "triviaqa")
 
@@ -172,6 +175,10 @@ def run_wikitext(model, tokenizer, s: EvalSettings, all_docs: list, report: Vali
     limit, sample = s.limit.get("wikitext"), s.sample.get("wikitext")
     docs = take(all_docs, limit, sample, s.seed)
     text = wikitext_data.join_docs(docs)
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if positions and s.max_length > positions:
+        log.warning("wikitext: --max-length %d is more than the model's max_position_embeddings (%d): windows "
+                    "reach positions it was not trained on", s.max_length, positions)
     records = evaluate_perplexity(model, tokenizer, text, max_length=s.max_length, stride=s.stride,
                                   batch_size=s.ppl_batch_size, rank=rank, world_size=world_size, progress=progress)
     if docs and not records:  # rows were there, but too little text to score one token
