@@ -110,3 +110,19 @@ def test_adapter_memory_shape_replaces_the_run_configs(world, tmp_path, caplog):
         got = adopt_adapter_memory(other, str(adapter))
     assert (got.memory.n_keys, got.memory.layers, got.memory.value_lr) == (8, [1], 7.0)  # value_lr is the run's
     assert "memory.n_keys=16 is ignored" in caplog.text and "memory.layers=[0] is ignored" in caplog.text
+
+
+def _retrofit_adapter(rank, world_size, world, out_dir, zero_stage):
+    retrofit_main(load_config(overrides=_overrides(world, out_dir, "retrofit.steps=2",
+                                                   f"train.zero_stage={zero_stage}")), progress=False)
+    return load_file(str(Path(out_dir) / "memory_adapter" / "memory_adapter.safetensors"))
+
+
+def test_memory_trained_under_zero3_is_saved_whole(world, tmp_path):
+    """ZeRO-3 partitions the memory parameters; saving gathers them (once: DeepSpeed refuses nested
+    gathers) and the adapter equals a ZeRO-0 run's."""
+    zero0 = run_distributed(_retrofit_adapter, 1, world, str(tmp_path / "z0"), 0)[0]
+    zero3 = run_distributed(_retrofit_adapter, 1, world, str(tmp_path / "z3"), 3)[0]
+    assert zero0.keys() == zero3.keys()
+    for key, value in zero0.items():
+        assert zero3[key].shape == value.shape and (zero3[key] - value).abs().max() <= 1e-6, key

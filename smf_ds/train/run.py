@@ -141,14 +141,17 @@ def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
     cfg, model = trainer.cfg, trainer.model
     method = cfg.train.method
     target = out_dir / {"smf": "memory_adapter", "lora": "lora_adapter", "full": "model"}[method]
-    with _gathered(cfg, model):
-        if method == "smf":
-            from ..memory.adapter import save_memory_adapter
+    if method == "smf":
+        from ..memory.adapter import save_memory_adapter
 
-            save_memory_adapter(model, target)  # collective for sharded tables; rank 0 writes
-        elif get_rank() == 0:
-            model.save_pretrained(str(target))
-            tokenizer.save_pretrained(str(target))
+        # It gathers its own ZeRO-3 parameters (DeepSpeed refuses nested gathers); a collective
+        # for sharded tables; rank 0 writes.
+        save_memory_adapter(model, target)
+    else:
+        with _gathered(cfg, model):
+            if get_rank() == 0:
+                model.save_pretrained(str(target))
+                tokenizer.save_pretrained(str(target))
     barrier()  # no rank reads the artifact (the demo, the experiment) before rank 0 has written it
     return target
 
