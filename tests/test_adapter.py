@@ -256,6 +256,11 @@ def test_merged_round_trip(tmp_path, mode, tie):
 
     # The injected model itself is unchanged by saving.
     assert torch.equal(logits(model), expected)
+    # `smf-ds eval --model <merged dir>` loads the memory too (not the bare base weights).
+    from smf_ds.eval.cli import load_model_and_tokenizer
+
+    evaluated, _ = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")
+    assert torch.equal(logits(evaluated), expected)
 
 
 def test_load_merged_still_reports_unexpected_missing_weights(tmp_path):

@@ -85,6 +85,10 @@ def test_resume_is_exact(tmp_path):
     n_events = len(list((tmp_path / "b" / "tensorboard").glob("events.out.tfevents.*")))
     message = run_distributed(_resume_error, 1, str(tmp_path / "b"))[0]  # values scope now: no DeepSpeed state
     assert "train.scope='memory+scale' there, 'values' now" in message
+    # Any other setting but the run's length and log/save cadence: another run, refused by name.
+    message = run_distributed(_resume_error, 1, str(tmp_path / "b"), "memory+scale",
+                              ["sparse.optimizer=adamw", "train.log_every=7"])[0]
+    assert "sparse.optimizer='sgd' there, 'adamw' now" in message and "log_every" not in message
     # Another memory to start from (the frozen memory parameters come from the seed or adapter).
     message = run_distributed(_resume_error, 1, str(tmp_path / "b"), "memory+scale", ["memory.seed=5"])[0]
     assert "the memory it started from (fingerprint" in message and "--memory-adapter" in message

@@ -193,9 +193,16 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
     dev = _device(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    # A merged directory (save_merged: base weights + memory) needs its memory injected to load.
+    merged = not memory_adapter and Path(source).is_dir() and (Path(source) / "memory_config.json").is_file()
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
+        if merged:
+            from ..memory.adapter import load_merged
+
+            model = load_merged(source, dtype=getattr(torch, dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
     except OSError as err:
         raise EvalCLIError(f"--model {model_id}: could not load a tokenizer and causal LM from it "
                            f"({err}){missing_dir_note(model_id)}") from None

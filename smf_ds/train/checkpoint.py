@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError
+from ..config import ConfigError, to_dict
 from ..memory.values import ValueTable
 from ..parallel.process_group import barrier, get_rank, get_world_size
 
@@ -43,39 +43,47 @@ def save_memory_checkpoint(directory: str | Path, tag: str, tables: list[tuple[i
     barrier()
 
 
-# What a checkpoint's engine state depends on: resuming with another value fails deep inside
-# DeepSpeed (or silently loads the wrong thing), so it is checked first and named.
-RESUME_MUST_MATCH = ("model.name_or_path", "train.method", "train.scope", "train.zero_stage", "train.offload",
-                     "train.lora_r", "train.lora_alpha", "train.lora_targets")
+# A resumed run is the same run: every setting must be what the checkpoint was made with, except
+# how long it goes on and how often it logs and saves (and where its dir is now). Other changes
+# would fail deep inside DeepSpeed, or silently train another run (another learning rate, batch
+# order, optimizer state) under the old run's name.
+MAY_CHANGE_ON_RESUME = ("train.steps", "train.save_every", "train.log_every", "out_dir")
 RUN_FILE = "run.json"
 
 
-def _dotted(cfg, key: str):
-    section, name = key.split(".")
-    return getattr(getattr(cfg, section), name)
+def _flat_config(cfg) -> dict:
+    """The run config as {dotted key: value}, as JSON reads it back (tuples as lists)."""
+    def flat(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+    return json.loads(json.dumps(dict(flat(to_dict(cfg)))))
 
 
 def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None) -> None:
-    """Rank 0: the RESUME_MUST_MATCH settings of the run and the memory_fingerprint it started
-    from, next to its checkpoint files."""
+    """Rank 0: the run's settings and the memory_fingerprint it started from, next to its
+    checkpoint files."""
     if get_rank() == 0:
         path = Path(directory) / tag
         path.mkdir(parents=True, exist_ok=True)
-        identity = {key: _dotted(cfg, key) for key in RESUME_MUST_MATCH}
-        identity["memory_fingerprint"] = memory
+        identity = {"config": _flat_config(cfg), "memory_fingerprint": memory}
         (path / RUN_FILE).write_text(json.dumps(identity, indent=2))
 
 
 def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None) -> None:
-    """Refuse to resume a checkpoint made with other RESUME_MUST_MATCH settings, or from another
-    memory (the frozen memory parameters are not in the checkpoint: they come from the adapter or
-    the seed each time), naming what differs."""
+    """Refuse to resume a checkpoint made with other settings (but MAY_CHANGE_ON_RESUME), or from
+    another memory (the frozen memory parameters are not in the checkpoint: they come from the
+    adapter or the seed each time), naming what differs."""
     file = Path(directory) / tag / RUN_FILE
     if not file.is_file():  # a checkpoint from before this file existed
         return
     saved = json.loads(file.read_text())
-    diffs = [f"{key}={saved[key]!r} there, {_dotted(cfg, key)!r} now" for key in RESUME_MUST_MATCH
-             if key in saved and saved[key] != _dotted(cfg, key)]
+    saved_config = saved.get("config", {k: v for k, v in saved.items() if k != "memory_fingerprint"})
+    now = _flat_config(cfg)
+    diffs = [f"{key}={saved_config[key]!r} there, {now.get(key)!r} now" for key in sorted(saved_config)
+             if key not in MAY_CHANGE_ON_RESUME and saved_config[key] != now.get(key)]
     if saved.get("memory_fingerprint") not in (None, memory):
         diffs.append(f"the memory it started from (fingerprint {saved['memory_fingerprint']} there, {memory} now: "
                      f"pass the same --memory-adapter and memory.* settings)")
