@@ -7,7 +7,7 @@ import logging
 import sys
 
 from .config import InputError, load_config
-from .parallel.process_group import get_rank
+from .parallel.process_group import get_rank, launcher_env
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -164,8 +164,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+def _quiet_other_ranks() -> None:
+    """Under a launcher every rank would print the same info, warnings and loading bars: rank 0
+    speaks for all; the others report errors only."""
+    env = launcher_env()
+    if env is None or env["RANK"] == "0":
+        return
+    logging.getLogger().setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_other_ranks()
     args = parse_args(build_parser(), argv)
     done, rank = False, 0
     try:
