@@ -158,3 +158,22 @@ def test_training_into_a_used_out_dir_needs_resume(tmp_path):
         train_main(_cfg(tmp_path, 1))
     with pytest.raises(ConfigError, match=r"earlier run .*; retrofit into another out_dir"):
         retrofit_main(_cfg(tmp_path, 1, extra=["data.background=oasst.jsonl"]))
+
+
+def test_mistyped_data_paths_fail_before_the_model_loads(tmp_path):
+    """A typo in a data path is named by its field, before any model is loaded (the model path
+    here does not exist either: reaching it would be another error)."""
+    from smf_ds.config import ConfigError
+    from smf_ds.train.run import background_main, retrofit_main, train_main
+
+    cfg = _cfg(tmp_path, 1, extra=["model.name_or_path=/nowhere/model", "data.train=./medmcqa_trian.jsonl",
+                                   "data.background=oasst.jsonl"])
+    with pytest.raises(ConfigError, match=r"data\.train='\./medmcqa_trian\.jsonl': no such file or directory"):
+        train_main(cfg)
+    with pytest.raises(ConfigError, match=r"data\.background='oasst\.jsonl': no such file or directory"):
+        background_main(cfg)
+    with pytest.raises(ConfigError, match=r"data\.background='oasst\.jsonl': no such file or directory"):
+        retrofit_main(cfg)
+    cfg = _cfg(tmp_path, 1, extra=["model.name_or_path=/nowhere/model", "sparse.background=/nowhere/bg.safetensors"])
+    with pytest.raises(ConfigError, match=r"sparse\.background: file /nowhere/bg\.safetensors not found"):
+        train_main(cfg)

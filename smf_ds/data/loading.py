@@ -127,6 +127,14 @@ def _from_datasets_object(obj: Any, source: str, split: str | None) -> Rows:
     return Rows(source, obj.to_list())
 
 
+def missing_local_source(source: str | os.PathLike) -> bool:
+    """Whether `source` names a local file or directory (a path, or a data file's name) that does
+    not exist: a typo, not a hub id to try."""
+    text = str(source)
+    looks_local = text.startswith((".", "/", "~")) or text.endswith(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)
+    return looks_local and not Path(text).expanduser().exists()
+
+
 def load_rows(source: str | os.PathLike, split: str | None = None, config: str | None = None) -> Rows:
     """All rows of `source` (local file/directory or hub id); see the module docstring."""
     source_str = str(source)
@@ -151,7 +159,7 @@ def load_rows(source: str | os.PathLike, split: str | None = None, config: str |
         except Exception as err:  # noqa: BLE001 - re-raised with the source named
             raise DataSourceError(f"{path}: could not read this directory as a dataset ({err})") from err
         return _from_datasets_object(obj, f"{path}[{split}]" if split else str(path), None)
-    if source_str.startswith((".", "/", "~")) or source_str.endswith(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES):
+    if missing_local_source(source_str):
         raise DataSourceError(f"{source_str}: no such file or directory")
     try:
         obj = datasets.load_dataset(source_str, config, split=split)

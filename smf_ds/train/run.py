@@ -12,6 +12,7 @@ import torch
 
 from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFConfig, save_config
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
+from ..data.loading import missing_local_source
 from ..data.oasst import load_oasst_texts
 from ..memory.adapter import memory_fingerprint
 from ..memory.inject import value_tables
@@ -117,6 +118,7 @@ def default_background_path(cfg: SMFConfig) -> Path:
 
 def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | None = None) -> Path:
     cfg = adopt_adapter_memory(cfg, adapter_dir)
+    check_data_paths(**{"data.background": cfg.data.background})
     tokenizer, model = load_run_model(cfg, adapter_dir)
     out_path = Path(out) if out else default_background_path(cfg)
     if out_path.is_dir():  # `--out DIR`: the stats go into it
@@ -169,6 +171,14 @@ def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool,
     return summary
 
 
+def check_data_paths(**sources: str | None) -> None:
+    """Fail on a mistyped local data path before the model is loaded (minutes on a cluster), naming
+    the field: check_data_paths(**{"data.train": cfg.data.train})."""
+    for field, source in sources.items():
+        if source and missing_local_source(source):
+            raise ConfigError(f"{field}={source!r}: no such file or directory")
+
+
 def read_run_summary(summary_file: str | Path) -> dict:
     """A run's summary, its artifact found beside it: the artifact is saved into the run dir, and
     the path recorded then is stale once the dir has been moved or copied."""
@@ -217,6 +227,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
         raise ConfigError("retrofit.data: expected an OASST1-schema hub id or local file (or set data.background), "
                           "got ''")
     refuse_used_out_dir(cfg, "retrofit into another out_dir (or remove it)")
+    check_data_paths(**{"retrofit.data" if cfg.retrofit.data else "data.background": source})
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
     tokenizer, model = load_run_model(run, adapter_dir)
     examples = text_examples(load_oasst_texts(source), tokenizer, run.train.max_length)
@@ -235,6 +246,10 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
         cfg.sparse.background = str(default_stats)
     if not resume:
         refuse_used_out_dir(cfg, "pass --resume to continue it, or train into another out_dir")
+    check_data_paths(**{"data.train": cfg.data.train})
+    if cfg.train.method == "smf" and cfg.sparse.background and not Path(cfg.sparse.background).is_file():
+        raise ConfigError(f"sparse.background: file {cfg.sparse.background} not found; compute it with "
+                          f"`smf-ds background`")  # as BackgroundStats.load says it, before the model loads
     tokenizer, model = load_run_model(cfg, adapter_dir)
     background = load_background(cfg, model) if cfg.train.method == "smf" else None
     examples = task_examples(cfg, tokenizer)
