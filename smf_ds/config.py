@@ -335,6 +335,18 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten_dotted(tree: dict, prefix: str = "") -> dict:
+    """Nested mappings as {dotted key: leaf} (train.lr, run.model.name_or_path), so that a
+    difference between two configs names its leaf; an empty mapping is a leaf."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data

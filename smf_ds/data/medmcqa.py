@@ -23,10 +23,10 @@ prompt and the continuation are tokenized separately and concatenated, in traini
 """
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass
 
 from .loading import Rows, load_rows, take
+from .templates import check_placeholders
 from .validation import ValidationReport, get_str, new_report
 
 HUB_ID = "openlifescienceai/medmcqa"
@@ -53,16 +53,6 @@ class MedMCQAExample:
         return LETTERS[self.answer]
 
 
-def _check_placeholders(template: str, allowed: set[str], what: str, required: tuple[str, ...] = ()) -> None:
-    names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    for name in sorted(names - allowed):
-        raise ValueError(f"{what}: unknown placeholder {{{name}}}; allowed: "
-                         + ", ".join("{" + a + "}" for a in sorted(allowed)))
-    for name in required:
-        if name not in names:
-            raise ValueError(f"{what}: expected a {{{name}}} placeholder, got {template!r}")
-
-
 @dataclass
 class MedMCQAPrompt:
     """How a question becomes text. Placeholders: {question}, {opa}..{opd} (also {A}..{D})."""
@@ -73,11 +63,11 @@ class MedMCQAPrompt:
     explanation: str = "\nExplanation: {exp}"
 
     def __post_init__(self) -> None:
-        _check_placeholders(self.template, {"question", *OPTION_FIELDS, *LETTERS}, "MedMCQA prompt template",
+        check_placeholders(self.template, {"question", *OPTION_FIELDS, *LETTERS}, "MedMCQA prompt template",
                             required=("question",))
-        _check_placeholders(self.letter_continuation, {"letter", "option"}, "MedMCQA letter continuation")
-        _check_placeholders(self.answer_continuation, {"letter", "option"}, "MedMCQA answer continuation")
-        _check_placeholders(self.explanation, {"exp"}, "MedMCQA explanation template")
+        check_placeholders(self.letter_continuation, {"letter", "option"}, "MedMCQA letter continuation")
+        check_placeholders(self.answer_continuation, {"letter", "option"}, "MedMCQA answer continuation")
+        check_placeholders(self.explanation, {"exp"}, "MedMCQA explanation template")
 
     def prompt(self, ex: MedMCQAExample) -> str:
         fields = {"question": ex.question, **dict(zip(OPTION_FIELDS, ex.options)), **dict(zip(LETTERS, ex.options))}

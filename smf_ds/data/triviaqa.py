@@ -12,10 +12,10 @@ first newline.
 """
 from __future__ import annotations
 
-import string
 from dataclasses import dataclass, field
 
 from .loading import Rows, load_rows, take
+from .templates import check_placeholders
 from .validation import ValidationReport, get_str, new_report
 
 HUB_ID = "trivia_qa"
@@ -38,12 +38,8 @@ class TriviaQAExample:
 
 
 def check_template(template: str) -> str:
-    names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    for name in sorted(names - {"question"}):
-        raise ValueError(f"TriviaQA prompt template: unknown placeholder {{{name}}}; allowed: {{question}}")
-    if "question" not in names:  # every question would get the same prompt
-        raise ValueError(f"TriviaQA prompt template: expected a {{question}} placeholder, got {template!r}")
-    return template
+    # {question} is required: without it every question would get the same prompt.
+    return check_placeholders(template, {"question"}, "TriviaQA prompt template", required=("question",))
 
 
 def parse_triviaqa(rows: Rows, strict: bool = False) -> tuple[list[TriviaQAExample], ValidationReport]:

@@ -12,27 +12,16 @@ import logging
 import os
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, flatten_dotted
 from ..parallel.process_group import barrier, get_rank
 
 SETUP_FILE = "setup.json"
 log = logging.getLogger(__name__)
 
 
-def _flat(settings: dict, prefix: str = "") -> dict:
-    """Nested settings as dotted keys (run.model.name_or_path), so that a difference names its leaf."""
-    out = {}
-    for key, value in settings.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _differences(before: dict, now: dict) -> list[str]:
-    flat_before = _flat({k: v for k, v in before.items() if k != "variants"})
-    flat_now = _flat({k: v for k, v in now.items() if k != "variants"})
+    flat_before = flatten_dotted({k: v for k, v in before.items() if k != "variants"})
+    flat_now = flatten_dotted({k: v for k, v in now.items() if k != "variants"})
     diffs = [f"{key}: {flat_before.get(key)!r} there, {flat_now.get(key)!r} now"
              for key in sorted(set(flat_before) | set(flat_now)) if flat_before.get(key) != flat_now.get(key)]
     old, new = before.get("variants", {}), now.get("variants", {})

@@ -19,6 +19,8 @@ of times, which holds in data-parallel training. Shape legend as in memory/value
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.distributed as dist
 
@@ -55,9 +57,9 @@ class _ShardedTable(ValueTable):
         mine = torch.tensor([n_tokens], dtype=torch.long, device=device)
         return all_gather_v(mine, [1] * self.world, self.group).tolist()
 
+    @abc.abstractmethod
     def _part_sizes(self) -> tuple[list[int], int]:
         """(sizes of every rank's part, in rank order; the dimension the table is split along)."""
-        raise NotImplementedError
 
     def gather_full_weight(self, dst: int = 0, chunk_bytes: int = 64 << 20):
         sizes, dim = self._part_sizes()

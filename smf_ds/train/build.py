@@ -66,10 +66,11 @@ def add_memory(model, cfg: SMFConfig, adapter_dir: str | None = None):
     return model
 
 
-def load_background(cfg: SMFConfig, model) -> BackgroundStats | None:
-    if not cfg.sparse.background:
-        return None
-    stats = BackgroundStats.load(cfg.sparse.background)
-    stats.check_against(value_tables(model), f"sparse.background={cfg.sparse.background}",
-                        memory_fingerprint(model))
-    return stats
+def load_background(cfg: SMFConfig) -> BackgroundStats | None:
+    """The run's background stats (file only: read before the model, so a wrong path costs no model load)."""
+    return BackgroundStats.load(cfg.sparse.background) if cfg.sparse.background else None
+
+
+def check_background(stats: BackgroundStats, cfg: SMFConfig, model) -> None:
+    """The stats fit the model's tables and were read through the memory it starts from."""
+    stats.check_against(value_tables(model), f"sparse.background={cfg.sparse.background}", memory_fingerprint(model))

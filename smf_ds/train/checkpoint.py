@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError, to_dict
+from ..config import ConfigError, flatten_dotted, to_dict
 from ..memory.values import ValueTable
 from ..parallel.process_group import barrier, get_rank, get_world_size
 
@@ -53,13 +53,7 @@ RUN_FILE = "run.json"
 
 def _flat_config(cfg) -> dict:
     """The run config as {dotted key: value}, as JSON reads it back (tuples as lists)."""
-    def flat(node, prefix=""):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                yield from flat(value, f"{prefix}{key}.")
-            else:
-                yield f"{prefix}{key}", value
-    return json.loads(json.dumps(dict(flat(to_dict(cfg)))))
+    return json.loads(json.dumps(flatten_dotted(to_dict(cfg))))
 
 
 def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None) -> None:

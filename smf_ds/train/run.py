@@ -19,7 +19,7 @@ from ..memory.inject import value_tables
 from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
 from .batches import GlobalBatchOrder, collate, tokenize_prompt_answer, tokenize_text
-from .build import load_background, load_run_model
+from .build import check_background, load_background, load_run_model
 from .checkpoint import latest_tag
 from .loop import Trainer
 
@@ -247,11 +247,10 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
     if not resume:
         refuse_used_out_dir(cfg, "pass --resume to continue it, or train into another out_dir")
     check_data_paths(**{"data.train": cfg.data.train})
-    if cfg.train.method == "smf" and cfg.sparse.background and not Path(cfg.sparse.background).is_file():
-        raise ConfigError(f"sparse.background: file {cfg.sparse.background} not found; compute it with "
-                          f"`smf-ds background`")  # as BackgroundStats.load says it, before the model loads
+    background = load_background(cfg) if cfg.train.method == "smf" else None
     tokenizer, model = load_run_model(cfg, adapter_dir)
-    background = load_background(cfg, model) if cfg.train.method == "smf" else None
+    if background is not None:
+        check_background(background, cfg, model)
     examples = task_examples(cfg, tokenizer)
     trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id, background)
     extra = {}
