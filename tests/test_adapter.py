@@ -10,7 +10,7 @@ from safetensors import safe_open
 from torch import nn
 
 from smf_ds.config import ConfigError, MemoryConfig
-from smf_ds.memory.adapter import (CONFIG_NAME, WEIGHTS_NAME, load_memory_adapter, load_merged,
+from smf_ds.memory.adapter import (CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, load_memory_adapter, load_merged,
                                    save_memory_adapter, save_merged)
 from smf_ds.memory.inject import inject_memory, memory_layers, value_tables
 
@@ -107,7 +107,8 @@ def test_adapter_round_trip_gives_equal_logits(base_dir, tmp_path, kw):
     assert {p.name for p in tmp_path.iterdir()} == {CONFIG_NAME, WEIGHTS_NAME}
 
     saved = json.loads((tmp_path / CONFIG_NAME).read_text())
-    assert saved["base_model"] == {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 3}
+    assert saved["base_model"] == {"model_type": "qwen2", "hidden_size": 32, "num_hidden_layers": 3,
+                                   "fingerprint": base_fingerprint(inject_memory(fresh(base_dir), mem_cfg(**kw)))}
     assert saved["memory"]["mode"] == kw["mode"] and saved["format_version"] == 1
     with safe_open(str(tmp_path / WEIGHTS_NAME), "pt") as f:
         keys = set(f.keys())
@@ -159,6 +160,22 @@ def test_load_into_different_base_model_names_the_field(base_dir, tmp_path):
         load_memory_adapter(llama, tmp_path)
     # A failed load leaves the model without memory.
     assert getattr(llama, "smf_memory_config", None) is None and not memory_layers(llama)
+
+
+def test_base_fingerprint_tells_other_weights_apart_and_warns_on_load(base_dir, tmp_path, caplog):
+    model = inject_memory(fresh(base_dir), mem_cfg())
+    scramble_memory(model)  # memory is not part of the base
+    assert base_fingerprint(model) == base_fingerprint(fresh(base_dir))
+    assert base_fingerprint(fresh(base_dir).to(torch.bfloat16)) == base_fingerprint(fresh(base_dir))
+    other = tiny_qwen2(seed=5)  # same shapes, other weights
+    assert base_fingerprint(other) != base_fingerprint(fresh(base_dir))
+    save_memory_adapter(model, tmp_path)
+    with caplog.at_level(logging.WARNING, logger="smf_ds.memory.adapter"):
+        load_memory_adapter(fresh(base_dir), tmp_path)
+        assert not caplog.records
+        loaded = load_memory_adapter(other, tmp_path)  # a transfer may be deliberate: it loads
+    assert loaded.smf_memory_config == model.smf_memory_config
+    assert len(caplog.records) == 1 and "base_model.fingerprint" in caplog.text and str(tmp_path) in caplog.text
 
 
 def test_missing_or_corrupt_files_name_the_file(base_dir, tmp_path):

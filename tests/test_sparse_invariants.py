@@ -235,14 +235,15 @@ def test_background_of_another_table_shape_is_an_error(tmp_path):
 
 
 def test_background_read_through_another_memory_is_an_error(tmp_path, caplog):
-    """Stats record the memory they were read through (memory_fingerprint); training from
-    another memory (another seed, a forgotten --memory-adapter) refuses them."""
-    from smf_ds.memory.adapter import memory_fingerprint
+    """Stats record the memory and base weights they were read through (memory_fingerprint,
+    base_fingerprint); training from another memory (another seed, a forgotten --memory-adapter)
+    or another base refuses them."""
+    from smf_ds.memory.adapter import base_fingerprint, memory_fingerprint
     from smf_ds.memory.inject import inject_memory, value_tables
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    def model(seed):
-        torch.manual_seed(0)
+    def model(seed, base_seed=0):
+        torch.manual_seed(base_seed)
         base = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                                             num_attention_heads=2, num_key_value_heads=1))
         return inject_memory(base, MemoryConfig(layers=[1], n_keys=4, heads=1, knn=2, k_dim=4, seed=seed))
@@ -252,12 +253,17 @@ def test_background_read_through_another_memory_is_an_error(tmp_path, caplog):
     tables = value_tables(first)
     rows = tables[0][1].num_rows
     stats = BackgroundStats(2, {1: torch.zeros(rows, dtype=torch.long)}, {1: torch.zeros(rows, dtype=torch.long)},
-                            memory_fingerprint(first))
+                            memory_fingerprint(first), base_fingerprint(first))
     stats.save(tmp_path / "bg.safetensors")
     loaded = BackgroundStats.load(tmp_path / "bg.safetensors")
     loaded.check_against(value_tables(same), "bg", memory_fingerprint(same))
     with pytest.raises(ConfigError, match="bg: these stats were read through another memory"):
         loaded.check_against(value_tables(other), "bg", memory_fingerprint(other))
+    other_base = model(0, base_seed=3)
+    assert memory_fingerprint(other_base) == memory_fingerprint(first)
+    with pytest.raises(ConfigError, match="bg: these stats were read through other base model weights"):
+        loaded.check_against(value_tables(other_base), "bg", memory_fingerprint(other_base),
+                             base_fingerprint(other_base))
     # Stats from before fingerprints: accepted, with a warning that they cannot be checked.
     BackgroundStats(2, loaded.df, loaded.counts).save(tmp_path / "old.safetensors")
     with caplog.at_level("WARNING"):

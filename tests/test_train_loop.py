@@ -11,9 +11,9 @@ from smf_ds.train.loop import Trainer
 VOCAB = 64
 
 
-def _model(memory_cfg):
+def _model(memory_cfg, seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     return inject_memory(model, memory_cfg)
@@ -50,11 +50,15 @@ def _run(rank, world, run_dir, strategy, scope, steps, save_every=0, resume=Fals
             "selected": trainer.updater.previous[1].tolist()}
 
 
-def _resume_error(rank, world, run_dir, scope="values", extra=()):
+def _resume_error(rank, world, run_dir, scope="values", extra=(), base_seed=0):
     from smf_ds.config import ConfigError
 
     cfg = _cfg(run_dir, world, "local", scope, 4, extra=extra)
-    trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+    model = _model(cfg.memory, base_seed)
+    if base_seed:  # other base weights, the same memory
+        model.load_state_dict({k: v for k, v in _model(cfg.memory).state_dict().items() if ".memory." in k},
+                              strict=False)
+    trainer = Trainer(cfg, model, _examples(), pad_id=0)
     try:
         trainer.resume()
     except ConfigError as err:
@@ -92,12 +96,60 @@ def test_resume_is_exact(tmp_path):
     # Another memory to start from (the frozen memory parameters come from the seed or adapter).
     message = run_distributed(_resume_error, 1, str(tmp_path / "b"), "memory+scale", ["memory.seed=5"])[0]
     assert "the memory it started from (fingerprint" in message and "--memory-adapter" in message
+    # Other base weights under the same model.name_or_path: the checkpoint does not hold them.
+    message = run_distributed(_resume_error, 1, str(tmp_path / "b"), "memory+scale", (), 7)[0]
+    assert "the base model's weights (fingerprint" in message and "memory it started from" not in message
     # A refused resume leaves the run's record alone.
     assert (tmp_path / "b" / "config.yaml").read_text() == record
     assert len(list((tmp_path / "b" / "tensorboard").glob("events.out.tfevents.*"))) == n_events
     events = list((tmp_path / "a" / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
     assert (tmp_path / "a" / "config.yaml").is_file()
+
+
+def _run_dense(rank, world, run_dir, extra, steps, resume=False):
+    """Train `steps` (or resume to them); the trained dense parameters, losses and the names the
+    engine checkpoint's module state holds."""
+    cfg = _cfg(run_dir, world, "local", "memory+scale", steps, extra=extra)
+    trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+    if resume:
+        assert trainer.resume()
+    losses = trainer.fit().losses
+    tag = (trainer.checkpoint_dir / "latest_memory").read_text()
+    saved = {}
+    for file in (trainer.checkpoint_dir / tag).glob("*model_states.pt"):
+        state = torch.load(file, weights_only=False)
+        assert not state.get("frozen_param_fragments"), file
+        saved[file.name] = sorted(state["module"])
+    trainable = sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    with deepspeed_gathered(trainer):
+        dense = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return {"losses": losses, "dense": dense, "saved": saved, "trainable": trainable}
+
+
+def deepspeed_gathered(trainer):
+    import contextlib
+
+    params = [p for p in trainer.model.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
+@pytest.mark.parametrize("extra", [["train.method=lora"], ["train.zero_stage=3"]], ids=["lora", "memory-zero3"])
+def test_checkpoints_leave_the_frozen_backbone_out_and_resume_exactly(tmp_path, extra):
+    straight = run_distributed(_run_dense, 1, str(tmp_path / "a"), extra, 4)[0]
+    run_distributed(_run_dense, 1, str(tmp_path / "b"), extra, 2)
+    resumed = run_distributed(_run_dense, 1, str(tmp_path / "b"), extra, 4, True)[0]
+    assert straight["losses"][2:] == resumed["losses"]
+    assert straight["dense"].keys() == resumed["dense"].keys() and straight["dense"]
+    for name, value in straight["dense"].items():
+        assert torch.equal(value, resumed["dense"][name]), name
+    assert straight["saved"], "no DeepSpeed model states written"
+    for file, names in straight["saved"].items():  # the trained parameters, nothing of the backbone
+        assert names == straight["trainable"], file
 
 
 def _crash_and_resume(rank, world, run_dir):

@@ -67,19 +67,24 @@ def launch_command(launcher: str | None, procs: int, args: list[str], log_dir: P
     return [str(REPO / "launch" / f"{launcher}.sh"), str(procs), *args]
 
 
-def run_smf_ds(launcher: str | None, procs: int, args: list[str], log_dir: Path, sbatch_args: str = "",
-               timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run one smf-ds command under a launcher; the child processes use this interpreter."""
+def launcher_env() -> dict:
+    """The environment for the launch scripts: this interpreter and its deepspeed, a free port."""
     from smf_ds.parallel.process_group import free_port
 
-    log_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHON=sys.executable,
                DEEPSPEED=str(Path(sys.executable).with_name("deepspeed")), MASTER_PORT=str(free_port()),
                PYTHONPATH=str(REPO))
     if not _has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would look for a GPU
+    return env
+
+
+def run_smf_ds(launcher: str | None, procs: int, args: list[str], log_dir: Path, sbatch_args: str = "",
+               timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run one smf-ds command under a launcher; the child processes use this interpreter."""
+    log_dir.mkdir(parents=True, exist_ok=True)
     cmd = launch_command(launcher, procs, args, log_dir, sbatch_args)
-    done = subprocess.run(cmd, env=env, cwd=log_dir, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(cmd, env=launcher_env(), cwd=log_dir, capture_output=True, text=True, timeout=timeout)
     if launcher == "slurm":  # the job's own output is in its log file, not sbatch's
         done.stdout += "".join(p.read_text() for p in sorted(log_dir.glob("slurm-*.out")))
     return done

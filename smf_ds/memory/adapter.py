@@ -3,7 +3,9 @@
 Adapter directory (`save_memory_adapter` / `load_memory_adapter`):
 
     memory_config.json           {"format", "format_version", "memory": MemoryConfig as a dict,
-                                  "base_model": {"model_type", "hidden_size", "num_hidden_layers"}}
+                                  "base_model": {"model_type", "hidden_size", "num_hidden_layers",
+                                                 "fingerprint" (base_fingerprint: other weights of
+                                                 the same shapes load with a warning)}}
     memory_adapter.safetensors   every memory tensor, named by decoder layer:
                                   layers.6.memory.query.weight, layers.6.memory.keys,
                                   layers.6.memory.gate.weight, layers.6.memory.out.weight,
@@ -50,6 +52,8 @@ FORMAT_VERSION = 1
 # initialisation or training knobs that the loaded tensors make irrelevant.
 STRUCTURAL_FIELDS = ("layers", "n_keys", "heads", "knn", "k_dim", "v_dim", "mode", "gated", "query_batchnorm")
 BASE_MODEL_FIELDS = ("model_type", "hidden_size", "num_hidden_layers")
+
+log = logging.getLogger(__name__)
 
 
 class AdapterError(ConfigError):
@@ -107,6 +111,29 @@ def memory_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+FINGERPRINT_SAMPLE = 4096  # elements hashed per base tensor
+
+
+def base_fingerprint(model: nn.Module) -> str | None:
+    """A short hash of the base model's weights (memory left out, `base_layer` unwrapped; in
+    replacement mode the replaced MLPs are gone, so compare models with the same memory): which
+    pretrained model a run or an adapter started from. Each tensor contributes its name, shape
+    and an evenly strided sample of FINGERPRINT_SAMPLE values rounded to bfloat16, so it costs
+    the same at any model size, tells one checkpoint from another (training moves nearly every
+    weight), and is the same whether the base is loaded in float32 or bfloat16. Under ZeRO-3
+    the weights are partitioned: it then returns the fingerprint stamped on the model before
+    (`model.smf_base_fingerprint`), or None."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return getattr(model, "smf_base_fingerprint", None)
+    digest = hashlib.sha256()
+    for key, tensor in sorted(base_state_dict(model).items()):
+        flat = tensor.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // FINGERPRINT_SAMPLE)][:FINGERPRINT_SAMPLE]
+        digest.update(f"{key}{tuple(tensor.shape)}".encode())
+        digest.update(sample.to(torch.bfloat16).float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _base_model_info(model: nn.Module) -> dict:
     config = getattr(model, "config", None)
     return {field: getattr(config, field, None) for field in BASE_MODEL_FIELDS}
@@ -154,7 +181,7 @@ def save_memory_adapter(model: nn.Module, directory: str | Path) -> Path:
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "memory": dataclasses.asdict(cfg),
-            "base_model": _base_model_info(model),
+            "base_model": {**_base_model_info(model), "fingerprint": base_fingerprint(model)},
         }
         _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(
             tensors, str(p), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}))
@@ -198,6 +225,16 @@ def _check_base_model(model: nn.Module, base: dict, file: Path) -> None:
                                f"{field}={base.get(field)!r}, but this model has {field}={have[field]!r}")
 
 
+def _warn_if_other_base(model: nn.Module, saved: str | None, file: Path) -> None:
+    """Same shapes but other weights (e.g. the base model instead of its instruct tuning) still
+    load: a deliberate transfer is legitimate, a wrong --model is not, so say it and go on."""
+    have = base_fingerprint(model)
+    if saved and have and saved != have:
+        log.warning("%s: base_model.fingerprint: the adapter was trained on other base weights (%s) than "
+                    "this model's (%s); it loads (same shapes), but its memory was fitted to that other model",
+                    file, saved, have)
+
+
 def _check_same_memory(model: nn.Module, cfg: MemoryConfig, file: Path) -> None:
     have = model.smf_memory_config
     hidden = model.config.hidden_size
@@ -231,6 +268,7 @@ def load_memory_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if getattr(model, "smf_memory_config", None) is not None:
         _check_same_memory(model, cfg, config_file)
         _load_tensors(model, _read_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+        _warn_if_other_base(model, base.get("fingerprint"), config_file)
         return model
     tensors = _read_tensors(directory / WEIGHTS_NAME)  # before injecting: an unreadable file changes nothing
     originals = {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if i in cfg.layers}
@@ -240,6 +278,7 @@ def load_memory_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     except BaseException:
         _undo_injection(model, originals)  # a file that does not fit leaves the model as it was
         raise
+    _warn_if_other_base(model, base.get("fingerprint"), config_file)  # injected: as it was saved
     return model
 
 

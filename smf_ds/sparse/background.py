@@ -32,6 +32,7 @@ class BackgroundStats:
     df: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_rows,) int64
     counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (num_rows,) int64
     memory: str | None = None  # memory_fingerprint of the model the reads went through
+    base: str | None = None  # and its base_fingerprint
 
     @classmethod
     def empty(cls, tables: list[tuple[int, ValueTable]]) -> "BackgroundStats":
@@ -55,13 +56,18 @@ class BackgroundStats:
             self.counts[layer] = sum_over_row_owners(table, self.counts[layer])
 
     def check_against(self, tables: list[tuple[int, ValueTable]], source: str = "background stats",
-                      memory: str | None = None) -> None:
-        """Refuse stats that do not fit these tables; `memory`: the run's memory_fingerprint, which
-        must be the one the stats were read through (rows mean nothing under other keys)."""
+                      memory: str | None = None, base: str | None = None) -> None:
+        """Refuse stats that do not fit these tables; `memory` and `base`: the run's memory_fingerprint
+        and base_fingerprint, which must be those the stats were read through (rows mean nothing
+        under other keys, and other base weights ask other queries)."""
         if memory is not None and self.memory is not None and memory != self.memory:
             raise ConfigError(f"{source}: these stats were read through another memory (fingerprint "
                               f"{self.memory}) than this run starts from ({memory}); compute them with "
                               f"`smf-ds background` and the same --memory-adapter and memory.* settings as training")
+        if base is not None and self.base is not None and base != self.base:
+            raise ConfigError(f"{source}: these stats were read through other base model weights (fingerprint "
+                              f"{self.base}) than this run's model.name_or_path holds ({base}); compute them with "
+                              f"`smf-ds background` and the same model as training")
         if memory is not None and self.memory is None:
             log.warning("%s: written before stats recorded their memory: cannot check that they were read "
                         "through this run's memory", source)
@@ -92,6 +98,8 @@ class BackgroundStats:
                 "layers": json.dumps(sorted(self.df))}
         if self.memory is not None:
             meta["memory_fingerprint"] = self.memory
+        if self.base is not None:
+            meta["base_fingerprint"] = self.base
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -106,7 +114,7 @@ class BackgroundStats:
                 stats = cls(int(meta["num_batches"]),
                             {i: f.get_tensor(f"layers.{i}.df") for i in layers},
                             {i: f.get_tensor(f"layers.{i}.counts") for i in layers},
-                            meta.get("memory_fingerprint"))
+                            meta.get("memory_fingerprint"), meta.get("base_fingerprint"))
         except (KeyError, ValueError, OSError, SafetensorError) as err:
             raise ConfigError(f"sparse.background: {path} is not a background stats file "
                               f"written by `smf-ds background` ({err})") from None

@@ -7,7 +7,7 @@ import torch
 
 from ..config import ConfigError, SMFConfig
 from ..model_source import missing_dir_note, model_source
-from ..memory.adapter import memory_fingerprint
+from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import inject_memory, value_tables
 from ..parallel.process_group import get_world_size
 from ..parallel.shard import shard_memory
@@ -73,4 +73,5 @@ def load_background(cfg: SMFConfig) -> BackgroundStats | None:
 
 def check_background(stats: BackgroundStats, cfg: SMFConfig, model) -> None:
     """The stats fit the model's tables and were read through the memory it starts from."""
-    stats.check_against(value_tables(model), f"sparse.background={cfg.sparse.background}", memory_fingerprint(model))
+    stats.check_against(value_tables(model), f"sparse.background={cfg.sparse.background}", memory_fingerprint(model),
+                        base_fingerprint(model))

@@ -56,31 +56,36 @@ def _flat_config(cfg) -> dict:
     return json.loads(json.dumps(flatten_dotted(to_dict(cfg))))
 
 
-def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None) -> None:
-    """Rank 0: the run's settings and the memory_fingerprint it started from, next to its
-    checkpoint files."""
+def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None,
+                      base: str | None = None) -> None:
+    """Rank 0: the run's settings and the memory_fingerprint and base_fingerprint it started
+    from, next to its checkpoint files."""
     if get_rank() == 0:
         path = Path(directory) / tag
         path.mkdir(parents=True, exist_ok=True)
-        identity = {"config": _flat_config(cfg), "memory_fingerprint": memory}
+        identity = {"config": _flat_config(cfg), "memory_fingerprint": memory, "base_fingerprint": base}
         (path / RUN_FILE).write_text(json.dumps(identity, indent=2))
 
 
-def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None) -> None:
-    """Refuse to resume a checkpoint made with other settings (but MAY_CHANGE_ON_RESUME), or from
-    another memory (the frozen memory parameters are not in the checkpoint: they come from the
-    adapter or the seed each time), naming what differs."""
+def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None,
+                       base: str | None = None) -> None:
+    """Refuse to resume a checkpoint made with other settings (but MAY_CHANGE_ON_RESUME), from
+    another memory or from other base weights (frozen parameters are not in the checkpoint: they
+    come from the adapter or seed, and from model.name_or_path, each time), naming what differs."""
     file = Path(directory) / tag / RUN_FILE
     if not file.is_file():  # a checkpoint from before this file existed
         return
     saved = json.loads(file.read_text())
-    saved_config = saved.get("config", {k: v for k, v in saved.items() if k != "memory_fingerprint"})
+    saved_config = saved.get("config", {k: v for k, v in saved.items() if not k.endswith("_fingerprint")})
     now = _flat_config(cfg)
     diffs = [f"{key}={saved_config[key]!r} there, {now.get(key)!r} now" for key in sorted(saved_config)
              if key not in MAY_CHANGE_ON_RESUME and saved_config[key] != now.get(key)]
     if saved.get("memory_fingerprint") not in (None, memory):
         diffs.append(f"the memory it started from (fingerprint {saved['memory_fingerprint']} there, {memory} now: "
                      f"pass the same --memory-adapter and memory.* settings)")
+    if saved.get("base_fingerprint") not in (None, base):
+        diffs.append(f"the base model's weights (fingerprint {saved['base_fingerprint']} there, {base} now: "
+                     f"model.name_or_path={cfg.model.name_or_path!r} holds other weights than when the run began)")
     if diffs:
         raise ConfigError(f"resume: {file}: the checkpoint was made with other settings: {'; '.join(diffs)}. "
                           f"Resume with the same ones, or train into another out_dir")

@@ -35,13 +35,14 @@ class ValuesOnlyEngine:
         if self.micro_steps % self.grad_accum == 0:
             self.global_steps += 1
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict) -> None:
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict,
+                        exclude_frozen_parameters: bool = True) -> None:  # it holds no parameter
         if get_rank() == 0:
             path = Path(directory) / tag
             path.mkdir(parents=True, exist_ok=True)
             torch.save({"client_state": client_state, "global_steps": self.global_steps}, path / "engine_state.pt")
 
-    def load_checkpoint(self, directory: str, tag: str):
+    def load_checkpoint(self, directory: str, tag: str, load_module_strict: bool = True):
         state = torch.load(Path(directory) / tag / "engine_state.pt", weights_only=False)
         self.global_steps = state["global_steps"]
         self.micro_steps = self.global_steps * self.grad_accum

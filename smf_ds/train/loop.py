@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, InputError, SMFConfig, save_config
-from ..memory.adapter import memory_fingerprint
+from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import set_train_scope, value_tables
 from ..parallel.process_group import collective_device, get_rank, get_world_size, is_distributed
 from ..sparse.background import BackgroundStats
@@ -79,6 +79,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         # Which memory the run starts from (checked on resume); before ZeRO-3 partitions it.
         self.memory = memory_fingerprint(model) if cfg.train.method == "smf" else None
+        # Which base weights: checked on resume, since checkpoints leave the frozen ones out.
+        self.base = model.smf_base_fingerprint = base_fingerprint(model)
         self.model, params = trainable_parameters(model, cfg)
         self.engine = build_engine(self.model, params, build_ds_config(cfg), cfg.train.grad_accum)
         self.tables = value_tables(self.model) if cfg.train.method == "smf" else []
@@ -136,10 +138,14 @@ class Trainer:
 
     def save(self) -> None:
         tag = f"step{self.step:07d}"
-        self.engine.save_checkpoint(str(self.checkpoint_dir), tag, client_state={"step": self.step})
+        # Without the frozen parameters: resume reloads them from the base model and adapter (the
+        # base and memory fingerprints check they are the same), so retrofit, LoRA and
+        # memory-scope runs do not write a copy of the backbone at every save.
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag, client_state={"step": self.step},
+                                    exclude_frozen_parameters=True)
         save_memory_checkpoint(self.checkpoint_dir, tag, self.tables,
                                self.updater.state_dict() if self.updater else None)
-        save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory)
+        save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base)
         mark_latest(self.checkpoint_dir, tag)
 
     def resume(self) -> bool:
@@ -148,8 +154,9 @@ class Trainer:
         if tag is None:
             log.info("resume: no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return False
-        check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory)
-        _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag)
+        check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base)
+        # Non-strict: the frozen parameters are absent by design (older checkpoints still hold them).
+        _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag, load_module_strict=False)
         state = load_memory_checkpoint(self.checkpoint_dir, tag, self.tables)
         if self.updater is not None:
             self.updater.load_state_dict(state)

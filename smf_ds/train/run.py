@@ -14,7 +14,7 @@ from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFCon
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.loading import missing_local_source
 from ..data.oasst import load_oasst_texts
-from ..memory.adapter import memory_fingerprint
+from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import value_tables
 from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
@@ -90,7 +90,7 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
                     batches, order.global_batch, batches * order.global_batch, cfg.data.background, len(examples))
     model.eval()
     device = _device(model)
-    fingerprint = memory_fingerprint(model)
+    fingerprint, base = memory_fingerprint(model), base_fingerprint(model)
 
     def run_forward(step: int) -> None:
         for micro in range(cfg.train.grad_accum):
@@ -103,7 +103,7 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
 
         bar = tqdm(total=batches, desc="background", unit="batch")
     stats = collect_background(value_tables(model), run_forward, range(batches), bar)
-    stats.memory = fingerprint
+    stats.memory, stats.base = fingerprint, base
     if bar is not None:
         bar.close()
     if get_rank() == 0:
