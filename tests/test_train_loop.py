@@ -11,11 +11,12 @@ from smf_ds.train.loop import Trainer
 VOCAB = 64
 
 
-def _model(memory_cfg, seed=0):
+def _model(memory_cfg, seed=0, tie=False):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         tie_word_embeddings=tie))
     return inject_memory(model, memory_cfg)
 
 
@@ -111,7 +112,7 @@ def _run_dense(rank, world, run_dir, extra, steps, resume=False):
     """Train `steps` (or resume to them); the trained dense parameters, losses and the names the
     engine checkpoint's module state holds."""
     cfg = _cfg(run_dir, world, "local", "memory+scale", steps, extra=extra)
-    trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+    trainer = Trainer(cfg, _model(cfg.memory, tie=True), _examples(), pad_id=0)  # lm_head: a frozen alias
     if resume:
         assert trainer.resume()
     losses = trainer.fit().losses

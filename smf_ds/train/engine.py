@@ -56,4 +56,22 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], ds_config: dict, 
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    _exclude_frozen_tied_aliases(engine)
     return engine
+
+
+def _exclude_frozen_tied_aliases(engine) -> None:
+    """DeepSpeed's `exclude_frozen_parameters` drops the frozen names that `named_parameters()`
+    lists, and that lists a tied weight once: its alias (`lm_head.weight`, tied to the input
+    embeddings, 272 MB at Qwen2.5-0.5B's size) stayed in every checkpoint. Drop aliases too."""
+    module_state_dict = engine.module_state_dict
+
+    def without_frozen_aliases(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        state = module_state_dict(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(name, None)
+        return state
+
+    engine.module_state_dict = without_frozen_aliases
