@@ -48,3 +48,17 @@ def test_bench_eval_predictions_identical(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["tasks"]) == {"medmcqa", "triviaqa", "wikitext"}
     assert all(task["identical"] for task in result["tasks"].values())
+
+
+def test_rehearse_qwen_shape_quick(tmp_path):
+    """Every stage of the paper's pipeline runs at Qwen2.5-0.5B's depth (hidden 64): retrofit,
+    background, train, resume, eval; the tool measures each."""
+    out = tmp_path / "rehearsal.json"
+    printed = _tool("rehearse_qwen_shape.py", "--quick", "--workdir", str(tmp_path), "--out", str(out))
+    stages = json.loads(out.read_text())["stages"]
+    assert [s["stage"] for s in stages] == ["retrofit", "background", "train", "train --resume (+2 steps)",
+                                            "eval", "disk"]
+    for stage in stages[:-1]:
+        assert stage["seconds"] > 0 and stage["peak_rss_gib"] > 0, stage
+    assert stages[3]["seconds_per_step"] > 0 and "train --resume" in printed
+    assert all(size > 0 for key, size in stages[-1].items() if key != "stage"), stages[-1]

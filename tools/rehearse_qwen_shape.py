@@ -4,6 +4,7 @@ does it take, how much memory and disk does it use?
 
     tools/rehearse_qwen_shape.py                                   # one process
     tools/rehearse_qwen_shape.py --launcher deepspeed --procs 2 --sharding row --zero-stage 3
+    tools/rehearse_qwen_shape.py --quick       # Qwen's depth at hidden 64 and vocab 2,048: a smoke run
 
 It builds a randomly initialised model with Qwen2.5-0.5B-Instruct's configuration (24 layers,
 hidden 896, 14 query / 2 key-value heads, intermediate 4,864, vocab 151,936, tied embeddings:
@@ -45,6 +46,7 @@ QWEN_0_5B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, 
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
                  rope_theta=1000000.0, tie_word_embeddings=True, max_window_layers=21, sliding_window=32768,
                  use_sliding_window=False)
+QUICK = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=2048)
 
 
 def build_world(root: Path, args) -> Path:
@@ -63,9 +65,9 @@ def build_world(root: Path, args) -> Path:
     texts = [line for path in files.values() for line in path.read_text().splitlines()]
     # A small byte-level BPE stands in for Qwen's tokenizer; the model keeps Qwen's full vocab.
     tokenizer = build_tiny_tokenizer(texts, vocab_size=2000)
-    model_dir = root / "model"
+    model_dir = model_path(root, args)
     if not (model_dir / "config.json").is_file():
-        config = Qwen2Config(**QWEN_0_5B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        config = Qwen2Config(**(QWEN_0_5B | QUICK if args.quick else QWEN_0_5B), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                              bos_token_id=tokenizer.eos_token_id)
         torch.manual_seed(0)
         Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
@@ -81,6 +83,10 @@ train: {{method: smf, steps: {args.steps}, micro_batch_size: {args.micro_batch},
 memory: {{value_lr: 2.0, sharding: {args.sharding}}}
 """)
     return config
+
+
+def model_path(world: Path, args) -> Path:
+    return world / ("model_quick" if args.quick else "model")
 
 
 def tree_rss(proc: psutil.Process) -> int:
@@ -129,7 +135,7 @@ def rehearse(config: Path, world: Path, runs: Path, args) -> list[dict]:
         ("background", ["background", *common, "--memory-adapter", str(adapter), f"out_dir={smf}"], None),
         ("train", train, smf / "train_summary.json"),
         ("train --resume (+2 steps)", [*train, "--resume", f"train.steps={args.steps + 2}"], smf / "train_summary.json"),
-        ("eval", ["eval", "--model", str(world / "model"), "--memory-adapter", str(smf / "memory_adapter"),
+        ("eval", ["eval", "--model", str(model_path(world, args)), "--memory-adapter", str(smf / "memory_adapter"),
                   "--medmcqa", str(world / "medmcqa.jsonl"), "--triviaqa", str(world / "triviaqa.jsonl"),
                   "--wikitext", str(world / "wikitext.jsonl"), "--limit", "medmcqa=32,triviaqa=16,wikitext=4",
                   "--max-length", "1024", "--stride", "512", "--out", str(smf / "eval"), "--no-progress"], None),
@@ -149,7 +155,7 @@ def rehearse(config: Path, world: Path, runs: Path, args) -> list[dict]:
               + (f"  {result['seconds_per_step']:.2f} s/step" if "seconds_per_step" in result else ""), flush=True)
     disk = {"retrofit checkpoint": runs / "retrofit" / "checkpoints", "retrofit memory_adapter": adapter,
             "background stats": smf / "background.safetensors", "smf checkpoints": smf / "checkpoints",
-            "smf memory_adapter": smf / "memory_adapter", "base model (bfloat16)": world / "model"}
+            "smf memory_adapter": smf / "memory_adapter", "base model (bfloat16)": model_path(world, args)}
     results.append({"stage": "disk", **{k: disk_mib(v) for k, v in disk.items()}})
     for k, v in disk.items():
         print(f"  {k:28s} {disk_mib(v):9.1f} MiB")
@@ -166,16 +172,20 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="retrofit and train steps, background batches")
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="a smoke run: Qwen's depth and memory layers, "
+                        "hidden 64, vocab 2,048, 1 step")
     parser.add_argument("--workdir", type=Path, help="model, data and runs (default: a temporary dir); "
                                                      "the model is reused when it is there")
     parser.add_argument("--out", type=Path, help="write the measurements as JSON here")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.max_length = 1, 64
     if args.steps < 1:
         parser.error(f"--steps: expected >= 1, got {args.steps}")
 
     with tempfile.TemporaryDirectory(prefix="rehearse_qwen_") as tmp:
         workdir = args.workdir or Path(tmp)
-        runs = workdir / f"runs_{args.launcher}{args.procs if args.launcher != 'none' else 1}_{args.sharding}_z{args.zero_stage}"
+        runs = workdir / f"runs{'_quick' if args.quick else ''}_{args.launcher}{args.procs if args.launcher != 'none' else 1}_{args.sharding}_z{args.zero_stage}"
         if runs.exists():
             parser.error(f"--workdir: {runs} exists from an earlier rehearsal; remove it or use another --workdir")
         config = build_world(workdir / "world", args)
@@ -187,7 +197,8 @@ def main(argv=None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"settings": vars(args) | {"workdir": str(args.workdir), "out": str(args.out)},
-                                        "model": QWEN_0_5B, "stages": results}, indent=2) + "\n")
+                                        "model": QWEN_0_5B | QUICK if args.quick else QWEN_0_5B,
+                                        "stages": results}, indent=2) + "\n")
     return 0
 
 
