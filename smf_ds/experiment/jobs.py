@@ -101,6 +101,7 @@ def pretrain_base(world: dict[str, Path], out: Path, steps: int) -> Path:
     if get_rank() == 0:
         trainer.model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
+    trainer.close()
     barrier()
     return out
 

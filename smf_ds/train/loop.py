@@ -25,7 +25,7 @@ from .batches import GlobalBatchOrder, collate
 from .checkpoint import (check_run_identity, latest_tag, load_memory_checkpoint, mark_latest, save_memory_checkpoint,
                          save_run_identity)
 from .ds_config import build_ds_config
-from .engine import build_engine
+from .engine import build_engine, release_engine
 
 log = logging.getLogger(__name__)
 
@@ -202,3 +202,11 @@ class Trainer:
             self.writer.flush()
         result.steps, result.seconds = self.step, time.time() - start
         return result
+
+    def close(self) -> None:
+        """After the run is saved: close its TensorBoard file and let DeepSpeed free the model
+        (an experiment trains many runs in one process)."""
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        release_engine(self.engine)

@@ -163,6 +163,7 @@ def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool,
     result = trainer.fit(progress=progress)
     out_dir = Path(trainer.cfg.out_dir)
     artifact = save_trained(trainer, tokenizer, out_dir)
+    trainer.close()
     summary = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
                "final_loss": result.losses[-1] if result.losses else None, "seconds": result.seconds,
                "artifact": str(artifact), "world_size": get_world_size(), **extra}
