@@ -4,6 +4,7 @@ import torch
 
 from distributed import run_distributed
 from smf_ds.config import load_config
+from smf_ds.memory.adapter import gathered_parameters
 from smf_ds.memory.inject import inject_memory, value_tables
 from smf_ds.parallel.shard import shard_memory
 from smf_ds.train.loop import Trainer
@@ -123,20 +124,9 @@ def _run_dense(rank, world, run_dir, extra, steps, resume=False):
         assert not state.get("frozen_param_fragments"), file
         saved[file.name] = sorted(state["module"])
     trainable = sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
-    with deepspeed_gathered(trainer):
+    with gathered_parameters(list(trainer.model.parameters())):
         dense = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     return {"losses": losses, "dense": dense, "saved": saved, "trainable": trainable}
-
-
-def deepspeed_gathered(trainer):
-    import contextlib
-
-    params = [p for p in trainer.model.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params)
 
 
 @pytest.mark.parametrize("extra", [["train.method=lora"], ["train.zero_stage=3"]], ids=["lora", "memory-zero3"])

@@ -73,7 +73,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _gathered(params, modifier_rank: int | None = None):
+def gathered_parameters(params, modifier_rank: int | None = None):
     """Whole parameters inside the block even if ZeRO-3 partitioned them (a collective then)."""
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
@@ -168,7 +168,7 @@ def save_memory_adapter(model: nn.Module, directory: str | Path) -> Path:
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     for i, mlp in memory_layers(model):
-        with _gathered(list(mlp.memory.parameters()) + ([mlp.scale] if mlp.scale is not None else [])):
+        with gathered_parameters(list(mlp.memory.parameters()) + ([mlp.scale] if mlp.scale is not None else [])):
             for key, tensor in _memory_state(mlp).items():
                 tensors[f"layers.{i}.{key}"] = tensor.detach().cpu().clone().contiguous()
         full = mlp.memory.values.gather_full_weight(dst=0)  # every rank: a collective for sharded tables
@@ -315,7 +315,7 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_fi
 
     with torch.no_grad():
         params = [t for t in targets.values() if isinstance(t, nn.Parameter)]
-        with _gathered(params, modifier_rank=0):
+        with gathered_parameters(params, modifier_rank=0):
             for name, target in targets.items():
                 target.copy_(tensors[name])
         for i, table in tables.items():
@@ -350,7 +350,7 @@ def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, **save_
     """
     _memory_config(model)
     directory = Path(directory)
-    with _gathered(list(model.parameters())):
+    with gathered_parameters(list(model.parameters())):
         state = base_state_dict(model)
         if _rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)

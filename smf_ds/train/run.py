@@ -1,7 +1,6 @@
 """`smf-ds train` and `smf-ds background`: from a run config to a trained model / stats file."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -14,7 +13,7 @@ from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFCon
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.loading import missing_local_source
 from ..data.oasst import load_oasst_texts
-from ..memory.adapter import base_fingerprint, memory_fingerprint
+from ..memory.adapter import base_fingerprint, gathered_parameters, memory_fingerprint
 from ..memory.inject import value_tables
 from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
@@ -129,15 +128,6 @@ def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | N
     return out_path
 
 
-def _gathered(cfg: SMFConfig, model):
-    """Under ZeRO-3 parameters are partitioned: gather them whole for saving."""
-    if cfg.train.zero_stage == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
-
-
 def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
     """What a run leaves for evaluation: the memory adapter (smf), the LoRA adapter, or the model."""
     cfg, model = trainer.cfg, trainer.model
@@ -150,7 +140,7 @@ def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
         # for sharded tables; rank 0 writes.
         save_memory_adapter(model, target)
     else:
-        with _gathered(cfg, model):
+        with gathered_parameters(list(model.parameters())):  # whole, even if ZeRO-3 partitioned them
             if get_rank() == 0:
                 model.save_pretrained(str(target))
                 tokenizer.save_pretrained(str(target))
