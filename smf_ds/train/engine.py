@@ -79,9 +79,11 @@ def _exclude_frozen_tied_aliases(engine) -> None:
 
 def release_engine(engine) -> None:
     """Let a finished run's model and optimizer state be freed. DeepSpeed keeps a ZeRO-3 model
-    alive after its run (its hooks, and the top module that ZeRO-3 puts on the module-level
-    FWD_MODULE_STACK and never takes off), so an experiment that trains run after run in one
-    process held every earlier ZeRO-3 run: at Qwen2.5-0.5B's size the third one ran out of memory."""
+    alive after its run in two module-level places: the top module that ZeRO-3 puts on
+    FWD_MODULE_STACK and never takes off, and the unbounded `lru_cache` on the parameter
+    coordinator's `__params_to_release(self, submodule, step)`, whose keys hold the coordinator and
+    every submodule. An experiment that trains run after run in one process held every earlier
+    ZeRO-3 run: at Qwen2.5-0.5B's size the third one ran out of memory."""
     if isinstance(engine, ValuesOnlyEngine):
         return
     engine.destroy()
@@ -90,3 +92,20 @@ def release_engine(engine) -> None:
     stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
     if isinstance(stack, list):
         stack[:] = [m for m in stack if m is not engine.module]
+    _clear_params_to_release_cache()
+
+
+def _clear_params_to_release_cache() -> None:
+    """Empty the coordinator's memo of which parameters each submodule releases (all engines'; a
+    live engine just recomputes its entries). It sits under DeepSpeed's nvtx wrapper, so follow
+    the wrapper's closure to the lru_cache."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    fn = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for _ in range(4):  # a few wrappers deep at most
+        if fn is None or hasattr(fn, "cache_clear"):
+            break
+        inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ()) if callable(c.cell_contents)]
+        fn = inner[0] if inner else getattr(fn, "__wrapped__", None)
+    if fn is not None and hasattr(fn, "cache_clear"):
+        fn.cache_clear()
