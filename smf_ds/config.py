@@ -138,7 +138,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # dense parameters
     max_length: int = 256
     zero_stage: int = 0  # 0-3, for the dense parameters
-    offload: bool = False  # ZeRO offload of optimizer state to CPU (stage >= 1)
+    offload: bool = False  # ZeRO-3 offload of optimizer state and parameters to CPU (needs zero_stage=3)
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end

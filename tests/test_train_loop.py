@@ -245,3 +245,53 @@ def test_a_closed_trainer_frees_its_model(tmp_path, extra):
     FWD_MODULE_STACK and its coordinator's lru_cache) kept every run's model alive until it ran
     out of memory at Qwen2.5-0.5B's size."""
     assert run_distributed(_model_freed_after_close, 1, str(tmp_path), extra)[0]
+
+
+def _logged(rank, world, run_dir, extra):
+    """Train 3 steps, logging each; rank 0's TensorBoard scalars by tag."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(run_dir, world, "local", "memory+scale", 3, extra=["train.log_every=1", *extra])
+    trainer = Trainer(cfg, shard_memory(_model(cfg.memory), None, "local"), _examples(), pad_id=0)
+    trainer.fit()
+    trainer.close()
+    if rank != 0:
+        return None
+    events = EventAccumulator(f"{run_dir}/tensorboard")
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_logs_tokens_throughput_memory_and_grad_norm(tmp_path):
+    from smf_ds.train.batches import GlobalBatchOrder
+
+    examples = _examples()
+    order = GlobalBatchOrder(len(examples), 2, 2, 1, 0)  # micro 2 x accum 2: the global batch of _cfg
+    expected = [sum(len(examples[i]["input_ids"]) for micro in range(2) for i in order.indices(step, 0, micro))
+                for step in range(3)]
+    one = run_distributed(_logged, 1, str(tmp_path / "w1"), ["train.zero_stage=2"])[0]
+    two = run_distributed(_logged, 2, str(tmp_path / "w2"), ["train.zero_stage=2"])[0]
+    for logged in (one, two):  # padding not counted; every rank's tokens summed
+        assert logged["train/tokens"] == expected
+        assert all(s > 0 for s in logged["perf/step_seconds"]) and all(g > 0 for g in logged["perf/peak_rss_gib"])
+        for tokens, seconds, rate in zip(expected, logged["perf/step_seconds"], logged["perf/tokens_per_second"]):
+            assert rate == pytest.approx(tokens / seconds, rel=1e-5)
+        assert len(logged["train/grad_norm"]) == 3 and all(g > 0 for g in logged["train/grad_norm"])
+    assert two["train/loss"] == pytest.approx(one["train/loss"], abs=1e-5)
+
+
+def _unsharded_at_two_ranks(rank, world, run_dir):
+    from smf_ds.config import ConfigError
+
+    cfg = _cfg(run_dir, world, "local", "values", 1)
+    try:
+        Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+    except ConfigError as err:
+        return str(err)
+    return "accepted"
+
+
+def test_tables_not_laid_out_over_the_ranks_are_refused(tmp_path):
+    """Without shard_memory each rank's local copy would train on its own reads only and drift."""
+    for message in run_distributed(_unsharded_at_two_ranks, 2, str(tmp_path)):
+        assert "memory layer 1: its value table spans 1 of the 2 ranks" in message and "shard_memory" in message

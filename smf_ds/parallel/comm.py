@@ -1,7 +1,9 @@
 """Differentiable variable-size all-to-all, and a count of the bytes this process sends.
 
-Every exchange of the value tables goes through `all_to_all_v`, `exchange_counts` or
-`all_reduce_sum`, so `CommStats` sees all of it; benchmarks read it instead of guessing from shapes.
+Every exchange of a lookup and of an SMF step's row gradients goes through `all_to_all_v`,
+`exchange_counts` or `all_reduce_sum`, so `CommStats` sees all of it; benchmarks read it instead of
+guessing from shapes. Not counted: saving (`gather_to_cpu`) and the reductions of read counts and
+scalars.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@ often it was read in all (counts), and the number of batches B.
 
 A background batch is one global batch (every rank's micro-batch of one step together), the same
 unit that training selects over, so df means "read somewhere in that step's batch" at any world
-size. Saved as safetensors (`layers.<i>.df`, `layers.<i>.counts`, metadata num_batches and the
-table shapes) and reused by later runs and by resume.
+size. Saved as safetensors (`layers.<i>.df`, `layers.<i>.counts`; metadata format_version,
+num_batches, the layer list and the memory and base fingerprints) and reused by later runs and by
+resume.
 """
 from __future__ import annotations
 

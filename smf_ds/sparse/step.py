@@ -1,9 +1,9 @@
 """One SMF optimizer step for every memory table: reads -> scores -> global top-t -> sparse update.
 
-Call `step()` once per optimizer step, after the backward of the last micro-batch: the reads and
-row gradients of all micro-batches and ranks are summed first, then rows are selected, so the
-selection is per optimizer step over the whole global batch (the paper's code selected per
-micro-batch). Only the selected rows change.
+Call `step()` once per optimizer step, after the backward of the last micro-batch: the reads of
+all micro-batches and ranks are summed first, then rows are selected, so the selection is per
+optimizer step over the whole global batch (the paper's code selected per micro-batch); only then
+are the gradients of the selected rows formed. Only the selected rows change.
 """
 from __future__ import annotations
 

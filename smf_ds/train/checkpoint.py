@@ -2,8 +2,10 @@
 optimizer state, because DeepSpeed's checkpoint holds module parameters only (on rank 0 for ZeRO
 0-2) and the tables are not parameters.
 
-Layout: <dir>/<tag>/memory_rank<r>.safetensors (+ memory_meta.json from rank 0); <dir>/latest is
-written last, after every rank has finished, so an interrupted save never replaces a good one.
+Layout: <dir>/<tag>/memory_rank<r:05d>.safetensors (world size and layout in its metadata) and
+run.json (rank 0: config, memory and base fingerprints); <dir>/latest_memory is written last,
+after every rank has finished, so an interrupted save never replaces a good one (DeepSpeed's own
+<dir>/latest, written earlier by the engine, is not what resume reads).
 """
 from __future__ import annotations
 

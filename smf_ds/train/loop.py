@@ -36,6 +36,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     metrics: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    tokens: int = 0  # non-padding input tokens over all ranks and micro-batches
 
 
 def trainable_parameters(model: nn.Module, cfg: SMFConfig) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -58,16 +59,41 @@ def trainable_parameters(model: nn.Module, cfg: SMFConfig) -> tuple[nn.Module, l
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def check_tables_span_ranks(tables, world: int) -> None:
+    """With several ranks, every value table must be laid out over all of them (shard_memory):
+    an unsharded local table would take only its own rank's reads and gradients, and the ranks'
+    copies would drift apart without an error."""
+    for layer, table in tables:
+        spanned = 1
+        for group in (table.row_group, table.col_group, table.replica_group):
+            if group is not None:
+                spanned *= dist.get_world_size(group)
+        if spanned != world:
+            raise ConfigError(f"memory layer {layer}: its value table spans {spanned} of the {world} ranks; apply "
+                              f"smf_ds.parallel.shard.shard_memory(model, None, cfg.memory.sharding) before "
+                              f"Trainer (smf_ds.train.build.load_run_model does)")
+
+
 class NonFiniteLossError(InputError):
     """Training stopped on a NaN or infinite loss (almost always a setting: said in the message)."""
 
 
-def _mean_over_ranks(value: float) -> float:
+def _sum_over_ranks(*values: float) -> list[float]:
+    """One all-reduce for the step's few scalars."""
     if not is_distributed():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=collective_device())
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(t)
-    return float(t) / get_world_size()
+    return t.tolist()
+
+
+def _peak_memory(device: torch.device) -> tuple[str, float]:
+    """(TensorBoard tag, GiB): the accelerator's allocation peak, or on CPU the process's peak RSS."""
+    if device.type == "cuda":
+        return "perf/peak_gpu_allocated_gib", torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return "perf/peak_rss_gib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class Trainer:
@@ -84,6 +110,8 @@ class Trainer:
         self.model, params = trainable_parameters(model, cfg)
         self.engine = build_engine(self.model, params, build_ds_config(cfg), cfg.train.grad_accum)
         self.tables = value_tables(self.model) if cfg.train.method == "smf" else []
+        if self.world > 1:
+            check_tables_span_ranks(self.tables, self.world)
         self.updater = None
         if self.tables:
             self.updater = SparseMemoryUpdater(self.tables, cfg.sparse, cfg.memory.value_lr, background,
@@ -116,25 +144,42 @@ class Trainer:
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
-    def train_step(self) -> tuple[float, dict]:
+    def train_step(self) -> tuple[float, int, dict]:
+        """One optimizer step: (loss averaged over micro-batches and ranks, non-padding tokens of
+        all ranks, SMF metrics)."""
         self.engine.train()
-        losses = []
+        losses, tokens = [], 0
         for micro in range(self.cfg.train.grad_accum):
-            loss = self.engine(**self._batch(self.step, micro)).loss
+            batch = self._batch(self.step, micro)
+            loss = self.engine(**batch).loss
             self.engine.backward(loss)
             self.engine.step()
             losses.append(float(loss.detach()))
+            tokens += int(batch["attention_mask"].sum())
         metrics = self.updater.step() if self.updater is not None else {}
         self.step += 1
-        return _mean_over_ranks(sum(losses) / len(losses)), metrics
+        loss_sum, tokens = _sum_over_ranks(sum(losses) / len(losses), tokens)
+        return loss_sum / self.world, int(tokens), metrics
 
-    def _log(self, loss: float, metrics: dict) -> None:
+    def _perf_metrics(self, tokens: int, seconds: float) -> dict:
+        """Throughput, step time, the dense gradients' norm (DeepSpeed's, before clipping) and peak memory."""
+        perf = {"train/tokens": tokens, "perf/step_seconds": seconds, "perf/tokens_per_second": tokens / seconds}
+        grad_norm = getattr(self.engine, "get_global_grad_norm", lambda: None)()
+        if grad_norm is not None:
+            perf["train/grad_norm"] = float(grad_norm)
+        tag, gib = _peak_memory(next(self.model.parameters()).device)
+        perf[tag] = gib
+        return perf
+
+    def _log(self, loss: float, metrics: dict, perf: dict) -> None:
         if self.writer is None:
             return
         self.writer.add_scalar("train/loss", loss, self.step)
         for key, value in metrics.items():
             if not math.isnan(value):
                 self.writer.add_scalar(f"smf/{key}", value, self.step)
+        for tag, value in perf.items():
+            self.writer.add_scalar(tag, value, self.step)
 
     def save(self) -> None:
         tag = f"step{self.step:07d}"
@@ -176,7 +221,10 @@ class Trainer:
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step")
         save_every = self.cfg.train.save_every
         while self.step < total:
-            loss, metrics = self.train_step()
+            step_start = time.perf_counter()
+            loss, tokens, metrics = self.train_step()
+            seconds = time.perf_counter() - step_start
+            result.tokens += tokens
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"train: the loss is {loss} at step {self.step}; stopped without saving this step "
@@ -189,7 +237,7 @@ class Trainer:
             result.losses.append(loss)
             result.metrics.append(metrics)
             if self.step % self.cfg.train.log_every == 0:
-                self._log(loss, metrics)
+                self._log(loss, metrics, self._perf_metrics(tokens, seconds))
             if save_every and self.step % save_every == 0 and self.step < total:
                 self.save()
             if bar is not None:

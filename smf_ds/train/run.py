@@ -156,6 +156,7 @@ def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool,
     trainer.close()
     summary = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
                "final_loss": result.losses[-1] if result.losses else None, "seconds": result.seconds,
+               "tokens_per_second": result.tokens / result.seconds if result.seconds else None,
                "artifact": str(artifact), "world_size": get_world_size(), **extra}
     if get_rank() == 0:
         (out_dir / summary_name).write_text(json.dumps(summary, indent=2))
