@@ -263,21 +263,26 @@ def _logged(rank, world, run_dir, extra):
 
 
 def test_tensorboard_logs_tokens_throughput_memory_and_grad_norm(tmp_path):
+    """The same global batches at W=1 and W=2: the same tokens, losses and dense gradient norms,
+    whether the norm is DeepSpeed's (ZeRO-2) or measured by the loop (ZeRO-0, fp32)."""
     from smf_ds.train.batches import GlobalBatchOrder
 
     examples = _examples()
     order = GlobalBatchOrder(len(examples), 2, 2, 1, 0)  # micro 2 x accum 2: the global batch of _cfg
     expected = [sum(len(examples[i]["input_ids"]) for micro in range(2) for i in order.indices(step, 0, micro))
                 for step in range(3)]
-    one = run_distributed(_logged, 1, str(tmp_path / "w1"), ["train.zero_stage=2"])[0]
-    two = run_distributed(_logged, 2, str(tmp_path / "w2"), ["train.zero_stage=2"])[0]
-    for logged in (one, two):  # padding not counted; every rank's tokens summed
+    runs = {(world, stage): run_distributed(_logged, world, str(tmp_path / f"w{world}z{stage}"),
+                                            [f"train.zero_stage={stage}"])[0]
+            for world, stage in ((1, 0), (2, 0), (1, 2))}
+    reference = runs[1, 2]
+    for logged in runs.values():  # padding not counted; every rank's tokens summed
         assert logged["train/tokens"] == expected
         assert all(s > 0 for s in logged["perf/step_seconds"]) and all(g > 0 for g in logged["perf/peak_rss_gib"])
         for tokens, seconds, rate in zip(expected, logged["perf/step_seconds"], logged["perf/tokens_per_second"]):
             assert rate == pytest.approx(tokens / seconds, rel=1e-5)
-        assert len(logged["train/grad_norm"]) == 3 and all(g > 0 for g in logged["train/grad_norm"])
-    assert two["train/loss"] == pytest.approx(one["train/loss"], abs=1e-5)
+        assert logged["train/loss"] == pytest.approx(reference["train/loss"], abs=1e-5)
+        assert logged["train/grad_norm"] == pytest.approx(reference["train/grad_norm"], rel=1e-4)
+    assert all(g > 0 for g in reference["train/grad_norm"]) and len(reference["train/grad_norm"]) == 3
 
 
 def _unsharded_at_two_ranks(rank, world, run_dir):

@@ -78,6 +78,14 @@ class NonFiniteLossError(InputError):
     """Training stopped on a NaN or infinite loss (almost always a setting: said in the message)."""
 
 
+@dataclass
+class StepResult:
+    loss: float  # averaged over micro-batches and ranks
+    tokens: int  # non-padding input tokens of all ranks
+    smf: dict  # the SMF updater's metrics
+    grad_norm: float | None  # dense gradients, before clipping; None when not measured
+
+
 def _sum_over_ranks(*values: float) -> list[float]:
     """One all-reduce for the step's few scalars."""
     if not is_distributed():
@@ -144,29 +152,42 @@ class Trainer:
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in batch.items()}
 
-    def train_step(self) -> tuple[float, int, dict]:
-        """One optimizer step: (loss averaged over micro-batches and ranks, non-padding tokens of
-        all ranks, SMF metrics)."""
+    def train_step(self, log: bool = False) -> StepResult:
+        """One optimizer step. `log`: also measure the dense gradients' norm (before clipping)."""
         self.engine.train()
-        losses, tokens = [], 0
+        losses, tokens, grad_norm = [], 0, None
         for micro in range(self.cfg.train.grad_accum):
             batch = self._batch(self.step, micro)
             loss = self.engine(**batch).loss
             self.engine.backward(loss)
+            if log and micro == self.cfg.train.grad_accum - 1:
+                grad_norm = self._dense_grad_norm()  # before the step clips and zeroes the gradients
             self.engine.step()
             losses.append(float(loss.detach()))
             tokens += int(batch["attention_mask"].sum())
         metrics = self.updater.step() if self.updater is not None else {}
         self.step += 1
+        # DeepSpeed's own norm where it keeps one (ZeRO 1-3, bf16): the gradients are partitioned there.
+        deepspeed_norm = getattr(self.engine, "get_global_grad_norm", lambda: None)()
+        if deepspeed_norm is not None:
+            grad_norm = float(deepspeed_norm)
         loss_sum, tokens = _sum_over_ranks(sum(losses) / len(losses), tokens)
-        return loss_sum / self.world, int(tokens), metrics
+        return StepResult(loss_sum / self.world, int(tokens), metrics, grad_norm)
 
-    def _perf_metrics(self, tokens: int, seconds: float) -> dict:
-        """Throughput, step time, the dense gradients' norm (DeepSpeed's, before clipping) and peak memory."""
-        perf = {"train/tokens": tokens, "perf/step_seconds": seconds, "perf/tokens_per_second": tokens / seconds}
-        grad_norm = getattr(self.engine, "get_global_grad_norm", lambda: None)()
-        if grad_norm is not None:
-            perf["train/grad_norm"] = float(grad_norm)
+    def _dense_grad_norm(self) -> float | None:
+        """The 2-norm of the dense gradients when every trainable parameter holds its whole
+        gradient (ZeRO-0 in fp32, after the boundary backward has averaged them over ranks)."""
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad]
+        if not grads or any(g is None for g in grads):
+            return None
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+    def _perf_metrics(self, step: StepResult, seconds: float) -> dict:
+        """Throughput, step time, the dense gradients' norm and peak memory."""
+        perf = {"train/tokens": step.tokens, "perf/step_seconds": seconds,
+                "perf/tokens_per_second": step.tokens / seconds}
+        if step.grad_norm is not None:
+            perf["train/grad_norm"] = step.grad_norm
         tag, gib = _peak_memory(next(self.model.parameters()).device)
         perf[tag] = gib
         return perf
@@ -222,9 +243,10 @@ class Trainer:
         save_every = self.cfg.train.save_every
         while self.step < total:
             step_start = time.perf_counter()
-            loss, tokens, metrics = self.train_step()
+            step = self.train_step(log=(self.step + 1) % self.cfg.train.log_every == 0)
+            loss, metrics = step.loss, step.smf
             seconds = time.perf_counter() - step_start
-            result.tokens += tokens
+            result.tokens += step.tokens
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
                     f"train: the loss is {loss} at step {self.step}; stopped without saving this step "
@@ -237,7 +259,7 @@ class Trainer:
             result.losses.append(loss)
             result.metrics.append(metrics)
             if self.step % self.cfg.train.log_every == 0:
-                self._log(loss, metrics, self._perf_metrics(tokens, seconds))
+                self._log(loss, metrics, self._perf_metrics(step, seconds))
             if save_every and self.step % save_every == 0 and self.step < total:
                 self.save()
             if bar is not None:
