@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 
 from .config import InputError, load_config
 from .parallel.process_group import get_rank, launcher_env
@@ -164,13 +165,22 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return args
 
 
+# Deprecations inside DeepSpeed's own calls (torch 2.13 renamed these collectives; transformers
+# renamed is_gradient_checkpointing): printed at every ZeRO step, nothing a user can act on.
+DEPENDENCY_DEPRECATIONS = (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+                           r"`is_gradient_checkpointing` is deprecated")
+
+
 def _quiet_other_ranks() -> None:
     """Under a launcher every rank would print the same info, warnings and loading bars: rank 0
     speaks for all; the others report errors only."""
+    for message in DEPENDENCY_DEPRECATIONS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     env = launcher_env()
     if env is None or env["RANK"] == "0":
         return
     logging.getLogger().setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -227,6 +227,7 @@ eval: {{medmcqa: {data['medmcqa']}, triviaqa: {data['triviaqa']}, wikitext: {dat
     assert not torch.equal(retrofits[0]["layers.1.values"], retrofits[1]["layers.1.values"])  # memory.seed varies
     base_summary = json.loads((out / "base_eval" / "summary.json").read_text())
     assert base_summary["tasks"]["medmcqa"]["n"] == 12 and base_summary["tasks"]["triviaqa"]["n"] == 6
+    assert results["n_boot"] == 50 and "50 resamples" in (out / "report.md").read_text()  # eval.n_boot, as set
 
     for bad, message in [("seedz: [1]", "unknown config key 'seedz'"),
                          ("eval: {medmcqa_prompt: {answer_continuation: ' {option}'}}",
@@ -269,6 +270,15 @@ def test_an_output_directory_keeps_one_setup(tmp_path):
     with pytest.raises(ConfigError, match="variant lora:"):
         claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}},
                          "variants": {"lora": ["train.method=lora", "train.lr=1.0"]}})
+    # The runs were made on 1 process; a rerun on 2 would train the rest on twice the global batch.
+    recorded = json.loads((tmp_path / SETUP_FILE).read_text())
+    assert recorded["processes"] == 1
+    (tmp_path / SETUP_FILE).write_text(json.dumps({**recorded, "processes": 2}))
+    with pytest.raises(ConfigError, match="processes: 2 there, 1 now"):
+        claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}}})
+    del recorded["processes"]  # a directory from before the count was recorded: not checked
+    (tmp_path / SETUP_FILE).write_text(json.dumps(recorded))
+    claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}}})
 
 
 def test_experiment_config_variant_typo_fails_before_anything_runs(tmp_path):
@@ -278,6 +288,17 @@ def test_experiment_config_variant_typo_fails_before_anything_runs(tmp_path):
     done = _cli("experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(out), check=False)
     assert done.returncode == 2 and "variant fast" in done.stderr and "train.stepz" in done.stderr
     assert not (out / "base_eval").exists()
+    # A misspelt task under eval.limit would evaluate the whole dataset; a missing eval file would
+    # fail only after the base model had loaded.
+    (tmp_path / "world").mkdir()
+    (tmp_path / "world" / "medmcqa.jsonl").write_text("")
+    for bad, message in [("eval: {limit: {medmcq: 24}}", "eval.limit.medmcq: unknown task"),
+                         ("eval: {medmcqa: world/medmcqa.jsonl}", "eval.medmcqa='world/medmcqa.jsonl': no such file "
+                          "or directory (relative paths are from the working directory")]:
+        (tmp_path / "exp.yaml").write_text(f"run: run.yaml\n{bad}\n")
+        done = _cli("experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(out), check=False)
+        assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert "it exists next to the experiment config" in done.stderr
     (tmp_path / "exp.yaml").write_text("run: run.yaml\n")
     (tmp_path / "run.yaml").write_text("model: {name_or_path: ../nowhere/model}\n")
     done = _cli("experiment", "--config", str(tmp_path / "exp.yaml"), "--out", str(out), check=False)

@@ -300,3 +300,36 @@ def test_tables_not_laid_out_over_the_ranks_are_refused(tmp_path):
     """Without shard_memory each rank's local copy would train on its own reads only and drift."""
     for message in run_distributed(_unsharded_at_two_ranks, 2, str(tmp_path)):
         assert "memory layer 1: its value table spans 1 of the 2 ranks" in message and "shard_memory" in message
+
+
+def _train_or_resume_with(rank, world, run_dir, config_world, resume):
+    """Train 2 steps (memory scope: DeepSpeed state), or resume with the config written for
+    `config_world` processes; the refusal's message, if any."""
+    from smf_ds.config import ConfigError
+
+    cfg = _cfg(run_dir, config_world, "local", "memory+scale", 2)
+    model = shard_memory(_model(cfg.memory), None, "local")
+    trainer = Trainer(cfg, model, _examples(), pad_id=0)
+    try:
+        if resume:
+            trainer.resume()
+        else:
+            trainer.fit()
+    except ConfigError as err:
+        return str(err)
+    return "ok"
+
+
+def test_resume_on_another_number_of_processes_is_refused_by_name(tmp_path):
+    """The same config on 1 process instead of 2 would train on half the global batch; DeepSpeed's
+    loader failed on it with its own traceback."""
+    import json
+
+    assert run_distributed(_train_or_resume_with, 2, str(tmp_path), 2, False) == ["ok", "ok"]
+    expected = "processes=2 there, 1 now (the global batch is micro_batch_size x grad_accum x processes"
+    assert expected in run_distributed(_train_or_resume_with, 1, str(tmp_path), 2, True)[0]
+    run_json = tmp_path / "checkpoints" / "step0000002" / "run.json"  # as written before it held the count
+    identity = json.loads(run_json.read_text())
+    del identity["processes"]
+    run_json.write_text(json.dumps(identity))
+    assert expected in run_distributed(_train_or_resume_with, 1, str(tmp_path), 2, True)[0]

@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 
 from ..data import medmcqa as medmcqa_data
 from ..data import triviaqa as triviaqa_data
-from ..config import InputError
+from ..config import ConfigError, InputError
 from ..data import wikitext as wikitext_data
 from ..data.loading import load_rows, take
 from ..data.medmcqa import MedMCQAPrompt
@@ -81,6 +81,15 @@ class EvalSettings:
         out = dataclasses.asdict(self)
         out["medmcqa_modes"] = list(self.medmcqa_modes)
         return out
+
+    def validate(self, prefix: str = "eval") -> None:
+        """Per-task limits name tasks: a misspelt one would evaluate the whole dataset, unnoticed."""
+        for key in ("limit", "sample"):
+            for task, n in getattr(self, key).items():
+                if task not in TASKS:
+                    raise ConfigError(f"{prefix}.{key}.{task}: unknown task; expected one of {list(TASKS)}")
+                if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                    raise ConfigError(f"{prefix}.{key}.{task}: expected a positive integer or null, got {n!r}")
 
 
 class NoUsableRowsError(InputError):

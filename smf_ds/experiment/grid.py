@@ -113,12 +113,15 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
     runs = collect_runs(out, order)
     if not runs:
         raise ConfigError(f"--out {out}: no evaluated run under {out}/runs to report on")
+    boot = settings.get("eval") or {}  # an experiment config's eval settings set the paired intervals too
     try:
         results = aggregate(out / "base_eval", runs, medmcqa_mode=settings.get("medmcqa_mode", "answer"),
-                            n_boot=n_boot)
+                            n_boot=boot.get("n_boot", n_boot), seed=boot.get("boot_seed", 0))
     except (OSError, ValueError, KeyError) as err:  # a damaged or hand-edited evaluation
-        raise ConfigError(f"--out {out}: cannot aggregate the evaluations: {err}. To evaluate that run again, "
-                          f"remove its eval/ dir and run `smf-ds experiment` with this --out") from None
+        raise ConfigError(f"--out {out}: cannot aggregate the evaluations: {err}. To evaluate a damaged run "
+                          f"again, remove its eval/ dir; if the evaluation data changed, remove {out}/base_eval "
+                          f"and every run's eval/ dir ({out}/runs/*/seed*/eval); then run `smf-ds experiment` "
+                          f"with this --out") from None
     results["settings"] = settings
     _write_json(previous, results)
     write_report(results, out)

@@ -3,7 +3,9 @@
 (or mixing in) runs, a base model or evaluations made under the old ones.
 
 Variants may be added to a directory later (the grid grows); a variant already recorded must
-keep its overrides.
+keep its overrides. The number of processes is part of the settings: the global batch is
+micro_batch_size x grad_accum x processes, so an interrupted grid rerun on another count would
+mix runs trained on other batches.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 from pathlib import Path
 
 from ..config import ConfigError, flatten_dotted
-from ..parallel.process_group import barrier, get_rank
+from ..parallel.process_group import barrier, get_rank, get_world_size
 
 SETUP_FILE = "setup.json"
 log = logging.getLogger(__name__)
@@ -42,8 +44,10 @@ def claim(out: Path, settings: dict, flag: str = "--out") -> None:
     Every rank checks; rank 0 writes (atomically: a peer may be reading) and all meet after.
     """
     path = Path(out) / SETUP_FILE
-    now = json.loads(json.dumps(settings))  # tuples -> lists, as they read back
+    now = json.loads(json.dumps({**settings, "processes": get_world_size()}))  # tuples -> lists, as they read back
     recorded = json.loads(path.read_text()) if path.is_file() else {}
+    if recorded and "processes" not in recorded:  # recorded before the count was: not known, not checked
+        recorded["processes"] = now["processes"]
     if recorded:
         diffs = _differences(recorded, now)
         if diffs and not _holds_results(Path(out)):  # e.g. the last call failed on a bad path

@@ -12,7 +12,8 @@ An experiment config (YAML; unknown keys are errors that name them):
     smf-kl: [train.method=smf, sparse.scoring=kl]
     lora: [train.method=lora, train.lr=2.0e-4]
   retrofit: true              # SMF variants start from `smf-ds retrofit` of their seed's memory
-  eval: {medmcqa_split: validation, limit: {triviaqa: 2000}}   # smf-ds eval's settings
+  eval: {medmcqa_split: validation, limit: {triviaqa: 2000}}   # smf-ds eval's settings; n_boot and
+                              # boot_seed also set the report's paired intervals (default 1000, 0)
 
 Per seed, the seed sets train.seed and memory.seed; SMF variants share that seed's retrofit
 (<out>/retrofit/seed<k>/) and compute their own background statistics where their rule needs them.
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, load_config
+from ..data.loading import missing_local_source
 from ..model_source import model_source
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, background_then_train, evaluate, finetune,
@@ -156,12 +158,29 @@ class ConfigSetup:
 
 
 def load_experiment_config(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
-    exp = load_config(path, overrides, cls=ExperimentConfig)
+    try:
+        exp = load_config(path, overrides, cls=ExperimentConfig)
+    except ConfigError as err:
+        raise ConfigError(str(err) if str(path) in str(err) else f"experiment config {path}: {err}") from None
     # A relative run config is found next to the experiment config first.
     if exp.run and not Path(exp.run).is_absolute() and (Path(path).parent / exp.run).is_file():
         exp = dataclasses.replace(exp, run=str(Path(path).parent / exp.run))
     try:
         exp.validate()
+        _check_eval_sources(exp.eval, Path(path).parent)
     except ConfigError as err:
         raise ConfigError(f"experiment config {path}: {err}") from None
     return exp
+
+
+def _check_eval_sources(settings: EvalSettings, config_dir: Path) -> None:
+    """A mistyped local eval file fails now, by its key, not after the base model has loaded.
+    Relative paths are from the working directory (as in run configs); only `run:` is looked up
+    next to the experiment config."""
+    for task in TASKS:
+        source = getattr(settings, task)
+        if missing_local_source(source):
+            hint = (f"; it exists next to the experiment config: write {config_dir / source}"
+                    if (config_dir / source).exists() else "")
+            raise ConfigError(f"eval.{task}={source!r}: no such file or directory (relative paths are from the "
+                              f"working directory, {Path.cwd()}){hint}")

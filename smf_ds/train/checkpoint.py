@@ -65,7 +65,8 @@ def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None =
     if get_rank() == 0:
         path = Path(directory) / tag
         path.mkdir(parents=True, exist_ok=True)
-        identity = {"config": _flat_config(cfg), "memory_fingerprint": memory, "base_fingerprint": base}
+        identity = {"config": _flat_config(cfg), "memory_fingerprint": memory, "base_fingerprint": base,
+                    "processes": get_world_size()}
         (path / RUN_FILE).write_text(json.dumps(identity, indent=2))
 
 
@@ -82,6 +83,10 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
     now = _flat_config(cfg)
     diffs = [f"{key}={saved_config[key]!r} there, {now.get(key)!r} now" for key in sorted(saved_config)
              if key not in MAY_CHANGE_ON_RESUME and saved_config[key] != now.get(key)]
+    processes = saved.get("processes", _memory_world_size(Path(directory) / tag))
+    if processes not in (None, get_world_size()):  # checked before DeepSpeed's loader trips on it
+        diffs.append(f"processes={processes} there, {get_world_size()} now (the global batch is "
+                     f"micro_batch_size x grad_accum x processes; resume on {processes})")
     if saved.get("memory_fingerprint") not in (None, memory):
         diffs.append(f"the memory it started from (fingerprint {saved['memory_fingerprint']} there, {memory} now: "
                      f"pass the same --memory-adapter and memory.* settings)")
@@ -91,6 +96,19 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
     if diffs:
         raise ConfigError(f"resume: {file}: the checkpoint was made with other settings: {'; '.join(diffs)}. "
                           f"Resume with the same ones, or train into another out_dir")
+
+
+def _memory_world_size(checkpoint: Path) -> int | None:
+    """The process count in rank 0's memory checkpoint metadata (for run.json from before it
+    recorded the count), or None."""
+    file = checkpoint / f"memory_rank{0:05d}.safetensors"
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        world = (f.metadata() or {}).get("world_size")
+    return int(world) if world is not None else None
 
 
 def mark_latest(directory: str | Path, tag: str) -> None:
