@@ -52,20 +52,24 @@ def _run(rank, world, run_dir, strategy, scope, steps, save_every=0, resume=Fals
             "selected": trainer.updater.previous[1].tolist()}
 
 
-def _resume_error(rank, world, run_dir, scope="values", extra=(), base_seed=0):
+def _config_error_of(action) -> str:
+    """The ConfigError message that action() raises, or "ok"."""
     from smf_ds.config import ConfigError
 
+    try:
+        action()
+    except ConfigError as err:
+        return str(err)
+    return "ok"
+
+
+def _resume_error(rank, world, run_dir, scope="values", extra=(), base_seed=0):
     cfg = _cfg(run_dir, world, "local", scope, 4, extra=extra)
     model = _model(cfg.memory, base_seed)
     if base_seed:  # other base weights, the same memory
         model.load_state_dict({k: v for k, v in _model(cfg.memory).state_dict().items() if ".memory." in k},
                               strict=False)
-    trainer = Trainer(cfg, model, _examples(), pad_id=0)
-    try:
-        trainer.resume()
-    except ConfigError as err:
-        return str(err)
-    return "resumed"
+    return _config_error_of(Trainer(cfg, model, _examples(), pad_id=0).resume)
 
 
 def test_two_ranks_equal_one_rank(tmp_path):
@@ -286,14 +290,8 @@ def test_tensorboard_logs_tokens_throughput_memory_and_grad_norm(tmp_path):
 
 
 def _unsharded_at_two_ranks(rank, world, run_dir):
-    from smf_ds.config import ConfigError
-
     cfg = _cfg(run_dir, world, "local", "values", 1)
-    try:
-        Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
-    except ConfigError as err:
-        return str(err)
-    return "accepted"
+    return _config_error_of(lambda: Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0))
 
 
 def test_tables_not_laid_out_over_the_ranks_are_refused(tmp_path):
@@ -304,20 +302,10 @@ def test_tables_not_laid_out_over_the_ranks_are_refused(tmp_path):
 
 def _train_or_resume_with(rank, world, run_dir, config_world, resume):
     """Train 2 steps (memory scope: DeepSpeed state), or resume with the config written for
-    `config_world` processes; the refusal's message, if any."""
-    from smf_ds.config import ConfigError
-
+    `config_world` processes; the refusal's message, or "ok"."""
     cfg = _cfg(run_dir, config_world, "local", "memory+scale", 2)
-    model = shard_memory(_model(cfg.memory), None, "local")
-    trainer = Trainer(cfg, model, _examples(), pad_id=0)
-    try:
-        if resume:
-            trainer.resume()
-        else:
-            trainer.fit()
-    except ConfigError as err:
-        return str(err)
-    return "ok"
+    trainer = Trainer(cfg, shard_memory(_model(cfg.memory), None, "local"), _examples(), pad_id=0)
+    return _config_error_of(trainer.resume if resume else trainer.fit)
 
 
 def test_resume_on_another_number_of_processes_is_refused_by_name(tmp_path):
