@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import ConfigError, load_config
-from ..data.loading import missing_local_source
 from ..model_source import model_source
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, background_then_train, evaluate, finetune,
@@ -177,10 +176,13 @@ def _check_eval_sources(settings: EvalSettings, config_dir: Path) -> None:
     """A mistyped local eval file fails now, by its key, not after the base model has loaded.
     Relative paths are from the working directory (as in run configs); only `run:` is looked up
     next to the experiment config."""
+    from ..train.run import check_data_paths
+
     for task in TASKS:
         source = getattr(settings, task)
-        if missing_local_source(source):
-            hint = (f"; it exists next to the experiment config: write {config_dir / source}"
-                    if (config_dir / source).exists() else "")
-            raise ConfigError(f"eval.{task}={source!r}: no such file or directory (relative paths are from the "
-                              f"working directory, {Path.cwd()}){hint}")
+        try:
+            check_data_paths(**{f"eval.{task}": source})
+        except ConfigError as err:
+            beside = config_dir / source
+            hint = f"; it exists next to the experiment config: write {beside}" if beside.exists() else ""
+            raise ConfigError(f"{err}{hint}") from None

@@ -98,16 +98,18 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
                           f"Resume with the same ones, or train into another out_dir")
 
 
+def _memory_metadata(file: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def _memory_world_size(checkpoint: Path) -> int | None:
     """The process count in rank 0's memory checkpoint metadata (for run.json from before it
     recorded the count), or None."""
     file = checkpoint / f"memory_rank{0:05d}.safetensors"
-    if not file.is_file():
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        world = (f.metadata() or {}).get("world_size")
+    world = _memory_metadata(file).get("world_size") if file.is_file() else None
     return int(world) if world is not None else None
 
 
@@ -134,10 +136,7 @@ def load_memory_checkpoint(directory: str | Path, tag: str,
     if not file.is_file():
         raise ConfigError(f"resume: {file} not found; the checkpoint was written by a different number "
                           f"of ranks, or is incomplete")
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = _memory_metadata(file)
     saved_world = int(meta.get("world_size", -1))
     if saved_world != get_world_size():
         raise ConfigError(f"resume: {file} was written by {saved_world} ranks; this run has "

@@ -146,39 +146,43 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
 
-    def _batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+    def _batch(self, step: int, micro: int) -> tuple[dict[str, torch.Tensor], int]:
+        """The micro-batch on the model's device, and its non-padding tokens (counted on the host:
+        no device sync)."""
         idx = self.order.indices(step, self.rank, micro)
         batch = collate([self.examples[i] for i in idx], self.pad_id)
         device = next(self.model.parameters()).device
-        return {k: v.to(device) for k, v in batch.items()}
+        return {k: v.to(device) for k, v in batch.items()}, int(batch["attention_mask"].sum())
 
     def train_step(self, log: bool = False) -> StepResult:
         """One optimizer step. `log`: also measure the dense gradients' norm (before clipping)."""
         self.engine.train()
+        # DeepSpeed keeps the norm where its optimizer wrapper computes one (ZeRO 1-3, bf16; the
+        # gradients are partitioned there); with a plain torch optimizer (ZeRO-0, fp32) the loop does.
+        measure_norm = log and not hasattr(getattr(self.engine, "optimizer", None), "_global_grad_norm")
         losses, tokens, grad_norm = [], 0, None
         for micro in range(self.cfg.train.grad_accum):
-            batch = self._batch(self.step, micro)
+            batch, batch_tokens = self._batch(self.step, micro)
             loss = self.engine(**batch).loss
             self.engine.backward(loss)
-            if log and micro == self.cfg.train.grad_accum - 1:
+            if measure_norm and micro == self.cfg.train.grad_accum - 1:
                 grad_norm = self._dense_grad_norm()  # before the step clips and zeroes the gradients
             self.engine.step()
             losses.append(float(loss.detach()))
-            tokens += int(batch["attention_mask"].sum())
+            tokens += batch_tokens
+        if log and not measure_norm:
+            grad_norm = self.engine.get_global_grad_norm()
         metrics = self.updater.step() if self.updater is not None else {}
         self.step += 1
-        # DeepSpeed's own norm where it keeps one (ZeRO 1-3, bf16): the gradients are partitioned there.
-        deepspeed_norm = getattr(self.engine, "get_global_grad_norm", lambda: None)()
-        if deepspeed_norm is not None:
-            grad_norm = float(deepspeed_norm)
         loss_sum, tokens = _sum_over_ranks(sum(losses) / len(losses), tokens)
-        return StepResult(loss_sum / self.world, int(tokens), metrics, grad_norm)
+        return StepResult(loss_sum / self.world, int(tokens), metrics,
+                          None if grad_norm is None else float(grad_norm))
 
     def _dense_grad_norm(self) -> float | None:
-        """The 2-norm of the dense gradients when every trainable parameter holds its whole
-        gradient (ZeRO-0 in fp32, after the boundary backward has averaged them over ranks)."""
-        grads = [p.grad for p in self.model.parameters() if p.requires_grad]
-        if not grads or any(g is None for g in grads):
+        """The 2-norm of the dense gradients, whole in every parameter after the boundary backward
+        has averaged them over ranks; None with no dense parameter (SMF on value rows alone)."""
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
             return None
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 

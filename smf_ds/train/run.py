@@ -168,7 +168,9 @@ def check_data_paths(**sources: str | None) -> None:
     the field: check_data_paths(**{"data.train": cfg.data.train})."""
     for field, source in sources.items():
         if source and missing_local_source(source):
-            raise ConfigError(f"{field}={source!r}: no such file or directory")
+            where = "" if Path(source).expanduser().is_absolute() else \
+                f" (relative paths are from the working directory, {Path.cwd()})"
+            raise ConfigError(f"{field}={source!r}: no such file or directory{where}")
 
 
 def read_run_summary(summary_file: str | Path) -> dict:
