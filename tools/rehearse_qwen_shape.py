@@ -11,7 +11,8 @@ hidden 896, 14 query / 2 key-value heads, intermediate 4,864, vocab 151,936, tie
 494M parameters, saved in bfloat16; nothing is downloaded), seeded rows in the hub schemas, and
 the README's `qwen.yaml` cut down to a few steps (the paper's memory: layers 6, 12, 18, 128 x 128
 slots; SMF with kl). Then, each under the launcher: `retrofit`, `background`, `train`, a resumed
-`train` two steps further, and `eval` on the three tasks (small limits). Per stage it reports the
+`train` two steps further, `eval` on the three tasks (small limits), and with --baselines the
+paper's LoRA and full finetunes of the same backbone. Per stage it reports the
 wall time, seconds per training step, the peak resident memory of all the stage's processes
 together (sampled every 0.2 s), and what the stage left on disk; --out writes it as JSON.
 
@@ -140,6 +141,11 @@ def rehearse(config: Path, world: Path, runs: Path, args) -> list[dict]:
                   "--wikitext", str(world / "wikitext.jsonl"), "--limit", "medmcqa=32,triviaqa=16,wikitext=4",
                   "--max-length", "1024", "--stride", "512", "--out", str(smf / "eval"), "--no-progress"], None),
     ]
+    # The paper's baselines on the same backbone and data: no memory, the dense optimizer's state in the
+    # checkpoint (a full finetune's is 3x the fp32 model).
+    for method in args.baselines:
+        stages.append((f"train {method}", ["train", *common, f"train.method={method}", f"out_dir={runs / method}"],
+                       runs / method / "train_summary.json"))
     results = []
     logs = runs / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -156,6 +162,7 @@ def rehearse(config: Path, world: Path, runs: Path, args) -> list[dict]:
     disk = {"retrofit checkpoint": runs / "retrofit" / "checkpoints", "retrofit memory_adapter": adapter,
             "background stats": smf / "background.safetensors", "smf checkpoints": smf / "checkpoints",
             "smf memory_adapter": smf / "memory_adapter", "base model (bfloat16)": model_path(world, args)}
+    disk |= {f"{method} checkpoints": runs / method / "checkpoints" for method in args.baselines}
     results.append({"stage": "disk", **{k: disk_mib(v) for k, v in disk.items()}})
     for k, v in disk.items():
         print(f"  {k:28s} {disk_mib(v):9.1f} MiB")
@@ -172,6 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="retrofit and train steps, background batches")
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--baselines", default="", type=lambda s: [m for m in s.split(",") if m],
+                        help="also train these methods after the SMF stages, comma-separated: lora, full")
     parser.add_argument("--quick", action="store_true", help="a smoke run: Qwen's depth and memory layers, "
                         "hidden 64, vocab 2,048, 1 step")
     parser.add_argument("--workdir", type=Path, help="model, data and runs (default: a temporary dir); "
@@ -180,6 +189,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.max_length = 1, 64
+    if set(args.baselines) - {"lora", "full"}:
+        parser.error(f"--baselines: expected lora and/or full, got {','.join(args.baselines)}")
     if args.steps < 1:
         parser.error(f"--steps: expected >= 1, got {args.steps}")
 
