@@ -82,6 +82,12 @@ SCORING_RULES = ("tfidf", "kl", "tf", "random", "dense-accessed", "dense-all")
 RULES_NEEDING_BACKGROUND = ("tfidf", "kl")
 
 
+def background_needed(scoring: str) -> "ConfigError":
+    """The error for a scoring rule that needs background stats when the run has none."""
+    return ConfigError(f"sparse.scoring={scoring!r} needs background statistics: set sparse.background to a file "
+                       f"made by `smf-ds background` (or run it into this out_dir first), or use 'tf' or 'random'")
+
+
 @dataclass
 class SparseConfig:
     """Which value rows train each optimizer step, and how (Lin et al. 2025)."""

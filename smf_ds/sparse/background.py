@@ -9,6 +9,7 @@ resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -82,6 +83,16 @@ class BackgroundStats:
                                   f"recompute them with `smf-ds background` for this memory config")
         if self.num_batches <= 0:
             raise ConfigError(f"{source}: num_batches is {self.num_batches}; expected at least one batch")
+
+    def digest(self) -> str:
+        """A hash of what scoring reads (B, and every layer's df and counts): a resumed run checks
+        that it scores against the same stats, wherever the file is now."""
+        digest = hashlib.sha256(f"{self.num_batches}".encode())
+        for layer in sorted(self.df):
+            digest.update(f"{layer}".encode())
+            digest.update(self.df[layer].cpu().numpy().tobytes())
+            digest.update(self.counts[layer].cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def owned(self, layer: int, table: ValueTable) -> tuple[torch.Tensor, torch.Tensor]:
         start, stop = table.owned_row_range()

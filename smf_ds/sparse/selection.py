@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import RULES_NEEDING_BACKGROUND, ConfigError
+from ..config import RULES_NEEDING_BACKGROUND, ConfigError, background_needed
 from ..memory.values import ValueTable
 from .background import BackgroundStats
 from .stats import gather_over_row_owners, sum_over_row_owners
@@ -79,8 +79,7 @@ def select_rows(rule: str, t: int, table: ValueTable, layer: int, rows: torch.Te
     if rule == "dense-all":
         return torch.arange(table.num_rows, device=rows.device)
     if rule in RULES_NEEDING_BACKGROUND and background is None:
-        raise ConfigError(f"sparse.scoring={rule!r} needs background statistics: set sparse.background "
-                          f"to a file made by `smf-ds background`, or use 'tf' / 'random'")
+        raise background_needed(rule)
     read = counts > 0
     rows, counts = rows[read], counts[read]
     if rule == "dense-accessed":

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..config import RULES_NEEDING_BACKGROUND, ConfigError, SparseConfig
+from ..config import RULES_NEEDING_BACKGROUND, SparseConfig, background_needed
 from ..memory.values import ValueTable
 from .background import BackgroundStats
 from .metrics import overlap, slot_usage
@@ -37,9 +37,7 @@ class SparseMemoryUpdater:
         cfg.validate()
         if cfg.scoring in RULES_NEEDING_BACKGROUND:
             if background is None:
-                raise ConfigError(f"sparse.scoring={cfg.scoring!r} needs background statistics: set "
-                                  f"sparse.background to a file made by `smf-ds background`, "
-                                  f"or use scoring 'tf' or 'random'")
+                raise background_needed(cfg.scoring)
             background.check_against(tables, background_source)
         self.tables, self.cfg, self.background = tables, cfg, background
         self.grad_divisor = grad_divisor

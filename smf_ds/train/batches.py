@@ -7,6 +7,9 @@ on (seed, step, world layout) and resume is exact.
 """
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -26,6 +29,16 @@ def tokenize_prompt_answer(tokenizer, prompt: str, answer: str, max_length: int)
 def tokenize_text(tokenizer, text: str, max_length: int) -> dict:
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
     return {"input_ids": ids, "labels": list(ids)}
+
+
+def examples_digest(examples: list[dict]) -> str:
+    """A hash of the tokenized examples (ids and labels, in order): a resumed run checks that it
+    trains on the same examples, wherever its data and tokenizer are now."""
+    digest = hashlib.sha256()
+    for example in examples:
+        ids, labels = (np.asarray(example[key], dtype=np.int64) for key in ("input_ids", "labels"))
+        digest.update(np.int64(len(ids)).tobytes() + ids.tobytes() + labels.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

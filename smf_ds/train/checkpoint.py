@@ -59,30 +59,66 @@ def _flat_config(cfg) -> dict:
 
 
 def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None,
-                      base: str | None = None) -> None:
-    """Rank 0: the run's settings and the memory_fingerprint and base_fingerprint it started
-    from, next to its checkpoint files."""
+                      base: str | None = None, inputs: dict | None = None) -> None:
+    """Rank 0: the run's settings, the memory_fingerprint and base_fingerprint it started from, and
+    `inputs` (what it reads: its examples and background stats, by digest), next to its checkpoint files."""
     if get_rank() == 0:
         path = Path(directory) / tag
         path.mkdir(parents=True, exist_ok=True)
         identity = {"config": _flat_config(cfg), "memory_fingerprint": memory, "base_fingerprint": base,
-                    "processes": get_world_size()}
+                    "processes": get_world_size(), "inputs": inputs or {}}
         (path / RUN_FILE).write_text(json.dumps(identity, indent=2))
 
 
+# Settings that name where an input is: on resume they may point elsewhere (a moved or copied
+# file or model) when what they hold is the same, which run.json checks by content instead.
+CHECKED_BY_CONTENT = {"data.train": "examples", "sparse.background": "background"}
+
+
+def _relocated(value, old_out_dir, new_out_dir):
+    """A path inside the run's old out_dir, as it reads in the out_dir the run is in now."""
+    old = str(old_out_dir or "").rstrip("/")
+    if isinstance(value, str) and old and value.startswith(old + "/"):
+        return str(new_out_dir).rstrip("/") + value[len(old):]
+    return value
+
+
+def _input_text(name: str, record: dict | None) -> str:
+    if record is None:
+        return "none"
+    size = f"{record['count']} examples" if name == "examples" else f"{record['num_batches']} batches"
+    return f"{size}, digest {record['digest']}"
+
+
 def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None,
-                       base: str | None = None) -> None:
+                       base: str | None = None, inputs: dict | None = None) -> None:
     """Refuse to resume a checkpoint made with other settings (but MAY_CHANGE_ON_RESUME), from
     another memory or from other base weights (frozen parameters are not in the checkpoint: they
-    come from the adapter or seed, and from model.name_or_path, each time), naming what differs."""
+    come from the adapter or seed, and from model.name_or_path, each time), or reading other
+    examples or background stats, naming what differs. Paths inside the run dir follow it when it
+    moves; data.train, sparse.background and model.name_or_path may name another place holding the
+    same content."""
     file = Path(directory) / tag / RUN_FILE
     if not file.is_file():  # a checkpoint from before this file existed
         return
     saved = json.loads(file.read_text())
     saved_config = saved.get("config", {k: v for k, v in saved.items() if not k.endswith("_fingerprint")})
     now = _flat_config(cfg)
-    diffs = [f"{key}={saved_config[key]!r} there, {now.get(key)!r} now" for key in sorted(saved_config)
-             if key not in MAY_CHANGE_ON_RESUME and saved_config[key] != now.get(key)]
+    diffs, same_content = [], set()
+    saved_inputs, inputs = saved.get("inputs", {}), inputs or {}
+    for key, name in CHECKED_BY_CONTENT.items():
+        if name not in saved_inputs:  # recorded before run.json held its inputs: the path decides
+            continue
+        if saved_inputs[name] != inputs.get(name):
+            diffs.append(f"{key}: other {'training examples' if name == 'examples' else 'background stats'} "
+                         f"({_input_text(name, saved_inputs[name])} there, {_input_text(name, inputs.get(name))} now)")
+        same_content.add(key)
+    if saved.get("base_fingerprint") is not None and saved["base_fingerprint"] == base:
+        same_content.add("model.name_or_path")
+    for key in sorted(saved_config):
+        there = _relocated(saved_config[key], saved_config.get("out_dir"), cfg.out_dir)
+        if key not in MAY_CHANGE_ON_RESUME and key not in same_content and there != now.get(key):
+            diffs.append(f"{key}={saved_config[key]!r} there, {now.get(key)!r} now")
     processes = saved.get("processes", _memory_world_size(Path(directory) / tag))
     if processes not in (None, get_world_size()):  # checked before DeepSpeed's loader trips on it
         diffs.append(f"processes={processes} there, {get_world_size()} now (the global batch is "

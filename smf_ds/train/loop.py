@@ -21,7 +21,7 @@ from ..memory.inject import set_train_scope, value_tables
 from ..parallel.process_group import collective_device, get_rank, get_world_size, is_distributed
 from ..sparse.background import BackgroundStats
 from ..sparse.step import SparseMemoryUpdater
-from .batches import GlobalBatchOrder, collate
+from .batches import GlobalBatchOrder, collate, examples_digest
 from .checkpoint import (check_run_identity, latest_tag, load_memory_checkpoint, mark_latest, save_memory_checkpoint,
                          save_run_identity)
 from .ds_config import build_ds_config
@@ -115,6 +115,10 @@ class Trainer:
         self.memory = memory_fingerprint(model) if cfg.train.method == "smf" else None
         # Which base weights: checked on resume, since checkpoints leave the frozen ones out.
         self.base = model.smf_base_fingerprint = base_fingerprint(model)
+        # What it reads, checked on resume by content (the files may have moved, or changed).
+        self.inputs = {"examples": {"count": len(examples), "digest": examples_digest(examples)},
+                       "background": None if background is None else
+                       {"num_batches": background.num_batches, "digest": background.digest()}}
         self.model, params = trainable_parameters(model, cfg)
         self.engine = build_engine(self.model, params, build_ds_config(cfg), cfg.train.grad_accum)
         self.tables = value_tables(self.model) if cfg.train.method == "smf" else []
@@ -215,7 +219,7 @@ class Trainer:
                                     exclude_frozen_parameters=True)
         save_memory_checkpoint(self.checkpoint_dir, tag, self.tables,
                                self.updater.state_dict() if self.updater else None)
-        save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base)
+        save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs)
         mark_latest(self.checkpoint_dir, tag)
 
     def resume(self) -> bool:
@@ -224,7 +228,7 @@ class Trainer:
         if tag is None:
             log.info("resume: no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return False
-        check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base)
+        check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs)
         # Non-strict: the frozen parameters are absent by design (older checkpoints still hold them).
         _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag, load_module_strict=False)
         state = load_memory_checkpoint(self.checkpoint_dir, tag, self.tables)

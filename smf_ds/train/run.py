@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFConfig, save_config
+from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFConfig, background_needed, save_config
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.loading import missing_local_source
 from ..data.oasst import load_oasst_texts
@@ -118,10 +118,13 @@ def default_background_path(cfg: SMFConfig) -> Path:
 def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | None = None) -> Path:
     cfg = adopt_adapter_memory(cfg, adapter_dir)
     check_data_paths(**{"data.background": cfg.data.background})
-    tokenizer, model = load_run_model(cfg, adapter_dir)
     out_path = Path(out) if out else default_background_path(cfg)
     if out_path.is_dir():  # `--out DIR`: the stats go into it
         out_path = out_path / default_background_path(cfg).name
+    if out_path.is_file() and out_path.resolve() == default_background_path(cfg).resolve():
+        refuse_used_out_dir(cfg, f"its run may have trained with {out_path}, which this would replace; write the "
+                                 f"new stats elsewhere (--out FILE) or into another out_dir")
+    tokenizer, model = load_run_model(cfg, adapter_dir)
     compute_background(cfg, model, tokenizer, out_path)
     if get_rank() == 0:  # the config that produced the stats, next to them
         save_config(cfg, out_path.with_suffix(".config.yaml"))
@@ -234,8 +237,9 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     cfg = adopt_adapter_memory(cfg, adapter_dir)
     default_stats = default_background_path(cfg)
-    if (cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND and not cfg.sparse.background
-            and default_stats.is_file()):
+    if cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND and not cfg.sparse.background:
+        if not default_stats.is_file():  # said before the model loads
+            raise background_needed(cfg.sparse.scoring)
         log.info("sparse.background: using %s (written by `smf-ds background` into this out_dir)", default_stats)
         cfg.sparse.background = str(default_stats)
     if not resume:
