@@ -43,3 +43,13 @@ def missing_dir_note(name: str) -> str:
     if parent != Path(".") and parent.is_dir():
         return f"; no local directory {name} either ({parent} exists)"
     return ""
+
+
+def check_tokenizer(tokenizer, what: str) -> None:
+    """A model directory without tokenizer files loads an empty tokenizer that encodes every text
+    to nothing; say so instead of failing later inside scoring or generate."""
+    from .config import InputError
+
+    if not tokenizer("The answer is", add_special_tokens=False)["input_ids"]:
+        raise InputError(f"{what}: its tokenizer encodes text to no tokens; expected tokenizer files "
+                         f"(tokenizer.json, or vocab and merges) beside config.json")

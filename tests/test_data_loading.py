@@ -6,6 +6,7 @@ import pytest
 from smf_ds.data import samples
 from smf_ds.data.loading import DataSourceError, load_rows, select_indices
 from smf_ds.data.medmcqa import MedMCQAExample, MedMCQAPrompt, load_medmcqa
+from smf_ds.data.validation import MalformedRowError
 from smf_ds.data.oasst import load_oasst, load_oasst_texts
 from smf_ds.data.triviaqa import load_triviaqa
 from smf_ds.data.wikitext import join_docs, load_wikitext
@@ -138,3 +139,33 @@ def test_a_folder_of_parquet_files_ignores_the_hub_config(tmp_path):
     samples.write_rows(samples.triviaqa_rows(4, seed=1), folder / "validation-00000.parquet")
     ex, report = load_triviaqa(str(folder), split="validation", config="rc.nocontext")
     assert len(ex) == 4 and report.n_malformed == 0
+
+
+def test_one_based_cop_is_refused_not_scored_off_by_one(tmp_path):
+    """The original MedMCQA release numbers cop 1-4; the hub 0-3."""
+    rows = samples.medmcqa_rows(40, seed=1)
+    for r in rows:
+        r["cop"] = r["cop"] + 1
+    path = tmp_path / "one_based.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(MalformedRowError, match=r"one_based\.jsonl: field cop: numbered 1-4 \(no row has 0\)"):
+        load_medmcqa(str(path))
+    for r in rows:  # the same answers, 0-based: loads
+        r["cop"] -= 1
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(load_medmcqa(str(path))[0]) > 0
+
+
+def test_a_json_syntax_error_is_reported_where_it_is(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n  {"question": "q"},\n  {question: "r"}\n]\n')
+    with pytest.raises(DataSourceError, match=r"broken\.json: not valid JSON: .* at line 3, column 4"):
+        load_rows(str(path))
+
+
+def test_a_mistyped_file_in_an_existing_dir_is_not_tried_as_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for name in ("data/mc.jsonlx", "data/mc.csv"):
+        with pytest.raises(DataSourceError, match=rf"^{name}: no such file or directory"):
+            load_rows(name)

@@ -3,7 +3,7 @@ field ("no such directory"), not the hub's "Repo id must be in the form ..."; hu
 import pytest
 from fixtures_eval import eval_world  # noqa: F401 - pytest fixture
 
-from smf_ds.config import ConfigError, load_config
+from smf_ds.config import ConfigError, InputError, load_config
 from smf_ds.eval import cli
 from smf_ds.model_source import looks_local, missing_dir_note, model_source
 
@@ -39,10 +39,14 @@ def test_missing_local_paths_raise_and_existing_ones_resolve(tmp_path, monkeypat
 
 @pytest.mark.parametrize("argv,message", [
     (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--limit", "0"], "--limit: expected numbers >= 1, got '0'"),
+    (["--sample", "medmcqa=0"], "--sample: expected numbers >= 1"),
     (["--model", "./nonexistent-model"], "--model ./nonexistent-model: no such directory"),
     (["--memory-adapter", "/nonexistent/adapter"], "--memory-adapter /nonexistent/adapter: no such directory"),
 ])
-def test_eval_cli_names_the_flag(eval_world, capsys, argv, message):
+def test_eval_cli_names_the_flag(eval_world, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # as on CI; a GPU box would take --device cuda
     with pytest.raises(SystemExit) as exc:
         cli.main(["--model", str(eval_world.model_dir), "--tasks", "medmcqa", "--no-progress", *argv])
     assert exc.value.code == 2
@@ -68,3 +72,19 @@ def test_train_names_the_field(tmp_path):
     cfg = load_config(overrides=[f"model.name_or_path={tmp_path / 'nomodel'}"])
     with pytest.raises(ConfigError, match=r"^model.name_or_path='.*nomodel': no such directory"):
         load_tokenizer_and_model(cfg)
+
+
+def test_a_model_dir_without_tokenizer_files_is_named(eval_world, tmp_path):
+    """AutoTokenizer loads an empty tokenizer there, which encodes every text to nothing."""
+    import shutil
+
+    bare = tmp_path / "weights_only"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(eval_world.model_dir / name, bare / name)
+    with pytest.raises(InputError, match=rf"--model {bare}: its tokenizer encodes text to no tokens"):
+        cli.load_model_and_tokenizer(str(bare))
+    from smf_ds.train.build import load_tokenizer_and_model
+
+    with pytest.raises(InputError, match=r"model.name_or_path='.*weights_only': "):
+        load_tokenizer_and_model(load_config(overrides=[f"model.name_or_path={bare}"]))

@@ -268,3 +268,34 @@ def test_windows_longer_than_the_model_positions_are_warned_about(tiny_lm, tmp_p
         run_tasks(model, tok, ["wikitext"], EvalSettings(wikitext=str(path), max_length=positions + 1,
                                                          stride=positions), echo=None)
     assert f"--max-length {positions + 1} is more than the model's max_position_embeddings ({positions})" in caplog.text
+
+
+def test_an_earlier_evaluation_in_out_is_refused_unless_overwrite(tiny_lm, eval_world, tmp_path):
+    """Files of two evaluations side by side (another model, other tasks) would contradict each other."""
+    from smf_ds.config import InputError
+
+    model, tok = tiny_lm
+    s = _settings(eval_world)
+    s.limit = {"medmcqa": 3, "wikitext": 1, "triviaqa": 2}
+    run_tasks(model, tok, TASKS, s, out_dir=tmp_path, echo=None)
+    before = (tmp_path / "summary.json").read_text()
+    with pytest.raises(InputError, match=rf"--out {tmp_path}: holds an earlier evaluation \(summary.json, "
+                                         r"medmcqa.predictions.jsonl.*pass --overwrite"):
+        run_tasks(model, tok, ["medmcqa"], s, out_dir=tmp_path, echo=None)
+    assert (tmp_path / "summary.json").read_text() == before
+    run_tasks(model, tok, ["medmcqa"], s, out_dir=tmp_path, echo=None, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["medmcqa.malformed.jsonl", "medmcqa.predictions.jsonl",
+                                                          "summary.json"]
+    with pytest.raises(InputError, match=r"summary.json: is a file; expected a directory"):
+        run_tasks(model, tok, ["medmcqa"], s, out_dir=tmp_path / "summary.json", echo=None)
+
+
+def test_too_short_wikitext_fails_before_any_task_is_evaluated(tiny_lm, eval_world, tmp_path):
+    model, tok = tiny_lm
+    path = tmp_path / "short.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n")
+    s = _settings(eval_world)
+    s.wikitext = str(path)
+    with pytest.raises(NoUsableRowsError, match="hold fewer than 2 tokens"):
+        run_tasks(model, tok, ["medmcqa", "wikitext"], s, out_dir=tmp_path / "out", echo=None)
+    assert not (tmp_path / "out" / "medmcqa.predictions.jsonl").exists()

@@ -87,11 +87,22 @@ def _read_jsonl(path: Path) -> Rows:
     return Rows(str(path), rows, lines, bad)
 
 
+def _is_json_lines(text: str) -> bool:
+    """A text that fails as one JSON document is JSON Lines when its first line is an object on its own."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def _read_json(path: Path) -> Rows:
     text = path.read_text(encoding="utf-8-sig")  # a leading BOM is not part of the JSON
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as err:
+        if not _is_json_lines(text):  # one JSON document with a syntax error: say where
+            raise DataSourceError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
         return _read_jsonl(path)  # JSON Lines with a .json suffix (as datasets accepts)
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -131,8 +142,10 @@ def missing_local_source(source: str | os.PathLike) -> bool:
     """Whether `source` names a local file or directory (a path, or a data file's name) that does
     not exist: a typo, not a hub id to try."""
     text = str(source)
-    looks_local = text.startswith((".", "/", "~")) or text.endswith(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)
-    return looks_local and not Path(text).expanduser().exists()
+    path = Path(text).expanduser()
+    looks_local = (text.startswith((".", "/", "~")) or text.endswith(JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)
+                   or text.count("/") > 1 or (path.parent != Path(".") and path.parent.is_dir()))  # dir/typo
+    return looks_local and not path.exists()
 
 
 def load_rows(source: str | os.PathLike, split: str | None = None, config: str | None = None) -> Rows:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from .loading import Rows, load_rows, take
 from .templates import check_placeholders
-from .validation import ValidationReport, get_str, new_report
+from .validation import MalformedRowError, ValidationReport, get_str, new_report
 
 HUB_ID = "openlifescienceai/medmcqa"
 DEFAULT_SPLIT = "validation"
@@ -129,7 +129,21 @@ def parse_medmcqa(rows: Rows, strict: bool = False, keep_choice_types: tuple[str
         rid = row.get("id")
         out.append(MedMCQAExample(index=len(out), row=i, id=None if rid is None else str(rid), question=question,
                                   options=options, answer=cop, exp=exp, subject=row.get("subject_name")))
+    check_cop_numbering(rows, report)
     return out, report
+
+
+def check_cop_numbering(rows: Rows, report: ValidationReport) -> None:
+    """Numeric cops 1-4, never 0, with 4 as common as an answer is (not one typo), are the original
+    release's 1-based answers: read as 0-based they would score every question against the
+    option after its answer."""
+    numeric = [row["cop"] for i, row in enumerate(rows.rows) if i not in rows.bad_json
+               and isinstance(row.get("cop"), int) and not isinstance(row.get("cop"), bool)]
+    fours = numeric.count(4)
+    if 0 not in numeric and {1, 2, 3, 4} <= set(numeric) and fours >= max(2, len(numeric) // 10):
+        raise MalformedRowError(f"{report.source}: field cop: numbered 1-4 (no row has 0); the hub schema numbers the "
+                                f"options 0-3 (0 = opa), so the answers would be off by one. Subtract 1 from every "
+                                f"cop, or give letters A-D")
 
 
 def load_medmcqa(source: str = HUB_ID, split: str = DEFAULT_SPLIT, limit: int | None = None,

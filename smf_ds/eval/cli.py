@@ -24,7 +24,7 @@ from ..data import triviaqa as triviaqa_data
 from ..data import wikitext as wikitext_data
 from ..data.medmcqa import MedMCQAPrompt
 from .medmcqa import MODES, check_modes
-from ..model_source import missing_dir_note, model_source
+from ..model_source import check_tokenizer, missing_dir_note, model_source
 from .runner import TASKS, EvalSettings, check_tasks, run_tasks
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="write <task>.predictions.jsonl, <task>.malformed.jsonl and summary.json here; "
                         "without --out nothing is written: the metrics are only printed (table on stderr) "
                         "and the per-example predictions are not kept")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier evaluation in --out (default: refuse such a dir)")
     p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
     g = p.add_argument_group("data (hub id or local .jsonl/.json/.parquet/save_to_disk dir, in the hub schema)")
@@ -108,8 +110,8 @@ def _per_task(value: str | None, flag: str, tasks: list[str]) -> dict[str, int |
         if isinstance(err, EvalCLIError):
             raise
         raise EvalCLIError(f"{flag}: expected N or TASK=N[,TASK=N...], got {value!r}") from None
-    if any(n < 0 for n in out.values()):
-        raise EvalCLIError(f"{flag}: expected numbers >= 0, got {value!r}")
+    if any(n < 1 for n in out.values()):  # 0 would evaluate nothing and report it as done
+        raise EvalCLIError(f"{flag}: expected numbers >= 1, got {value!r}")
     return out
 
 
@@ -170,7 +172,14 @@ def _device(requested: str | None):
     import torch
 
     if requested:
-        return torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError as err:
+            raise EvalCLIError(f"--device {requested}: {err}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EvalCLIError(f"--device {requested}: CUDA is not available (this torch is "
+                               f"{'a CPU build' if torch.version.cuda is None else 'built with CUDA, but sees no GPU'})")
+        return device
     if torch.cuda.is_available():
         from ..parallel.process_group import local_cuda_index
 
@@ -203,9 +212,10 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
             model = load_merged(source, dtype=getattr(torch, dtype))
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise EvalCLIError(f"--model {model_id}: could not load a tokenizer and causal LM from it "
                            f"({err}){missing_dir_note(model_id)}") from None
+    check_tokenizer(tokenizer, f"--model {model_id}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if memory_adapter:
@@ -249,7 +259,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model_and_tokenizer(args.model, args.memory_adapter, args.dtype, args.device)
     return run_tasks(model, tokenizer, tasks, settings, out_dir=args.out,
                      progress=not args.no_progress and get_rank() == 0,
-                     meta={"model": args.model, "memory_adapter": args.memory_adapter})
+                     meta={"model": args.model, "memory_adapter": args.memory_adapter}, overwrite=args.overwrite)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -34,6 +34,7 @@ from ..data import wikitext as wikitext_data
 from ..data.loading import load_rows, take
 from ..data.medmcqa import MedMCQAPrompt
 from ..data.validation import ValidationReport
+from ..parallel.process_group import barrier
 from .batching import resolve_shard
 from .medmcqa import MODES, check_modes, evaluate_medmcqa, summarize_medmcqa
 from .triviaqa import evaluate_triviaqa, summarize_triviaqa
@@ -144,6 +145,39 @@ def _usable(task: str, items: list) -> bool:
     return bool(items)
 
 
+def _too_short_wikitext(tokenizer, s: EvalSettings, docs: list, report: ValidationReport) -> NoUsableRowsError | None:
+    """Articles that hold text but not two tokens: no window can score one (checked before any task runs)."""
+    chosen = take(docs, s.limit.get("wikitext"), s.sample.get("wikitext"), s.seed)
+    if len(tokenizer(wikitext_data.join_docs(chosen), add_special_tokens=False)["input_ids"]) >= 2:
+        return None
+    return NoUsableRowsError(f"wikitext: {len(chosen)} document(s) from {report.source} hold fewer than 2 tokens; "
+                             f"a perplexity window scores tokens after the first")
+
+
+def eval_files(out: Path) -> list[Path]:
+    """The files an evaluation writes into its --out dir."""
+    names = ["summary.json"] + [f"{t}.{kind}.jsonl" for t in TASKS for kind in ("predictions", "malformed")]
+    return [out / name for name in names]
+
+
+def prepare_out_dir(out: Path, overwrite: bool, rank: int, world_size: int) -> None:
+    """Refuse an --out that is a file, or that holds an earlier evaluation (its files would stand
+    beside this one's, telling of another model or other tasks) unless `overwrite`, which removes
+    them first. Every rank checks before rank 0 writes anything."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file; expected a directory (created if missing)")
+    earlier = [p for p in eval_files(out) if p.is_file()]
+    if earlier and not overwrite:
+        raise InputError(f"--out {out}: holds an earlier evaluation ({', '.join(p.name for p in earlier)}); pass "
+                         f"--overwrite to replace it, or choose another --out")
+    if world_size > 1:
+        barrier()
+    if rank == 0:
+        for path in earlier:
+            path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+
+
 def _no_usable_rows(task: str, report: ValidationReport, report_path: Path | None) -> NoUsableRowsError:
     msg = (f"{task}: no usable rows in {report.source} ({report.n_rows} rows read, {report.n_malformed} malformed, "
            f"{report.n_filtered} left out" + (f": {report.filtered_reason}" if report.n_filtered else "") + ")")
@@ -190,9 +224,6 @@ def run_wikitext(model, tokenizer, s: EvalSettings, all_docs: list, report: Vali
                     "reach positions it was not trained on", s.max_length, positions)
     records = evaluate_perplexity(model, tokenizer, text, max_length=s.max_length, stride=s.stride,
                                   batch_size=s.ppl_batch_size, rank=rank, world_size=world_size, progress=progress)
-    if docs and not records:  # rows were there, but too little text to score one token
-        raise NoUsableRowsError(f"wikitext: {len(docs)} document(s) from {report.source} hold fewer than 2 tokens; "
-                                f"a perplexity window scores tokens after the first")
     metrics = summarize_perplexity(records, s.n_boot, s.boot_seed)
     n_tokens = metrics.pop("n_tokens_scored")
     result = {"task": "wikitext", "n": len(records), "unit": "window", "n_docs": len(docs),
@@ -212,18 +243,19 @@ def _stderr(text: str) -> None:
 def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | None = None,
               out_dir: str | Path | None = None, progress: bool = False, rank: int | None = None,
               world_size: int | None = None, echo: Callable[[str], None] | None = _stderr,
-              meta: dict | None = None) -> dict:
+              meta: dict | None = None, overwrite: bool = False) -> dict:
     """Evaluate `tasks` and return the summary (identical on every rank; rank 0 writes the files).
 
     `rank` / `world_size` default to the process group; world_size=1 evaluates everything in
     this process without any collective. `meta` (e.g. the model id) is added to the summary.
+    An `out_dir` holding an earlier evaluation is refused unless `overwrite` (prepare_out_dir).
     """
     settings = settings or EvalSettings()
     tasks = check_tasks(tasks)
     rank, world_size = resolve_shard(rank, world_size)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        prepare_out_dir(out, overwrite, rank, world_size)
     # Load and check every task's data first: a wrong file fails in seconds, not after the other tasks ran.
     loaded = {}
     for task in tasks:
@@ -236,6 +268,8 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | N
             if rank == 0 and echo is not None:
                 echo(report.format())
             raise _no_usable_rows(task, report, report_path)
+        if task == "wikitext" and (error := _too_short_wikitext(tokenizer, settings, items, report)) is not None:
+            raise error
         loaded[task] = (items, report, time.perf_counter() - start)
     was_training = model.training
     model.eval()

@@ -166,5 +166,5 @@ def load_for_eval(base: Path | str, artifact: Path | None):
 def evaluate(world: dict[str, Path], base: Path, artifact: Path | None, out_dir: Path, meta: dict) -> dict:
     """Evaluate the base (artifact None) or a run's artifact on the world's task and both probes."""
     model, tokenizer = load_for_eval(base, artifact)
-    return run_tasks(model, tokenizer, TASKS, eval_settings(world), out_dir, echo=None,
+    return run_tasks(model, tokenizer, TASKS, eval_settings(world), out_dir, echo=None, overwrite=True,
                      meta={**meta, "artifact": str(artifact or base)})

@@ -138,7 +138,7 @@ class ConfigSetup:
 
     def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
         model, tokenizer = load_for_eval(self.base, artifact)
-        return run_tasks(model, tokenizer, TASKS, self.exp.eval, eval_dir, echo=None,
+        return run_tasks(model, tokenizer, TASKS, self.exp.eval, eval_dir, echo=None, overwrite=True,
                          meta={**meta, "artifact": str(artifact or self.base)})
 
     def fingerprint(self) -> dict:

@@ -6,7 +6,7 @@ import logging
 import torch
 
 from ..config import ConfigError, SMFConfig
-from ..model_source import missing_dir_note, model_source
+from ..model_source import check_tokenizer, missing_dir_note, model_source
 from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import inject_memory, value_tables
 from ..parallel.process_group import get_world_size
@@ -31,9 +31,10 @@ def load_tokenizer_and_model(cfg: SMFConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path={source!r}: could not load a tokenizer and causal LM "
                           f"from it ({err}){missing_dir_note(source)}") from None
+    check_tokenizer(tokenizer, f"model.name_or_path={source!r}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
