@@ -95,9 +95,9 @@ def init_process_group(backend: str | None = None) -> None:
     """Join the launcher's process group, or make a group of one so DeepSpeed runs unlaunched."""
     if init_from_env(backend):
         return
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    # A group of one meets nobody: its own free port, whatever MASTER_PORT the shell exports
+    # (another job may hold that one).
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group(backend=backend or default_backend(), rank=0, world_size=1)
 
 
