@@ -232,13 +232,11 @@ class _Records(logging.Handler):
 
 
 def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE, which loads back as the Qwen2 tokenizer a qwen2 config.json asks for
+    (a bare WordLevel tokenizer.json loads back empty there)."""
+    from smf_ds.data.tiny import build_tiny_tokenizer
 
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<unk>")
+    return build_tiny_tokenizer(["w1 w2 w3"], vocab_size=300)
 
 
 @pytest.mark.parametrize("mode,tie", [("additive", True), ("replacement", False), ("replacement", True)])

@@ -126,3 +126,23 @@ def test_memory_trained_under_zero3_is_saved_whole(world, tmp_path):
     assert zero0.keys() == zero3.keys()
     for key, value in zero0.items():
         assert zero3[key].shape == value.shape and (zero3[key] - value).abs().max() <= 1e-6, key
+
+
+@pytest.mark.parametrize("main, extra, message", [
+    ("train", ["memory.layers=[7]"], r"memory\.layers: layer 7 is out of range; the model has 2 decoder layers"),
+    ("train", ["data.train={oasst}"], r"data\.train=.*oasst\.jsonl: no usable MedMCQA row"),
+    ("train", ["sparse.scoring=tfidf"], r"sparse\.scoring='tfidf' needs background statistics"),
+    ("background", ["data.background={medmcqa}"], r"data\.background=.*medmcqa\.jsonl: no assistant reply"),
+])
+def test_wrong_inputs_fail_before_the_weights_load(world, tmp_path, monkeypatch, main, extra, message):
+    """Minutes per mistake at Qwen's size on a cluster: every input a run can check alone is checked first."""
+    import transformers
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the run's inputs were checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    extra = [e.format(oasst=world["oasst"], medmcqa=world["medmcqa"]) for e in extra]
+    cfg = load_config(overrides=_overrides(world, tmp_path / "run", "sparse.scoring=tf", *extra))
+    with pytest.raises(ConfigError, match=message):
+        (train_main if main == "train" else background_main)(cfg)

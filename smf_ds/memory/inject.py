@@ -20,28 +20,33 @@ SUPPORTED_ARCHITECTURES = ("qwen2", "llama")
 TRAIN_SCOPES = ("values", "memory", "memory+scale")
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def check_architecture(config, what: str) -> None:
+    """`config`: an HF model config; `what` names the model in the error."""
+    model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ConfigError(
-            f"model: cannot inject memory into architecture {model_type!r} "
-            f"({type(model).__name__}); supported model_type values: {list(SUPPORTED_ARCHITECTURES)}")
+        raise ConfigError(f"model: cannot inject memory into architecture {model_type!r} ({what}); "
+                          f"supported model_type values: {list(SUPPORTED_ARCHITECTURES)}")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    check_architecture(getattr(model, "config", None), type(model).__name__)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if not isinstance(layers, nn.ModuleList):
         raise ConfigError(f"model: {type(model).__name__} has no model.layers list of decoder layers")
     return layers
 
 
-def check_memory_config(model: nn.Module, cfg: MemoryConfig) -> None:
-    """Errors that name the field: what cannot work on this particular model."""
+def check_memory_config(config, cfg: MemoryConfig, what: str = "model") -> None:
+    """Errors that name the field: what cannot work on a model of this HF `config` (which is all
+    it needs, so a run checks it before loading any weights)."""
     cfg.validate()
-    layers = decoder_layers(model)
-    n = len(layers)
+    check_architecture(config, what)
+    n = config.num_hidden_layers
     for i in cfg.layers:
         if not 0 <= i < n:
             raise ConfigError(f"memory.layers: layer {i} is out of range; the model has {n} decoder "
                               f"layers, so expected indices in 0..{n - 1}")
-    hidden = model.config.hidden_size
+    hidden = config.hidden_size
     if not cfg.gated and cfg.v_dim not in (None, hidden):
         raise ConfigError(
             f"memory.v_dim: expected {hidden} (the model's hidden size) or null, got {cfg.v_dim}: "
@@ -62,7 +67,7 @@ def inject_memory(model: nn.Module, cfg: MemoryConfig) -> nn.Module:
     """Put a memory layer into each of `cfg.layers` of `model` (in place); returns the model."""
     if getattr(model, "smf_memory_config", None) is not None:
         raise ConfigError("model: memory is already injected into this model")
-    check_memory_config(model, cfg)
+    check_memory_config(model.config, cfg, type(model).__name__)
     layers = decoder_layers(model)
     hidden = model.config.hidden_size
     context = MemoryContext()

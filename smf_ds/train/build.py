@@ -8,7 +8,7 @@ import torch
 from ..config import ConfigError, SMFConfig
 from ..model_source import check_tokenizer, missing_dir_note, model_source
 from ..memory.adapter import base_fingerprint, memory_fingerprint
-from ..memory.inject import inject_memory, value_tables
+from ..memory.inject import check_memory_config, inject_memory, value_tables
 from ..parallel.process_group import get_world_size
 from ..parallel.shard import shard_memory
 from ..sparse.background import BackgroundStats
@@ -19,7 +19,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_tokenizer_and_model(cfg: SMFConfig):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = cfg.model.name_or_path
     if not source:
@@ -28,12 +28,20 @@ def load_tokenizer_and_model(cfg: SMFConfig):
         path = model_source(source)  # a mistyped local path fails here, not as a malformed hub id
     except OSError as err:
         raise ConfigError(f"model.name_or_path={source!r}: {err}") from None
+    def unloadable(err: Exception) -> ConfigError:
+        return ConfigError(f"model.name_or_path={source!r}: could not load a tokenizer and causal LM "
+                           f"from it ({err}){missing_dir_note(source)}")
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise unloadable(err) from None
+    if cfg.train.method == "smf":  # a memory that cannot fit fails before the weights load
+        check_memory_config(config, cfg.memory, f"model.name_or_path={source!r}")
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.name_or_path={source!r}: could not load a tokenizer and causal LM "
-                          f"from it ({err}){missing_dir_note(source)}") from None
+        raise unloadable(err) from None
     check_tokenizer(tokenizer, f"model.name_or_path={source!r}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -25,13 +25,10 @@ from .loop import Trainer
 log = logging.getLogger(__name__)
 
 
-def task_examples(cfg: SMFConfig, tokenizer) -> list[dict]:
+def task_rows(cfg: SMFConfig) -> list:
+    """The run's MedMCQA examples, untokenized: read and checked before the model loads."""
     if not cfg.data.train:
         raise ConfigError("data.train: expected a MedMCQA-schema hub id or local file, got ''")
-    try:
-        prompt = MedMCQAPrompt(answer_continuation=cfg.data.answer_continuation)
-    except ValueError as err:
-        raise ConfigError(f"data.answer_continuation={cfg.data.answer_continuation!r}: {err}") from None
     examples, report = load_medmcqa(cfg.data.train, split=cfg.data.train_split, limit=cfg.data.train_limit,
                                     seed=cfg.data.seed)
     if report.issues:
@@ -41,6 +38,20 @@ def task_examples(cfg: SMFConfig, tokenizer) -> list[dict]:
         raise ConfigError(f"data.train={cfg.data.train}: no usable MedMCQA row to train on ({report.n_rows} rows read, "
                           f"{report.n_malformed} malformed{filtered}); expected the MedMCQA schema (question, "
                           f"opa..opd, cop, choice_type)")
+    return examples
+
+
+def training_prompt(cfg: SMFConfig) -> MedMCQAPrompt:
+    try:
+        return MedMCQAPrompt(answer_continuation=cfg.data.answer_continuation)
+    except ValueError as err:
+        raise ConfigError(f"data.answer_continuation={cfg.data.answer_continuation!r}: {err}") from None
+
+
+def task_examples(cfg: SMFConfig, tokenizer, examples: list | None = None) -> list[dict]:
+    """Tokenized training pairs of `examples` (default: task_rows(cfg))."""
+    prompt = training_prompt(cfg)
+    examples = task_rows(cfg) if examples is None else examples
     pairs = (prompt.training_pair(ex, with_explanation=cfg.data.train_explanation) for ex in examples)
     return [tokenize_prompt_answer(tokenizer, prompt_text, answer, cfg.train.max_length) for prompt_text, answer in pairs]
 
@@ -73,14 +84,25 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, progress: bool = True):
-    """B background batches of the training global batch's size, split over ranks; saved as safetensors."""
+def background_texts(cfg: SMFConfig) -> list[str]:
+    """The background's assistant replies: read and checked before the model loads."""
     if not cfg.data.background:
         raise ConfigError("data.background: expected an OASST1-schema hub id or local file, got ''")
-    examples = text_examples(load_oasst_texts(cfg.data.background), tokenizer, cfg.train.max_length)
-    if not examples:
+    texts = load_oasst_texts(cfg.data.background)
+    if not texts:
         raise ConfigError(f"data.background={cfg.data.background}: no assistant reply to read (expected "
                           f"OASST1-schema messages: message_id, parent_id, role, text, lang, rank)")
+    return texts
+
+
+def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, progress: bool = True,
+                       texts: list[str] | None = None):
+    """B background batches of the training global batch's size, split over ranks; saved as safetensors."""
+    texts = background_texts(cfg) if texts is None else texts
+    examples = text_examples(texts, tokenizer, cfg.train.max_length)
+    if not examples:
+        raise ConfigError(f"data.background={cfg.data.background}: no reply holds a token at train.max_length="
+                          f"{cfg.train.max_length}")
     order = GlobalBatchOrder(len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum,
                              get_world_size(), cfg.data.seed)
     batches = cfg.data.background_batches
@@ -124,8 +146,9 @@ def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | N
     if out_path.is_file() and out_path.resolve() == default_background_path(cfg).resolve():
         refuse_used_out_dir(cfg, f"its run may have trained with {out_path}, which this would replace; write the "
                                  f"new stats elsewhere (--out FILE) or into another out_dir")
+    texts = background_texts(cfg)
     tokenizer, model = load_run_model(cfg, adapter_dir)
-    compute_background(cfg, model, tokenizer, out_path)
+    compute_background(cfg, model, tokenizer, out_path, texts=texts)
     if get_rank() == 0:  # the config that produced the stats, next to them
         save_config(cfg, out_path.with_suffix(".config.yaml"))
     return out_path
@@ -226,8 +249,9 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
     refuse_used_out_dir(cfg, "retrofit into another out_dir (or remove it)")
     check_data_paths(**{"retrofit.data" if cfg.retrofit.data else "data.background": source})
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
+    texts = load_oasst_texts(source)
     tokenizer, model = load_run_model(run, adapter_dir)
-    examples = text_examples(load_oasst_texts(source), tokenizer, run.train.max_length)
+    examples = text_examples(texts, tokenizer, run.train.max_length)
     if not examples:
         raise ConfigError(f"retrofit.data={source!r}: no text to train on")
     trainer = Trainer(run, model, examples, tokenizer.pad_token_id)
@@ -246,10 +270,12 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
         refuse_used_out_dir(cfg, "pass --resume to continue it, or train into another out_dir")
     check_data_paths(**{"data.train": cfg.data.train})
     background = load_background(cfg) if cfg.train.method == "smf" else None
+    training_prompt(cfg)  # a wrong template or a file in another schema fails before the model loads
+    rows = task_rows(cfg)
     tokenizer, model = load_run_model(cfg, adapter_dir)
     if background is not None:
         check_background(background, cfg, model)
-    examples = task_examples(cfg, tokenizer)
+    examples = task_examples(cfg, tokenizer, rows)
     trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id, background)
     extra = {}
     if resume and trainer.resume():
