@@ -51,6 +51,17 @@ def test_empty_yaml_file_means_defaults(tmp_path):
     assert load_config(write(tmp_path, "")) == SMFConfig()
 
 
+def test_a_key_set_twice_in_yaml_is_named(tmp_path):
+    """PyYAML alone keeps the last value silently."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {steps: 3, steps: 4}\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: not valid YAML \(key 'steps' appears twice .*line 1"):
+        load_config(str(path))
+    path.write_text("train:\n  steps: 3\nmemory: {knn: 4}\ntrain:\n  lr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"key 'train' appears twice in one mapping \(first on line 1\)"):
+        load_config(str(path))
+
+
 def test_parse_overrides_nests_and_parses_yaml_values():
     assert parse_overrides(["memory.knn=32", "memory.layers=[1, 2]", "memory.gated=false", "out_dir=runs/x"]) == {
         "memory": {"knn": 32, "layers": [1, 2], "gated": False}, "out_dir": "runs/x"}

@@ -133,6 +133,7 @@ def test_memory_trained_under_zero3_is_saved_whole(world, tmp_path):
     ("train", ["data.train={oasst}"], r"data\.train=.*oasst\.jsonl: no usable MedMCQA row"),
     ("train", ["sparse.scoring=tfidf"], r"sparse\.scoring='tfidf' needs background statistics"),
     ("background", ["data.background={medmcqa}"], r"data\.background=.*medmcqa\.jsonl: no assistant reply"),
+    ("train", ["data.train={empty}"], r"data\.train: .*empty: could not read this directory as a dataset"),
 ])
 def test_wrong_inputs_fail_before_the_weights_load(world, tmp_path, monkeypatch, main, extra, message):
     """Minutes per mistake at Qwen's size on a cluster: every input a run can check alone is checked first."""
@@ -142,7 +143,8 @@ def test_wrong_inputs_fail_before_the_weights_load(world, tmp_path, monkeypatch,
         raise AssertionError("the weights were loaded before the run's inputs were checked")
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
-    extra = [e.format(oasst=world["oasst"], medmcqa=world["medmcqa"]) for e in extra]
+    (tmp_path / "empty").mkdir()
+    extra = [e.format(oasst=world["oasst"], medmcqa=world["medmcqa"], empty=tmp_path / "empty") for e in extra]
     cfg = load_config(overrides=_overrides(world, tmp_path / "run", "sparse.scoring=tf", *extra))
     with pytest.raises(ConfigError, match=message):
         (train_main if main == "train" else background_main)(cfg)

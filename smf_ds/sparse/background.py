@@ -61,7 +61,16 @@ class BackgroundStats:
                       memory: str | None = None, base: str | None = None) -> None:
         """Refuse stats that do not fit these tables; `memory` and `base`: the run's memory_fingerprint
         and base_fingerprint, which must be those the stats were read through (rows mean nothing
-        under other keys, and other base weights ask other queries)."""
+        under other keys, and other base weights ask other queries). Shapes first: they say the most
+        plainly what is wrong."""
+        for layer, table in tables:
+            if layer not in self.df:
+                raise ConfigError(f"{source}: no statistics for memory layer {layer}; "
+                                  f"the stats have layers {sorted(self.df)}")
+            if self.df[layer].shape[0] != table.num_rows:
+                raise ConfigError(f"{source}: layer {layer} has stats for {self.df[layer].shape[0]} rows, "
+                                  f"but the memory table has {table.num_rows} rows (memory.n_keys ** 2); "
+                                  f"recompute them with `smf-ds background` for this memory config")
         if memory is not None and self.memory is not None and memory != self.memory:
             raise ConfigError(f"{source}: these stats were read through another memory (fingerprint "
                               f"{self.memory}) than this run starts from ({memory}); compute them with "
@@ -73,14 +82,6 @@ class BackgroundStats:
         if memory is not None and self.memory is None:
             log.warning("%s: written before stats recorded their memory: cannot check that they were read "
                         "through this run's memory", source)
-        for layer, table in tables:
-            if layer not in self.df:
-                raise ConfigError(f"{source}: no statistics for memory layer {layer}; "
-                                  f"the stats have layers {sorted(self.df)}")
-            if self.df[layer].shape[0] != table.num_rows:
-                raise ConfigError(f"{source}: layer {layer} has stats for {self.df[layer].shape[0]} rows, "
-                                  f"but the memory table has {table.num_rows} rows (memory.n_keys ** 2); "
-                                  f"recompute them with `smf-ds background` for this memory config")
         if self.num_batches <= 0:
             raise ConfigError(f"{source}: num_batches is {self.num_batches}; expected at least one batch")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 import logging
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 
 from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFConfig, background_needed, save_config
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
-from ..data.loading import missing_local_source
+from ..data.loading import DataSourceError, missing_local_source
 from ..data.oasst import load_oasst_texts
 from ..memory.adapter import base_fingerprint, gathered_parameters, memory_fingerprint
 from ..memory.inject import value_tables
@@ -25,12 +26,22 @@ from .loop import Trainer
 log = logging.getLogger(__name__)
 
 
+@contextmanager
+def naming_the_field(field: str):
+    """A data source that cannot be read is reported with the config field that named it."""
+    try:
+        yield
+    except DataSourceError as err:
+        raise ConfigError(f"{field}: {err}") from None
+
+
 def task_rows(cfg: SMFConfig) -> list:
     """The run's MedMCQA examples, untokenized: read and checked before the model loads."""
     if not cfg.data.train:
         raise ConfigError("data.train: expected a MedMCQA-schema hub id or local file, got ''")
-    examples, report = load_medmcqa(cfg.data.train, split=cfg.data.train_split, limit=cfg.data.train_limit,
-                                    seed=cfg.data.seed)
+    with naming_the_field("data.train"):
+        examples, report = load_medmcqa(cfg.data.train, split=cfg.data.train_split, limit=cfg.data.train_limit,
+                                        seed=cfg.data.seed)
     if report.issues:
         log.warning("data.train=%s:\n%s", cfg.data.train, report.format())
     if not examples:
@@ -88,7 +99,8 @@ def background_texts(cfg: SMFConfig) -> list[str]:
     """The background's assistant replies: read and checked before the model loads."""
     if not cfg.data.background:
         raise ConfigError("data.background: expected an OASST1-schema hub id or local file, got ''")
-    texts = load_oasst_texts(cfg.data.background)
+    with naming_the_field("data.background"):
+        texts = load_oasst_texts(cfg.data.background)
     if not texts:
         raise ConfigError(f"data.background={cfg.data.background}: no assistant reply to read (expected "
                           f"OASST1-schema messages: message_id, parent_id, role, text, lang, rank)")
@@ -249,7 +261,8 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
     refuse_used_out_dir(cfg, "retrofit into another out_dir (or remove it)")
     check_data_paths(**{"retrofit.data" if cfg.retrofit.data else "data.background": source})
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
-    texts = load_oasst_texts(source)
+    with naming_the_field("retrofit.data" if cfg.retrofit.data else "data.background"):
+        texts = load_oasst_texts(source)
     tokenizer, model = load_run_model(run, adapter_dir)
     examples = text_examples(texts, tokenizer, run.train.max_length)
     if not examples:
