@@ -148,6 +148,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 0  # the newest this many checkpoints are kept, older ones removed; 0 = all
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -172,6 +173,9 @@ class TrainConfig:
         if self.save_every < 0:
             raise ConfigError(f"{prefix}.save_every: expected an integer >= 0 (0 = only at the end), "
                               f"got {self.save_every}")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"{prefix}.keep_checkpoints: expected an integer >= 0 (0 = keep all), "
+                              f"got {self.keep_checkpoints}")
         if not 0 <= self.lora_dropout < 1:  # also rejects NaN
             raise ConfigError(f"{prefix}.lora_dropout: expected a probability in [0, 1), got {self.lora_dropout}")
 

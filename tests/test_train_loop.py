@@ -327,3 +327,23 @@ def test_resume_on_another_number_of_processes_is_refused_by_name(tmp_path):
     del identity["processes"]
     run_json.write_text(json.dumps(identity))
     assert expected in run_distributed(_train_or_resume_with, 1, str(tmp_path), 2, True)[0]
+
+
+def _train_keeping(rank, world, run_dir, steps, keep):
+    cfg = _cfg(run_dir, world, "local", "memory+scale", steps, save_every=1,
+               extra=[f"train.keep_checkpoints={keep}"])
+    trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+    resumed = trainer.resume()
+    trainer.fit()
+    trainer.close()
+    return resumed
+
+
+def test_keep_checkpoints_removes_older_ones_once_a_newer_one_is_complete(tmp_path):
+    run_distributed(_train_keeping, 1, str(tmp_path), 4, 2)
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step0000003", "step0000004"]
+    assert (checkpoints / "latest_memory").read_text() == "step0000004"
+    # the setting may change on resume; 0 keeps every checkpoint from then on
+    assert run_distributed(_train_keeping, 1, str(tmp_path), 6, 0)[0]
+    assert sorted(p.name for p in checkpoints.glob("step*")) == [f"step000000{i}" for i in range(3, 7)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,7 +50,7 @@ def save_memory_checkpoint(directory: str | Path, tag: str, tables: list[tuple[i
 # how long it goes on and how often it logs and saves (and where its dir is now). Other changes
 # would fail deep inside DeepSpeed, or silently train another run (another learning rate, batch
 # order, optimizer state) under the old run's name.
-MAY_CHANGE_ON_RESUME = ("train.steps", "train.save_every", "train.log_every", "out_dir")
+MAY_CHANGE_ON_RESUME = ("train.steps", "train.save_every", "train.log_every", "train.keep_checkpoints", "out_dir")
 RUN_FILE = "run.json"
 
 
@@ -157,6 +158,17 @@ def mark_latest(directory: str | Path, tag: str) -> None:
         tmp.write_text(tag)
         os.replace(tmp, Path(directory) / "latest_memory")
     barrier()
+
+
+def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
+    """Rank 0, after mark_latest: remove all but the newest `keep` step dirs (0 keeps all); the one
+    latest_memory names is never removed. Returns what was removed."""
+    latest = latest_tag(directory)
+    steps = sorted(p for p in Path(directory).glob("step*") if p.is_dir() and p.name != latest)
+    older = steps[:max(len(steps) - (keep - 1), 0)] if keep > 0 and latest is not None else []
+    for path in older:
+        shutil.rmtree(path)
+    return older
 
 
 def latest_tag(directory: str | Path) -> str | None:

@@ -22,8 +22,8 @@ from ..parallel.process_group import collective_device, get_rank, get_world_size
 from ..sparse.background import BackgroundStats
 from ..sparse.step import SparseMemoryUpdater
 from .batches import GlobalBatchOrder, collate, examples_digest
-from .checkpoint import (check_run_identity, latest_tag, load_memory_checkpoint, mark_latest, save_memory_checkpoint,
-                         save_run_identity)
+from .checkpoint import (check_run_identity, latest_tag, load_memory_checkpoint, mark_latest, prune_checkpoints,
+                         save_memory_checkpoint, save_run_identity)
 from .ds_config import build_ds_config
 from .engine import build_engine, release_engine
 
@@ -221,6 +221,8 @@ class Trainer:
                                self.updater.state_dict() if self.updater else None)
         save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs)
         mark_latest(self.checkpoint_dir, tag)
+        if self.rank == 0 and self.cfg.train.keep_checkpoints:  # only once the new one is complete
+            prune_checkpoints(self.checkpoint_dir, self.cfg.train.keep_checkpoints)
 
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint in the run dir; False when there is none."""
