@@ -111,14 +111,16 @@ def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def _data_fields(report: ValidationReport, n_available: int, n: int, limit, sample) -> dict:
+def _data_fields(report: ValidationReport, n_available: int, n: int, limit, sample, unit: str = "examples") -> dict:
+    """`unit`: what --limit and --sample count (WikiText: articles, while its `n` counts windows)."""
     warnings = []
     asked = min(x for x in (limit, sample) if x is not None) if (limit is not None or sample is not None) else None
     if asked is not None and asked > n:
-        warnings.append(f"asked for {asked} examples, but only {n_available} well-formed examples are available; "
+        warnings.append(f"asked for {asked} {unit}, but only {n_available} well-formed {unit} are available; "
                         f"evaluated {n}")
     if report.n_malformed:
-        warnings.append(f"{report.n_malformed} malformed rows skipped (see the malformed report)")
+        warnings.append(f"{report.n_malformed} malformed rows skipped (listed in the malformed report: "
+                        f"<task>.malformed.jsonl, written with --out)")
     return {**report.summary(), "n_available": n_available, "limit": limit, "sample": sample, "warnings": warnings}
 
 
@@ -229,7 +231,7 @@ def run_wikitext(model, tokenizer, s: EvalSettings, all_docs: list, report: Vali
     result = {"task": "wikitext", "n": len(records), "unit": "window", "n_docs": len(docs),
               "n_lines": sum(len(d.lines) for d in docs), "n_tokens_scored": n_tokens,
               "max_length": s.max_length, "stride": s.stride, "metrics": metrics,
-              **_data_fields(report, len(all_docs), len(docs), limit, sample)}
+              **_data_fields(report, len(all_docs), len(docs), limit, sample, unit="articles")}
     return records, _headline(result, "perplexity")
 
 

@@ -28,6 +28,7 @@ def load_tokenizer_and_model(cfg: SMFConfig):
         path = model_source(source)  # a mistyped local path fails here, not as a malformed hub id
     except OSError as err:
         raise ConfigError(f"model.name_or_path={source!r}: {err}") from None
+
     def unloadable(err: Exception) -> ConfigError:
         return ConfigError(f"model.name_or_path={source!r}: could not load a tokenizer and causal LM "
                            f"from it ({err}){missing_dir_note(source)}")
@@ -36,13 +37,13 @@ def load_tokenizer_and_model(cfg: SMFConfig):
         tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise unloadable(err) from None
+    check_tokenizer(tokenizer, f"model.name_or_path={source!r}")
     if cfg.train.method == "smf":  # a memory that cannot fit fails before the weights load
         check_memory_config(config, cfg.memory, f"model.name_or_path={source!r}")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
     except (OSError, ValueError) as err:
         raise unloadable(err) from None
-    check_tokenizer(tokenizer, f"model.name_or_path={source!r}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer, model
