@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 
-from smf_ds.config import ConfigError, load_config
+from smf_ds.config import load_config
 from smf_ds.data import samples
 from smf_ds.train.run import background_main, train_main
 
 from distributed import run_distributed
+from test_train_loop import _config_error_of
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +35,12 @@ def _cfg(world, out_dir, *extra):
         "train.max_length=64", "train.save_every=2", f"out_dir={out_dir}", *extra])
 
 
-def _error(action) -> str:
-    try:
-        action()
-    except ConfigError as err:
-        return str(err)
-    return "ok"
-
-
 def _scenario(rank, world_size, world, tmp):
     first, moved = tmp / "first", tmp / "moved"
     background_main(_cfg(world, first))
     train_main(_cfg(world, first, "train.steps=2"), progress=False)
     stats = (first / "background.safetensors").read_bytes()
-    out = {"rewrite": _error(lambda: background_main(_cfg(world, first, "data.background_batches=3"))),
+    out = {"rewrite": _config_error_of(lambda: background_main(_cfg(world, first, "data.background_batches=3"))),
            "stats_kept": (first / "background.safetensors").read_bytes() == stats}
     # The run dir moves: its default stats path moves with it.
     shutil.move(first, moved)
@@ -55,14 +48,15 @@ def _scenario(rank, world_size, world, tmp):
     # Other stats at the same path (computed elsewhere, then copied over it).
     background_main(_cfg(world, tmp / "other", "data.background_batches=3"))
     shutil.copy(tmp / "other" / "background.safetensors", moved / "background.safetensors")
-    out["other_stats"] = _error(lambda: train_main(_cfg(world, moved, "train.steps=6"), resume=True, progress=False))
+    out["other_stats"] = _config_error_of(
+        lambda: train_main(_cfg(world, moved, "train.steps=6"), resume=True, progress=False))
     # The old stats back, somewhere else: the same content, so the run goes on.
     (tmp / "elsewhere.safetensors").write_bytes(stats)
-    out["other_data"] = _error(lambda: train_main(
+    out["other_data"] = _config_error_of(lambda: train_main(
         _cfg(world, moved, "train.steps=6", f"sparse.background={tmp / 'elsewhere.safetensors'}",
              f"data.train={world['fewer']}"), resume=True, progress=False))
-    out["elsewhere"] = train_main(_cfg(world, moved, "train.steps=6", f"sparse.background={tmp / 'elsewhere.safetensors'}"),
-                                  resume=True, progress=False)
+    elsewhere = f"sparse.background={tmp / 'elsewhere.safetensors'}"
+    out["elsewhere"] = train_main(_cfg(world, moved, "train.steps=6", elsewhere), resume=True, progress=False)
     return out
 
 

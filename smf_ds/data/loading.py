@@ -102,7 +102,8 @@ def _read_json(path: Path) -> Rows:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         if not _is_json_lines(text):  # one JSON document with a syntax error: say where
-            raise DataSourceError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+            raise DataSourceError(f"{path}: not valid JSON: {err.msg} at line {err.lineno}, "
+                                  f"column {err.colno}") from None
         return _read_jsonl(path)  # JSON Lines with a .json suffix (as datasets accepts)
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]

@@ -66,7 +66,8 @@ class ValidationReport:
                 f"(skipped)" + (f", {self.n_filtered} left out ({self.filtered_reason})" if self.n_filtered else ""))
         lines = [head] + [f"  {issue}" for issue in self.issues[:max_issues]]
         if len(self.issues) > max_issues:
-            lines.append(f"  ... and {len(self.issues) - max_issues} more problems (all in <task>.malformed.jsonl, written with --out)")
+            lines.append(f"  ... and {len(self.issues) - max_issues} more problems "
+                         f"(all in <task>.malformed.jsonl, written with --out)")
         return "\n".join(lines)
 
     def write_jsonl(self, path: str | Path) -> None:
