@@ -245,8 +245,9 @@ def _model_freed_after_close(rank, world, run_dir, extra):
 
 
 @pytest.mark.parametrize("extra", [[], ["train.zero_stage=2"], ["train.zero_stage=3"],
-                                   ["train.zero_stage=3", "train.method=full"]],
-                         ids=["zero0", "zero2", "memory-zero3", "full-zero3"])
+                                   ["train.zero_stage=3", "train.method=full"],
+                                   ["train.zero_stage=3", "train.offload=true", "train.method=full"]],
+                         ids=["zero0", "zero2", "memory-zero3", "full-zero3", "full-zero3-offload"])
 def test_a_closed_trainer_frees_its_model(tmp_path, extra):
     """An experiment trains run after run in one process: DeepSpeed's module-level state (ZeRO-3's
     FWD_MODULE_STACK and its coordinator's lru_cache) kept every run's model alive until it ran
