@@ -276,6 +276,9 @@ def test_merged_round_trip(tmp_path, mode, tie):
 
     evaluated, _ = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")
     assert torch.equal(logits(evaluated), expected)
+    # With --memory-adapter too, its own memory would be dropped: refused.
+    with pytest.raises(ValueError, match="holds a merged model .* evaluate it without --memory-adapter"):
+        load_model_and_tokenizer(str(out), memory_adapter=str(out), dtype="float32", device="cpu")
 
 
 def test_load_merged_still_reports_unexpected_missing_weights(tmp_path):

@@ -78,6 +78,8 @@ TRIVIAQA_CASES = [
     (lambda r: r["answer"].pop("aliases"), "answer.aliases", "missing"),
     (lambda r: r["answer"].update(aliases="Paris"), "answer.aliases", "list of strings"),
     (lambda r: r["answer"].update(value="", aliases=[], normalized_aliases=[" "]), "answer", "no non-empty reference"),
+    (lambda r: r["answer"].update(value="<unk>", aliases=[], normalized_aliases=[]), "answer",
+     "the hub's test split has no answers; use validation"),
 ]
 
 

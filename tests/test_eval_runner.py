@@ -299,3 +299,16 @@ def test_too_short_wikitext_fails_before_any_task_is_evaluated(tiny_lm, eval_wor
     with pytest.raises(NoUsableRowsError, match="hold fewer than 2 tokens"):
         run_tasks(model, tok, ["medmcqa", "wikitext"], s, out_dir=tmp_path / "out", echo=None)
     assert not (tmp_path / "out" / "medmcqa.predictions.jsonl").exists()
+
+
+def test_a_missing_split_names_its_flag(tiny_lm, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from smf_ds.data.loading import DataSourceError
+
+    model, tok = tiny_lm
+    rows = samples.medmcqa_rows(4, seed=1)
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows)}).save_to_disk(tmp_path / "dd")
+    with pytest.raises(DataSourceError, match=r"has splits \['test', 'train'\], but split 'validation' was asked for "
+                                              r"\(set by --medmcqa-split, or eval\.medmcqa_split"):
+        run_tasks(model, tok, ["medmcqa"], EvalSettings(medmcqa=str(tmp_path / "dd")), echo=None)

@@ -124,6 +124,10 @@ def _read_parquet(path: Path) -> Rows:
     return Rows(str(path), pq.read_table(path).to_pylist())
 
 
+class MissingSplitError(DataSourceError):
+    """The source has splits, but not the one asked for (the caller names its split setting)."""
+
+
 def _from_datasets_object(obj: Any, source: str, split: str | None) -> Rows:
     from datasets import Dataset, DatasetDict
 
@@ -131,7 +135,7 @@ def _from_datasets_object(obj: Any, source: str, split: str | None) -> Rows:
         if split is None and len(obj) == 1:
             split = next(iter(obj))
         if split not in obj:
-            raise DataSourceError(f"{source}: has splits {sorted(obj)}, but split {split!r} was asked for")
+            raise MissingSplitError(f"{source}: has splits {sorted(obj)}, but split {split!r} was asked for")
         obj = obj[split]
         source = f"{source}[{split}]"
     if not isinstance(obj, Dataset):

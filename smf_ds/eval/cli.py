@@ -203,7 +203,10 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
     # A merged directory (save_merged: base weights + memory) needs its memory injected to load.
-    merged = not memory_adapter and Path(source).is_dir() and (Path(source) / "memory_config.json").is_file()
+    merged = Path(source).is_dir() and (Path(source) / "memory_config.json").is_file()
+    if merged and memory_adapter:  # its own memory would be dropped for the adapter's
+        raise EvalCLIError(f"--model {model_id} holds a merged model (base weights and memory); evaluate it "
+                           f"without --memory-adapter, or give its base model with --memory-adapter {memory_adapter}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         if merged:

@@ -31,7 +31,7 @@ from ..data import medmcqa as medmcqa_data
 from ..data import triviaqa as triviaqa_data
 from ..config import ConfigError, InputError
 from ..data import wikitext as wikitext_data
-from ..data.loading import load_rows, take
+from ..data.loading import MissingSplitError, load_rows, take
 from ..data.medmcqa import MedMCQAPrompt
 from ..data.validation import ValidationReport
 from ..parallel.process_group import barrier
@@ -132,6 +132,14 @@ def _headline(result: dict, metric: str) -> dict:
 
 def load_task(task: str, s: EvalSettings) -> tuple[list, ValidationReport]:
     """All well-formed examples (WikiText: articles) of `task`'s data, and its malformed-row report."""
+    try:
+        return _load_task(task, s)
+    except MissingSplitError as err:
+        raise MissingSplitError(f"{err} (set by --{task}-split, or eval.{task}_split in an experiment "
+                                f"config)") from None
+
+
+def _load_task(task: str, s: EvalSettings) -> tuple[list, ValidationReport]:
     if task == "medmcqa":
         return medmcqa_data.parse_medmcqa(load_rows(s.medmcqa, split=s.medmcqa_split), strict=s.strict)
     if task == "triviaqa":
