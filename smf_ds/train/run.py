@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import contextmanager
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
