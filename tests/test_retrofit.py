@@ -148,3 +148,16 @@ def test_wrong_inputs_fail_before_the_weights_load(world, tmp_path, monkeypatch,
     cfg = load_config(overrides=_overrides(world, tmp_path / "run", "sparse.scoring=tf", *extra))
     with pytest.raises(ConfigError, match=message):
         (train_main if main == "train" else background_main)(cfg)
+
+
+def _retrofit_over_a_cut_short_one(rank, world_size, world, out):
+    (out / "checkpoints" / "step0000007").mkdir(parents=True)
+    (out / "checkpoints" / "latest_memory").write_text("step0000007")
+    summary = retrofit_main(load_config(overrides=_overrides(world, out, "retrofit.steps=2")), progress=False)
+    return summary["steps"], sorted(p.name for p in (out / "checkpoints").glob("step*"))
+
+
+def test_a_retrofit_cut_short_starts_over(world, tmp_path):
+    """It has no resume: rerun into its dir, it starts again (a finished one is refused instead)."""
+    steps, dirs = run_distributed(_retrofit_over_a_cut_short_one, 1, world, tmp_path / "r")[0]
+    assert steps == 2 and dirs == ["step0000002"]

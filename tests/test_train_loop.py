@@ -203,7 +203,8 @@ def test_training_into_a_used_out_dir_needs_resume(tmp_path):
     (tmp_path / "checkpoints" / "latest_memory").write_text("step0000100")
     with pytest.raises(ConfigError, match=r"earlier run .*latest step0000100\); pass --resume"):
         train_main(_cfg(tmp_path, 1))
-    with pytest.raises(ConfigError, match=r"earlier run .*; retrofit into another out_dir"):
+    (tmp_path / "retrofit_summary.json").write_text("{}")  # a finished retrofit; one cut short starts over
+    with pytest.raises(ConfigError, match=r"earlier run .*; that retrofit finished .*retrofit into another out_dir"):
         retrofit_main(_cfg(tmp_path, 1, extra=["data.background=oasst.jsonl"]))
 
 
@@ -334,17 +335,33 @@ def _train_keeping(rank, world, run_dir, steps, keep):
     cfg = _cfg(run_dir, world, "local", "memory+scale", steps, save_every=1,
                extra=[f"train.keep_checkpoints={keep}"])
     trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
-    resumed = trainer.resume()
-    trainer.fit()
+    message = _config_error_of(trainer.resume)
+    if message == "ok":
+        trainer.fit()
     trainer.close()
-    return resumed
+    return message
 
 
-def test_keep_checkpoints_removes_older_ones_once_a_newer_one_is_complete(tmp_path):
-    run_distributed(_train_keeping, 1, str(tmp_path), 4, 2)
+def test_keep_checkpoints_keeps_the_newest_complete_ones(tmp_path):
+    import os
+
     checkpoints = tmp_path / "checkpoints"
+    assert run_distributed(_train_keeping, 1, str(tmp_path), 4, 2)[0] == "ok"
     assert sorted(p.name for p in checkpoints.glob("step*")) == ["step0000003", "step0000004"]
     assert (checkpoints / "latest_memory").read_text() == "step0000004"
-    # the setting may change on resume; 0 keeps every checkpoint from then on
-    assert run_distributed(_train_keeping, 1, str(tmp_path), 6, 0)[0]
-    assert sorted(p.name for p in checkpoints.glob("step*")) == [f"step000000{i}" for i in range(3, 7)]
+    # A save killed in an earlier attempt left an incomplete dir (no run.json): removed, not counted.
+    (checkpoints / "step0000009").mkdir()
+    (checkpoints / "step0000009" / "engine_state.pt").write_bytes(b"half")
+    assert run_distributed(_train_keeping, 1, str(tmp_path), 6, 2)[0] == "ok"
+    assert sorted(p.name for p in checkpoints.glob("step*")) == ["step0000005", "step0000006"]
+    # Nothing left to train: the checkpoint it resumes from is not written again (a kill there
+    # would damage the only copy).
+    latest = checkpoints / "step0000006"
+    stamps = {p.name: os.stat(p).st_mtime_ns for p in latest.iterdir()}
+    assert run_distributed(_train_keeping, 1, str(tmp_path), 6, 2)[0] == "ok"
+    assert {p.name: os.stat(p).st_mtime_ns for p in latest.iterdir()} == stamps
+    # A damaged latest checkpoint: a named error saying which complete ones are left.
+    memory_file = latest / "memory_rank00000.safetensors"
+    memory_file.write_bytes(memory_file.read_bytes()[:100])
+    message = run_distributed(_train_keeping, 1, str(tmp_path), 7, 2)[0]
+    assert f"resume: {latest} cannot be read" in message and "(complete: step0000005)" in message

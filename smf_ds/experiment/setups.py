@@ -118,13 +118,13 @@ class ConfigSetup:
         return load_config(self.exp.run, [*overrides, f"train.seed={seed}", f"memory.seed={seed}", f"out_dir={run_dir}"])
 
     def _retrofit(self, seed: int) -> Path:
-        from ..train.run import clear_unfinished_run, read_run_summary, retrofit_main
+        from ..train.run import RETROFIT_SUMMARY, read_run_summary, retrofit_main
 
         run_dir = self.out / "retrofit" / f"seed{seed}"
-        summary = run_dir / "retrofit_summary.json"
+        summary = run_dir / RETROFIT_SUMMARY
         if summary.is_file():  # done before: every rank sees the file (rank 0 writes it only after its run)
             return Path(read_run_summary(summary)["artifact"])
-        clear_unfinished_run(run_dir)  # a retrofit cut short starts over (it has no resume)
+        # retrofit_main starts over a retrofit cut short (it has no resume)
         return Path(retrofit_main(self._config(["train.method=smf"], seed, run_dir))["artifact"])
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:

@@ -120,7 +120,7 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
         there = _relocated(saved_config[key], saved_config.get("out_dir"), cfg.out_dir)
         if key not in MAY_CHANGE_ON_RESUME and key not in same_content and there != now.get(key):
             diffs.append(f"{key}={saved_config[key]!r} there, {now.get(key)!r} now")
-    processes = saved.get("processes", _memory_world_size(Path(directory) / tag))
+    processes = saved["processes"] if "processes" in saved else _memory_world_size(Path(directory) / tag)
     if processes not in (None, get_world_size()):  # checked before DeepSpeed's loader trips on it
         diffs.append(f"processes={processes} there, {get_world_size()} now (the global batch is "
                      f"micro_batch_size x grad_accum x processes; resume on {processes})")
@@ -160,15 +160,25 @@ def mark_latest(directory: str | Path, tag: str) -> None:
     barrier()
 
 
+def complete_tags(directory: str | Path) -> list[str]:
+    """Step dirs whose save finished, oldest first: run.json is written after every rank's files
+    (a kill during a save leaves a dir without it)."""
+    return sorted(p.name for p in Path(directory).glob("step*") if (p / RUN_FILE).is_file())
+
+
 def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
-    """Rank 0, after mark_latest: remove all but the newest `keep` step dirs (0 keeps all); the one
-    latest_memory names is never removed. Returns what was removed."""
+    """Rank 0, right after mark_latest (no save in progress): keep the newest `keep` complete
+    checkpoints, latest_memory's always among them, and remove the rest, and every dir a killed
+    save left incomplete. Returns what was removed."""
     latest = latest_tag(directory)
-    steps = sorted(p for p in Path(directory).glob("step*") if p.is_dir() and p.name != latest)
-    older = steps[:max(len(steps) - (keep - 1), 0)] if keep > 0 and latest is not None else []
-    for path in older:
+    if keep <= 0 or latest is None:
+        return []
+    complete = [tag for tag in complete_tags(directory) if tag != latest]
+    kept = {latest, *complete[len(complete) - (keep - 1):]} if keep > 1 else {latest}
+    removed = [p for p in sorted(Path(directory).glob("step*")) if p.is_dir() and p.name not in kept]
+    for path in removed:
         shutil.rmtree(path)
-    return older
+    return removed
 
 
 def latest_tag(directory: str | Path) -> str | None:

@@ -22,8 +22,8 @@ from ..parallel.process_group import collective_device, get_rank, get_world_size
 from ..sparse.background import BackgroundStats
 from ..sparse.step import SparseMemoryUpdater
 from .batches import GlobalBatchOrder, collate, examples_digest
-from .checkpoint import (check_run_identity, latest_tag, load_memory_checkpoint, mark_latest, prune_checkpoints,
-                         save_memory_checkpoint, save_run_identity)
+from .checkpoint import (check_run_identity, complete_tags, latest_tag, load_memory_checkpoint, mark_latest,
+                         prune_checkpoints, save_memory_checkpoint, save_run_identity)
 from .ds_config import build_ds_config
 from .engine import build_engine, release_engine
 
@@ -231,9 +231,19 @@ class Trainer:
             log.info("resume: no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return False
         check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs)
-        # Non-strict: the frozen parameters are absent by design (older checkpoints still hold them).
-        _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag, load_module_strict=False)
-        state = load_memory_checkpoint(self.checkpoint_dir, tag, self.tables)
+        try:
+            # Non-strict: the frozen parameters are absent by design (older checkpoints still hold them).
+            _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag, load_module_strict=False)
+            if client_state is None:  # DeepSpeed's way of saying it found no files
+                raise FileNotFoundError("the engine's files are missing")
+            state = load_memory_checkpoint(self.checkpoint_dir, tag, self.tables)
+        except ConfigError:
+            raise
+        except Exception as err:  # noqa: BLE001 - re-raised as what the user can do about it
+            others = [t for t in complete_tags(self.checkpoint_dir) if t != tag]
+            raise ConfigError(f"resume: {self.checkpoint_dir / tag} cannot be read ({type(err).__name__}: {err}); the "
+                              f"checkpoint is damaged. To resume from an earlier complete one, write its tag into "
+                              f"{self.checkpoint_dir / 'latest_memory'} (complete: {', '.join(others) or 'none'})") from err
         if self.updater is not None:
             self.updater.load_state_dict(state)
         self.step = int(client_state["step"])
@@ -242,6 +252,7 @@ class Trainer:
 
     def fit(self, steps: int | None = None, progress: bool = False) -> TrainResult:
         total = steps if steps is not None else self.cfg.train.steps
+        first_step = self.step
         self._open_run_record()
         result = TrainResult()
         start = time.time()
@@ -277,7 +288,10 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}")
         if bar is not None:
             bar.close()
-        self.save()
+        # Nothing trained (a resume at or past train.steps): the checkpoint it resumed from is this
+        # state; saving it again in place could leave it half-written if killed.
+        if self.step > first_step or latest_tag(self.checkpoint_dir) is None:
+            self.save()
         if self.writer is not None:
             self.writer.flush()
         result.steps, result.seconds = self.step, time.time() - start

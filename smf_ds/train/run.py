@@ -238,6 +238,9 @@ def refuse_used_out_dir(cfg: SMFConfig, advice: str) -> None:
                           f"{latest_tag(checkpoints)}); {advice}")
 
 
+RETROFIT_SUMMARY = "retrofit_summary.json"
+
+
 def retrofit_run_config(cfg: SMFConfig) -> SMFConfig:
     """The run config a retrofit trains with: SMF, its scope, every value row every step
     (dense-all) with the retrofit's optimizer and learning rates, its step count."""
@@ -258,17 +261,21 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
     if not source:
         raise ConfigError("retrofit.data: expected an OASST1-schema hub id or local file (or set data.background), "
                           "got ''")
-    refuse_used_out_dir(cfg, "retrofit into another out_dir (or remove it)")
+    if (Path(cfg.out_dir) / RETROFIT_SUMMARY).is_file():
+        refuse_used_out_dir(cfg, f"that retrofit finished ({RETROFIT_SUMMARY}); retrofit into another out_dir "
+                                 f"(or remove it)")
     check_data_paths(**{"retrofit.data" if cfg.retrofit.data else "data.background": source})
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
     with naming_the_field("retrofit.data" if cfg.retrofit.data else "data.background"):
         texts = load_oasst_texts(source)
+    # A retrofit has no resume: one cut short (checkpoints, no summary) starts over.
+    clear_unfinished_run(cfg.out_dir)
     tokenizer, model = load_run_model(run, adapter_dir)
     examples = text_examples(texts, tokenizer, run.train.max_length)
     if not examples:
-        raise ConfigError(f"retrofit.data={source!r}: no text to train on")
+        raise ConfigError(f"retrofit.data={source!r}: no text to train on (expected OASST1-schema messages)")
     trainer = Trainer(run, model, examples, tokenizer.pad_token_id)
-    return fit_and_save(trainer, tokenizer, "retrofit_summary.json", progress, data=source)
+    return fit_and_save(trainer, tokenizer, RETROFIT_SUMMARY, progress, data=source)
 
 
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
