@@ -38,7 +38,7 @@ from ..parallel.process_group import barrier
 from .batching import resolve_shard
 from .medmcqa import MODES, check_modes, evaluate_medmcqa, summarize_medmcqa
 from .triviaqa import evaluate_triviaqa, summarize_triviaqa
-from .wikitext import evaluate_perplexity, summarize_perplexity
+from .wikitext import evaluate_perplexity, summarize_perplexity, tokenize_text
 
 log = logging.getLogger(__name__)
 
@@ -155,13 +155,11 @@ def _usable(task: str, items: list) -> bool:
     return bool(items)
 
 
-def _too_short_wikitext(tokenizer, s: EvalSettings, docs: list, report: ValidationReport) -> NoUsableRowsError | None:
-    """Articles that hold text but not two tokens: no window can score one (checked before any task runs)."""
+def wikitext_ids(tokenizer, s: EvalSettings, docs: list) -> tuple[list, list[int]]:
+    """The articles --limit / --sample choose, and the token ids of their joined text (tokenized
+    once, before any task runs, so that too short a text fails first)."""
     chosen = take(docs, s.limit.get("wikitext"), s.sample.get("wikitext"), s.seed)
-    if len(tokenizer(wikitext_data.join_docs(chosen), add_special_tokens=False)["input_ids"]) >= 2:
-        return None
-    return NoUsableRowsError(f"wikitext: {len(chosen)} document(s) from {report.source} hold fewer than 2 tokens; "
-                             f"a perplexity window scores tokens after the first")
+    return chosen, tokenize_text(tokenizer, wikitext_data.join_docs(chosen))
 
 
 def eval_files(out: Path) -> list[Path]:
@@ -224,15 +222,18 @@ def run_triviaqa(model, tokenizer, s: EvalSettings, all_examples: list, report: 
 
 
 def run_wikitext(model, tokenizer, s: EvalSettings, all_docs: list, report: ValidationReport, rank, world_size,
-                 progress) -> tuple[list[dict], dict]:
+                 progress, ids: list[int] | None = None) -> tuple[list[dict], dict]:
+    """`ids`: wikitext_ids' tokens when the caller has them."""
     limit, sample = s.limit.get("wikitext"), s.sample.get("wikitext")
-    docs = take(all_docs, limit, sample, s.seed)
-    text = wikitext_data.join_docs(docs)
+    if ids is None:
+        docs, ids = wikitext_ids(tokenizer, s, all_docs)
+    else:
+        docs = take(all_docs, limit, sample, s.seed)
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if positions and s.max_length > positions:
         log.warning("wikitext: --max-length %d is more than the model's max_position_embeddings (%d): windows "
                     "reach positions it was not trained on", s.max_length, positions)
-    records = evaluate_perplexity(model, tokenizer, text, max_length=s.max_length, stride=s.stride,
+    records = evaluate_perplexity(model, tokenizer, ids=ids, max_length=s.max_length, stride=s.stride,
                                   batch_size=s.ppl_batch_size, rank=rank, world_size=world_size, progress=progress)
     metrics = summarize_perplexity(records, s.n_boot, s.boot_seed)
     n_tokens = metrics.pop("n_tokens_scored")
@@ -278,17 +279,22 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | N
             if rank == 0 and echo is not None:
                 echo(report.format())
             raise _no_usable_rows(task, report, report_path)
-        if task == "wikitext" and (error := _too_short_wikitext(tokenizer, settings, items, report)) is not None:
-            raise error
-        loaded[task] = (items, report, time.perf_counter() - start)
+        extra = {}
+        if task == "wikitext":
+            chosen, extra["ids"] = wikitext_ids(tokenizer, settings, items)
+            if len(extra["ids"]) < 2:
+                raise NoUsableRowsError(f"wikitext: {len(chosen)} document(s) from {report.source} hold fewer than 2 "
+                                        f"tokens; a perplexity window scores tokens after the first")
+        loaded[task] = (items, report, time.perf_counter() - start, extra)
     was_training = model.training
     model.eval()
     results = {}
     try:
         for task in tasks:
-            items, report, load_seconds = loaded[task]
+            items, report, load_seconds, extra = loaded[task]
             start = time.perf_counter()
-            records, result = RUNNERS[task](model, tokenizer, settings, items, report, rank, world_size, progress)
+            records, result = RUNNERS[task](model, tokenizer, settings, items, report, rank, world_size, progress,
+                                            **extra)
             if len(records) != result["n"]:
                 raise RuntimeError(f"{task}: {len(records)} records but n = {result['n']}")
             result["source"] = report.source
