@@ -33,7 +33,7 @@ def _cmd_retrofit(args) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     init_process_group()
-    return retrofit_main(cfg, args.memory_adapter)
+    return retrofit_main(cfg, args.memory_adapter, resume=args.resume)
 
 
 def _cmd_background(args) -> dict:
@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("retrofit", help="dense warm-up of fresh memory on general text (before background + train)")
     _add_run_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue a retrofit cut short from its latest checkpoint")
     p.set_defaults(func=_cmd_retrofit)
 
     p = sub.add_parser("background", help="background access statistics for the tfidf / kl rules")

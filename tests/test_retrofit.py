@@ -150,14 +150,39 @@ def test_wrong_inputs_fail_before_the_weights_load(world, tmp_path, monkeypatch,
         (train_main if main == "train" else background_main)(cfg)
 
 
-def _retrofit_over_a_cut_short_one(rank, world_size, world, out):
-    (out / "checkpoints" / "step0000007").mkdir(parents=True)
-    (out / "checkpoints" / "latest_memory").write_text("step0000007")
-    summary = retrofit_main(load_config(overrides=_overrides(world, out, "retrofit.steps=2")), progress=False)
-    return summary["steps"], sorted(p.name for p in (out / "checkpoints").glob("step*"))
+def _retrofit_cut_short_then_resumed(rank, world_size, world, tmp):
+    """4 steps straight; and 2 steps, killed after the checkpoint but before the adapter and summary
+    were written, then --resume with retrofit.steps raised to 4. Both adapters, and the errors."""
+    import shutil
+
+    def cfg(out, *extra):
+        return load_config(overrides=_overrides(world, out, "retrofit.lr=0.05", *extra))
+
+    def adapter(out):
+        return load_file(str(out / "memory_adapter" / "memory_adapter.safetensors"))
+
+    retrofit_main(cfg(tmp / "straight", "retrofit.steps=4"), progress=False)
+    cut = tmp / "cut"
+    retrofit_main(cfg(cut, "retrofit.steps=2"), progress=False)
+    shutil.rmtree(cut / "memory_adapter")
+    (cut / "retrofit_summary.json").unlink()
+    errors = {}
+    for name, run in {"rerun": lambda: retrofit_main(cfg(cut, "retrofit.steps=4"), progress=False),
+                      "other lr": lambda: retrofit_main(cfg(cut, "retrofit.steps=4", "retrofit.lr=0.1"), resume=True,
+                                                        progress=False)}.items():
+        try:
+            run()
+        except ConfigError as err:
+            errors[name] = str(err)
+    summary = retrofit_main(cfg(cut, "retrofit.steps=4"), resume=True, progress=False)
+    return adapter(tmp / "straight"), adapter(cut), summary, errors
 
 
-def test_a_retrofit_cut_short_starts_over(world, tmp_path):
-    """It has no resume: rerun into its dir, it starts again (a finished one is refused instead)."""
-    steps, dirs = run_distributed(_retrofit_over_a_cut_short_one, 1, world, tmp_path / "r")[0]
-    assert steps == 2 and dirs == ["step0000002"]
+def test_a_retrofit_cut_short_resumes_exactly(world, tmp_path):
+    straight, resumed, summary, errors = run_distributed(_retrofit_cut_short_then_resumed, 1, world, tmp_path)[0]
+    assert summary["steps"] == 4 and summary["resumed_at_step"] == 2
+    assert straight.keys() == resumed.keys()
+    for key, value in straight.items():  # memory params (DeepSpeed's AdamW state) and values (sparse state)
+        assert torch.equal(value, resumed[key]), key
+    assert "holds the checkpoints of an earlier run" in errors["rerun"] and "pass --resume" in errors["rerun"]
+    assert "retrofit.lr=0.05 there, 0.1 now" in errors["other lr"]

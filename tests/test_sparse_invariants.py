@@ -211,6 +211,10 @@ def test_top_t_larger_than_table_is_clamped_with_a_warning(caplog):
         updater = SparseMemoryUpdater([(0, mem.values)], sparse_cfg("tf", top_t=ROWS + 10), 1.0)
     assert updater.top_t[0] == ROWS
     assert "clamped" in caplog.text and "sparse.top_t" in caplog.text
+    caplog.clear()  # the dense rules do not use t (a retrofit is dense-all): no warning about it
+    with caplog.at_level("WARNING"):
+        SparseMemoryUpdater([(0, mem.values)], sparse_cfg("dense-all", top_t=ROWS + 10), 1.0)
+    assert "sparse.top_t" not in caplog.text
 
 
 def test_rule_needing_background_without_it_is_an_error():

@@ -203,9 +203,9 @@ def test_training_into_a_used_out_dir_needs_resume(tmp_path):
     (tmp_path / "checkpoints" / "latest_memory").write_text("step0000100")
     with pytest.raises(ConfigError, match=r"earlier run .*latest step0000100\); pass --resume"):
         train_main(_cfg(tmp_path, 1))
-    (tmp_path / "retrofit_summary.json").write_text("{}")  # a finished retrofit; one cut short starts over
+    (tmp_path / "retrofit_summary.json").write_text("{}")  # a finished retrofit: refused even with --resume
     with pytest.raises(ConfigError, match=r"earlier run .*; that retrofit finished .*retrofit into another out_dir"):
-        retrofit_main(_cfg(tmp_path, 1, extra=["data.background=oasst.jsonl"]))
+        retrofit_main(_cfg(tmp_path, 1, extra=["data.background=oasst.jsonl"]), resume=True)
 
 
 def test_mistyped_data_paths_fail_before_the_model_loads(tmp_path):

@@ -124,8 +124,8 @@ class ConfigSetup:
         summary = run_dir / RETROFIT_SUMMARY
         if summary.is_file():  # done before: every rank sees the file (rank 0 writes it only after its run)
             return Path(read_run_summary(summary)["artifact"])
-        # retrofit_main starts over a retrofit cut short (it has no resume)
-        return Path(retrofit_main(self._config(["train.method=smf"], seed, run_dir))["artifact"])
+        # a retrofit cut short resumes from its checkpoint, as the finetunes do
+        return Path(retrofit_main(self._config(["train.method=smf"], seed, run_dir), resume=True)["artifact"])
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
         overrides = list(self.variants[variant])

@@ -43,12 +43,10 @@ class SparseMemoryUpdater:
         self.grad_divisor = grad_divisor
         self.top_t = {}
         for layer, table in tables:
-            t = cfg.top_t
-            if t > table.num_rows:
+            if cfg.top_t > table.num_rows and not cfg.scoring.startswith("dense-"):  # the dense rules ignore t
                 log.warning("sparse.top_t=%d is larger than memory layer %d's table (%d rows): clamped to %d",
-                            t, layer, table.num_rows, table.num_rows)
-                t = table.num_rows
-            self.top_t[layer] = t
+                            cfg.top_t, layer, table.num_rows, table.num_rows)
+            self.top_t[layer] = min(cfg.top_t, table.num_rows)
         self.optimizer = SparseRowOptimizer(tables, cfg, lr)
         self.step_count = 0
         self.previous: dict[int, torch.Tensor] = {}

@@ -50,7 +50,8 @@ def save_memory_checkpoint(directory: str | Path, tag: str, tables: list[tuple[i
 # how long it goes on and how often it logs and saves (and where its dir is now). Other changes
 # would fail deep inside DeepSpeed, or silently train another run (another learning rate, batch
 # order, optimizer state) under the old run's name.
-MAY_CHANGE_ON_RESUME = ("train.steps", "train.save_every", "train.log_every", "train.keep_checkpoints", "out_dir")
+MAY_CHANGE_ON_RESUME = ("train.steps", "retrofit.steps", "train.save_every", "train.log_every", "train.keep_checkpoints",
+                        "out_dir")
 RUN_FILE = "run.json"
 
 

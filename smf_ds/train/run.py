@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -220,16 +219,6 @@ def read_run_summary(summary_file: str | Path) -> dict:
     return summary
 
 
-def clear_unfinished_run(run_dir: str | Path) -> None:
-    """Remove the checkpoints of a run that was cut short (for stages with no resume), so that
-    it can start over in its dir; rank 0 removes, every rank waits."""
-    checkpoints = Path(run_dir) / "checkpoints"
-    if get_rank() == 0 and checkpoints.is_dir():
-        log.warning("%s: a run cut short left checkpoints there: removed, the run starts over", run_dir)
-        shutil.rmtree(checkpoints)
-    barrier()
-
-
 def refuse_used_out_dir(cfg: SMFConfig, advice: str) -> None:
     """A run dir holds one run: refuse to start another over an earlier run's checkpoints."""
     checkpoints = Path(cfg.out_dir) / "checkpoints"
@@ -254,9 +243,11 @@ def retrofit_run_config(cfg: SMFConfig) -> SMFConfig:
     return run
 
 
-def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool = True) -> dict:
+def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False,
+                  progress: bool = True) -> dict:
     """Dense warm-up of the memory on general text; leaves <out_dir>/memory_adapter for
-    `smf-ds background` and `smf-ds train` (--memory-adapter)."""
+    `smf-ds background` and `smf-ds train` (--memory-adapter). With resume, a retrofit cut short
+    continues from its latest checkpoint (retrofit.steps may be raised), as train --resume does."""
     source = cfg.retrofit.data or cfg.data.background
     if not source:
         raise ConfigError("retrofit.data: expected an OASST1-schema hub id or local file (or set data.background), "
@@ -264,18 +255,19 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, progress: bool
     if (Path(cfg.out_dir) / RETROFIT_SUMMARY).is_file():
         refuse_used_out_dir(cfg, f"that retrofit finished ({RETROFIT_SUMMARY}); retrofit into another out_dir "
                                  f"(or remove it)")
+    if not resume:
+        refuse_used_out_dir(cfg, "pass --resume to continue that retrofit, or retrofit into another out_dir")
     check_data_paths(**{"retrofit.data" if cfg.retrofit.data else "data.background": source})
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
     with naming_the_field("retrofit.data" if cfg.retrofit.data else "data.background"):
         texts = load_oasst_texts(source)
-    # A retrofit has no resume: one cut short (checkpoints, no summary) starts over.
-    clear_unfinished_run(cfg.out_dir)
     tokenizer, model = load_run_model(run, adapter_dir)
     examples = text_examples(texts, tokenizer, run.train.max_length)
     if not examples:
         raise ConfigError(f"retrofit.data={source!r}: no text to train on (expected OASST1-schema messages)")
     trainer = Trainer(run, model, examples, tokenizer.pad_token_id)
-    return fit_and_save(trainer, tokenizer, RETROFIT_SUMMARY, progress, data=source)
+    extra = {"resumed_at_step": trainer.step} if resume and trainer.resume() else {}
+    return fit_and_save(trainer, tokenizer, RETROFIT_SUMMARY, progress, data=source, **extra)
 
 
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
