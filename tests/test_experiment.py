@@ -171,6 +171,37 @@ def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
     assert done.returncode == 2 and "mode: 'quick' there, 'full' now" in done.stderr, done.stderr[-2000:]
 
 
+def _grid_killed_in_its_second_run(rank, world_size, out):
+    from smf_ds.experiment import grid
+
+    real_run_one, calls = grid.run_one, []
+
+    def run_one(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_run_one(*args)
+
+    grid.run_one = run_one
+    try:
+        grid.run_experiment(out, variants=["lora"], seeds=[0, 1], quick=True)
+    except KeyboardInterrupt:
+        pass
+    return len(calls)
+
+
+def test_report_of_a_grid_cut_short_reports_its_finished_runs(tmp_path):
+    from distributed import run_distributed
+
+    out = tmp_path / "exp"
+    assert run_distributed(_grid_killed_in_its_second_run, 1, out)[0] == 2
+    assert not (out / "results.json").exists()
+    _cli("report", "--out", str(out))  # refused before: no report_settings.json yet
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["variants"]) == ["lora"] and results["variants"]["lora"]["seeds"] == [0]
+    assert results["settings"]["world_seed"] == 0 and results["settings"]["steps"] > 0
+
+
 def test_experiment_and_report_name_the_bad_flag(tmp_path):
     done = _cli("experiment", "--methods", "smf,lora", "--out", str(tmp_path / "x"), check=False)
     assert done.returncode == 2 and "--methods" in done.stderr and "smf-tfidf" in done.stderr

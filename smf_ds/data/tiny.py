@@ -22,22 +22,28 @@ BASE_TEXTS = [
 ]
 
 
-def build_tiny_tokenizer(texts: Iterable[str], path: str | Path | None = None, vocab_size: int = 512):
+def build_tiny_tokenizer(texts: Iterable[str], path: str | Path | None = None, vocab_size: int = 512,
+                         bos: str | None = None):
     """Byte-level BPE trained on `texts` (plus a few fixed lines), wrapped for transformers.
 
     Deterministic: the same texts give the same vocabulary and merges. Every byte is in the
-    alphabet, so any text encodes (no unknown token).
+    alphabet, so any text encodes (no unknown token). With `bos` (e.g. "<s>") it puts that token
+    before every text it encodes with special tokens, as Llama's tokenizers do; Qwen2's put none.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=[EOS],
+    specials = [EOS] + ([bos] if bos else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(BASE_TEXTS) + list(texts), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS,
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=bos,
                                    clean_up_tokenization_spaces=False)
     if path is not None:
         fast.save_pretrained(str(path))
@@ -59,7 +65,8 @@ def build_tiny_model(tokenizer, path: str | Path | None = None, arch: str = "qwe
                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                   max_position_embeddings=max_positions, initializer_range=init_std,
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+                  bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id,
+                  tie_word_embeddings=False)
     if arch == "qwen2":
         config, cls = Qwen2Config(**kwargs), Qwen2ForCausalLM
     elif arch == "llama":

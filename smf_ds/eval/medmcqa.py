@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.medmcqa import LETTERS, MedMCQAExample, MedMCQAPrompt
+from ..tokens import start_ids
 from .batching import pad_id_of
 from .bootstrap import bootstrap_mean
 from .scoring import score_shared_context
@@ -36,7 +37,8 @@ def check_modes(modes: Sequence[str]) -> tuple[str, ...]:
 
 def tokenize_medmcqa(tokenizer, examples: Sequence[MedMCQAExample], prompt: MedMCQAPrompt, kinds: Sequence[str]
                      ) -> tuple[list[list[int]], dict[str, list[list[list[int]]]]]:
-    """(context ids per example, {kind: [example][option] continuation ids}); no special tokens.
+    """(context ids per example, {kind: [example][option] continuation ids}); contexts begin with
+    the tokenizer's start tokens (smf_ds.tokens), continuations have none.
 
     Prompt and continuation are tokenized separately (each distinct text once: the letter
     continuations " A".." D" are shared by every question).
@@ -45,7 +47,8 @@ def tokenize_medmcqa(tokenizer, examples: Sequence[MedMCQAExample], prompt: MedM
     cont_texts = {k: [prompt.continuation(ex, o, k) for ex in examples for o in range(4)] for k in kinds}
     unique = list(dict.fromkeys([*texts, *(t for k in kinds for t in cont_texts[k])]))
     ids = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
-    contexts = [ids[t] for t in texts]
+    start = list(start_ids(tokenizer))  # a prompt starts its sequence; the continuations follow it
+    contexts = [start + ids[t] for t in texts]
     conts = {k: [[ids[t] for t in cont_texts[k][4 * i:4 * i + 4]] for i in range(len(examples))] for k in kinds}
     return contexts, conts
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..data.medmcqa import MedMCQAExample, MedMCQAPrompt
 from ..data.triviaqa import DEFAULT_TEMPLATE, TriviaQAExample
+from ..tokens import encode_start
 from .batching import model_device
 from .medmcqa import KIND, MODES, check_modes, make_record, tokenize_medmcqa
 from .triviaqa import (StopAtTokens, cut_at_stop, decode_answer, greedy_config, newline_token_ids, score_prediction,
@@ -65,7 +66,7 @@ def triviaqa_one_by_one(model, tokenizer, examples: Sequence[TriviaQAExample], t
                         max_new_tokens: int = 32) -> list[dict]:
     records = []
     for ex in examples:
-        prompt_ids = tokenizer(ex.prompt(template), add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_start(tokenizer, ex.prompt(template))
         toks = generate_one(model, tokenizer, prompt_ids, max_new_tokens)
         records.append(score_prediction(ex, decode_answer(tokenizer, toks), toks))
     return records

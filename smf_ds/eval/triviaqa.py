@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from ..data.triviaqa import DEFAULT_TEMPLATE, TriviaQAExample, check_template
+from ..tokens import encode_starts
 from .batching import (gather_objects, left_pad, model_device, my_batches, pad_id_of, plan_batches, progress_bar,
                        resolve_shard)
 from .bootstrap import bootstrap_mean
@@ -184,7 +185,7 @@ def evaluate_triviaqa(model, tokenizer, examples: Sequence[TriviaQAExample], tem
                       max_new_tokens: int = 32, batch_size: int = 32, rank: int | None = None,
                       world_size: int | None = None, progress: bool = False) -> list[dict]:
     check_template(template)
-    prompts = tokenizer([ex.prompt(template) for ex in examples], add_special_tokens=False)["input_ids"] if examples else []
+    prompts = encode_starts(tokenizer, [ex.prompt(template) for ex in examples])
     generated = generate_batched(model, tokenizer, prompts, max_new_tokens, batch_size, rank, world_size, progress)
     return [score_prediction(ex, decode_answer(tokenizer, toks), toks) for ex, toks in zip(examples, generated)]
 

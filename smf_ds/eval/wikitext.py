@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..tokens import encode_start
 from .batching import pad_id_of
 from .bootstrap import bootstrap_ratio
 from .scoring import score_requests
@@ -57,7 +58,9 @@ def make_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
 
 
 def tokenize_text(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """The whole text as one sequence: the tokenizer's start tokens once, at its beginning (as the
+    HF perplexity guide's single tokenizer call gives them)."""
+    return encode_start(tokenizer, text)
 
 
 def evaluate_perplexity(model, tokenizer, text: str | None = None, ids: Sequence[int] | None = None,

@@ -152,6 +152,8 @@ def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] 
     init_process_group()
     claim(out, setup.fingerprint())
     setup.prepare()
+    # Recorded before any run, so that `smf-ds report` can report the runs of a grid cut short.
+    _write_json(out / REPORT_SETTINGS, {"settings": setup.settings(), "order": list(setup.variants)})
     if not (out / "base_eval" / SUMMARY).is_file():
         setup.evaluate(None, out / "base_eval", {"model": "base"})
     for variant in variants:

@@ -24,6 +24,7 @@ from ..data.wikitext import join_docs, load_wikitext
 from ..eval.cli import load_model_and_tokenizer
 from ..memory.adapter import CONFIG_NAME as MEMORY_ADAPTER_CONFIG
 from ..eval.runner import TASKS, EvalSettings, run_tasks
+from ..eval.wikitext import tokenize_text as wikitext_tokens
 from ..parallel.process_group import barrier, get_rank
 from ..train.batches import tokenize_text
 from ..train.loop import Trainer
@@ -91,7 +92,7 @@ def pretrain_base(world: dict[str, Path], out: Path, steps: int) -> Path:
     examples = [tokenize_text(tokenizer, t + tokenizer.eos_token, PRETRAIN_LENGTH) for t in general]
     # The articles as the WikiText probe reads them (one text, lines joined), in overlapping
     # windows: a base that has read its Wikipedia, so a rise in perplexity is forgetting.
-    ids = tokenizer(articles, add_special_tokens=False)["input_ids"]
+    ids = wikitext_tokens(tokenizer, articles)
     half = PRETRAIN_LENGTH // 2
     examples += [{"input_ids": ids[i:i + PRETRAIN_LENGTH], "labels": ids[i:i + PRETRAIN_LENGTH]}
                  for i in range(0, max(len(ids) - half, 1), half)]

@@ -12,22 +12,26 @@ import hashlib
 import numpy as np
 import torch
 
+from ..tokens import encode_start, start_ids
+
 IGNORE = -100
 
 
 def tokenize_prompt_answer(tokenizer, prompt: str, answer: str, max_length: int) -> dict:
-    """Loss on the answer tokens only (prompt tokens labelled IGNORE); truncates the prompt's front."""
+    """Loss on the answer tokens only (the tokenizer's start tokens and the prompt labelled IGNORE);
+    truncates the prompt's front, after the start tokens."""
+    start = list(start_ids(tokenizer))
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = answer_ids + [tokenizer.eos_token_id]
-    answer_ids = answer_ids[:max_length]
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(answer_ids) - max_length):]
+    answer_ids = answer_ids[:max(max_length - len(start), 1)]
+    prompt_ids = start + prompt_ids[max(0, len(start) + len(prompt_ids) + len(answer_ids) - max_length):]
     return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
 
 
 def tokenize_text(tokenizer, text: str, max_length: int) -> dict:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_length]
+    ids = encode_start(tokenizer, text)[:max_length]
     return {"input_ids": ids, "labels": list(ids)}
 
 
