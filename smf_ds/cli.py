@@ -6,9 +6,12 @@ import json
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from .config import InputError, load_config
 from .parallel.process_group import get_rank, launcher_env
+
+log = logging.getLogger("smf_ds.cli")
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,10 +54,16 @@ def _cmd_eval(args) -> dict:
     return run_eval(args)
 
 
+def _written_to(*paths: Path) -> dict:
+    """What a command prints for results it wrote to files (its table is already in the log)."""
+    return {"written": [str(p) for p in paths]}
+
+
 def _cmd_demo(args) -> dict:
     from .experiment.demo import run_demo
 
-    return run_demo(args.out, quick=args.quick)
+    run_demo(args.out, quick=args.quick)
+    return _written_to(Path(args.out) / "demo_summary.json")
 
 
 def _int_list(text: str) -> list[int]:
@@ -68,14 +77,17 @@ def _cmd_experiment(args) -> dict:
     from .experiment.grid import run_experiment
 
     methods = args.methods.split(",") if args.methods else None
-    return run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config,
-                          world_seed=args.world_seed)
+    run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config, world_seed=args.world_seed)
+    return _written_to(*(Path(args.out) / name for name in ("results.json", "report.md", "tradeoff.png")))
 
 
 def _cmd_report(args) -> dict:
     from .experiment.grid import build_report
+    from .experiment.report import results_table
 
-    return build_report(args.out)
+    results = build_report(args.out)
+    log.info("experiment results:\n%s", results_table(results))
+    return _written_to(*(Path(args.out) / name for name in ("results.json", "report.md", "tradeoff.png")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,10 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="stats file (default: <out_dir>/background.safetensors)")
     p.set_defaults(func=_cmd_background)
 
-    p = sub.add_parser("eval", help="MedMCQA / WikiText / TriviaQA evaluation",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    from .eval.cli import add_eval_arguments
+    from .eval.cli import HelpFormatter, add_eval_arguments
 
+    p = sub.add_parser("eval", help="MedMCQA / WikiText / TriviaQA evaluation", formatter_class=HelpFormatter)
     add_eval_arguments(p)
     p.set_defaults(func=_cmd_eval)
 

@@ -21,12 +21,19 @@ def start_ids(tokenizer) -> tuple[int, ...]:
     return ()
 
 
+def with_start(start: Sequence[int], ids: list[int]) -> list[int]:
+    """ids after the start tokens, unless they already begin with them (a template written with
+    its own BOS, as Llama-2 chat prompts are: "<s>[INST] ...")."""
+    start = list(start)
+    return ids if ids[:len(start)] == start else start + ids
+
+
 def encode_starts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Each text as the start of a sequence: start_ids + its tokens."""
     if not texts:
         return []
-    start = list(start_ids(tokenizer))
-    return [start + ids for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    start = start_ids(tokenizer)
+    return [with_start(start, ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def encode_start(tokenizer, text: str) -> list[int]:

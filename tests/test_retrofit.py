@@ -174,15 +174,45 @@ def _retrofit_cut_short_then_resumed(rank, world_size, world, tmp):
             run()
         except ConfigError as err:
             errors[name] = str(err)
-    summary = retrofit_main(cfg(cut, "retrofit.steps=4"), resume=True, progress=False)
-    return adapter(tmp / "straight"), adapter(cut), summary, errors
+    # Settings of the later sparse phase, which a retrofit never reads, may change.
+    summary = retrofit_main(cfg(cut, "retrofit.steps=4", "sparse.top_t=7", "train.lora_r=4"), resume=True,
+                            progress=False)
+    again = retrofit_main(cfg(cut, "retrofit.steps=4"), resume=True, progress=False)  # finished: nothing to do
+    return adapter(tmp / "straight"), adapter(cut), summary, errors, again
 
 
 def test_a_retrofit_cut_short_resumes_exactly(world, tmp_path):
-    straight, resumed, summary, errors = run_distributed(_retrofit_cut_short_then_resumed, 1, world, tmp_path)[0]
-    assert summary["steps"] == 4 and summary["resumed_at_step"] == 2
+    straight, resumed, summary, errors, again = run_distributed(_retrofit_cut_short_then_resumed, 1, world,
+                                                                tmp_path)[0]
+    assert summary["steps"] == 4 and summary["resumed_at_step"] == 2 and again == summary
     assert straight.keys() == resumed.keys()
     for key, value in straight.items():  # memory params (DeepSpeed's AdamW state) and values (sparse state)
         assert torch.equal(value, resumed[key]), key
     assert "holds the checkpoints of an earlier run" in errors["rerun"] and "pass --resume" in errors["rerun"]
     assert "retrofit.lr=0.05 there, 0.1 now" in errors["other lr"]
+    assert "train.lr" not in errors["other lr"] and "value_lr" not in errors["other lr"]  # derived from it
+
+
+def _experiment_run_killed_after_a_checkpoint(rank, world_size, world, run_dir):
+    """The experiment's background -> train of a tfidf run, cut short after its step-2 checkpoint
+    (as a kill leaves it: no summary, no adapter), then the same call with more steps: resumed."""
+    import shutil
+
+    from smf_ds.experiment.jobs import background_then_train
+
+    def make_config(steps):
+        return lambda extra: load_config(overrides=_overrides(world, run_dir, "sparse.scoring=tfidf", "sparse.top_t=4",
+                                                              "data.background_batches=2", f"train.steps={steps}",
+                                                              *extra))
+
+    background_then_train(make_config(2), run_dir)
+    stats = (run_dir / "background.safetensors").read_bytes()
+    shutil.rmtree(run_dir / "memory_adapter")
+    (run_dir / "train_summary.json").unlink()
+    summary = background_then_train(make_config(3), run_dir)
+    return summary, stats == (run_dir / "background.safetensors").read_bytes()
+
+
+def test_the_experiment_resumes_a_run_that_needs_background_stats(world, tmp_path):
+    summary, stats_kept = run_distributed(_experiment_run_killed_after_a_checkpoint, 1, world, tmp_path / "run")[0]
+    assert summary["resumed_at_step"] == 2 and summary["steps"] == 3 and stats_kept

@@ -93,3 +93,20 @@ def test_wikitext_stream_has_one_bos_at_its_start(llama_with_bos, eval_world):
     want = perplexity_one_by_one(model, tok, text, max_length=48, stride=24)
     np.testing.assert_allclose([g["nll"] for g in got], [w["nll"] for w in want], atol=1e-4, rtol=0)
     assert sum(g["n_tokens"] for g in got) == len(ids) - 1
+
+
+def test_a_template_written_with_its_own_bos_gets_no_second_one(llama_with_bos, eval_world):
+    """Llama-2 chat prompts are written "<s>[INST] ...": the tokenizer reads "<s>" as the BOS."""
+    from smf_ds.data.medmcqa import DEFAULT_TEMPLATE
+    from smf_ds.eval.medmcqa import tokenize_medmcqa
+    from smf_ds.tokens import encode_start
+
+    _, tok = llama_with_bos
+    bos = tok.bos_token_id
+    example = load_medmcqa(str(eval_world.medmcqa))[0][0]
+    plain, own = MedMCQAPrompt(), MedMCQAPrompt(template="<s>" + DEFAULT_TEMPLATE)
+    (context,), _ = tokenize_medmcqa(tok, [example], own, ["letter"])
+    assert context == tokenize_medmcqa(tok, [example], plain, ["letter"])[0][0] and context.count(bos) == 1
+    assert encode_start(tok, "<s>Question: why?") == encode_start(tok, "Question: why?")
+    pair = tokenize_prompt_answer(tok, "<s>Question: why?\nAnswer:", " A", max_length=64)
+    assert pair == tokenize_prompt_answer(tok, "Question: why?\nAnswer:", " A", max_length=64)

@@ -203,9 +203,18 @@ def test_training_into_a_used_out_dir_needs_resume(tmp_path):
     (tmp_path / "checkpoints" / "latest_memory").write_text("step0000100")
     with pytest.raises(ConfigError, match=r"earlier run .*latest step0000100\); pass --resume"):
         train_main(_cfg(tmp_path, 1))
-    (tmp_path / "retrofit_summary.json").write_text("{}")  # a finished retrofit: refused even with --resume
-    with pytest.raises(ConfigError, match=r"earlier run .*; that retrofit finished .*retrofit into another out_dir"):
-        retrofit_main(_cfg(tmp_path, 1, extra=["data.background=oasst.jsonl"]), resume=True)
+    # A finished run whose checkpoints were removed (to save disk): never overwritten, and nothing
+    # to resume from.
+    (tmp_path / "checkpoints" / "latest_memory").unlink()
+    for main, summary, extra in ((train_main, "train_summary.json", []),
+                                 (retrofit_main, "retrofit_summary.json", ["data.background=oasst.jsonl"])):
+        (tmp_path / summary).write_text("{}")
+        command = "train" if main is train_main else "retrofit"
+        with pytest.raises(ConfigError, match=rf"holds a finished run \({summary}\); {command} into another"):
+            main(_cfg(tmp_path, 1, extra=extra))
+        with pytest.raises(ConfigError, match=rf"\({summary}\) whose checkpoints were removed: nothing to resume"):
+            main(_cfg(tmp_path, 1, extra=extra), resume=True)
+        (tmp_path / summary).unlink()
 
 
 def test_mistyped_data_paths_fail_before_the_model_loads(tmp_path):

@@ -488,7 +488,7 @@ def main(argv=None) -> int:
                     help="THP_MEM_ALLOC_ENABLE=1 in the workers: PyTorch backs large CPU tensors with "
                          "transparent huge pages (fewer page faults on fresh allocations)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default cores // procs)")
-    ap.add_argument("--out", default="bench_results/memory.json")
+    ap.add_argument("--out", help="results JSON (default bench_results/memory.json; with --quick bench_results/memory.quick.json, so a smoke run never replaces a full run's results)")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--grad-rows", type=int, default=512, help="rows whose gradients a lookup step forms (SMF's top-t)")
     ap.add_argument("--heads", type=int, default=4)
@@ -654,7 +654,7 @@ def main(argv=None) -> int:
         "memory_scaling": memory_scaling,
         "wall_s": time.perf_counter() - t_start,
     }
-    out = Path(a.out)
+    out = Path(a.out or f"bench_results/memory{'.quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}  ({result['wall_s']:.1f} s)")

@@ -494,7 +494,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help=f"sizes {','.join(map(str, QUICK_SIZES))}, 512 tokens, 3 steps (smoke run, < 30 s)")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory pass")
-    ap.add_argument("--out", default="bench_results/sparse_step.json")
+    ap.add_argument("--out", help="results JSON (default bench_results/sparse_step.json; with --quick bench_results/sparse_step.quick.json, so a smoke run never replaces a full run's results)")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per step (default 2048, quick 512)")
     ap.add_argument("--heads", type=int, default=4)
@@ -676,7 +676,7 @@ def main(argv=None) -> int:
         "goals": goals,
         "wall_s": time.perf_counter() - t_start,
     }
-    out = Path(a.out)
+    out = Path(a.out or f"bench_results/sparse_step{'.quick' if a.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}  ({result['wall_s']:.1f} s)")

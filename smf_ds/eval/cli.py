@@ -188,15 +188,17 @@ def _device(requested: str | None):
 
 
 def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, dtype: str = "auto",
-                             device: str | None = None):
-    """(model, tokenizer) ready to evaluate: eval mode, on `device`, memory adapter loaded if given."""
+                             device: str | None = None, named_by: str | None = None):
+    """(model, tokenizer) ready to evaluate: eval mode, on `device`, memory adapter loaded if given.
+    Errors name the model as `named_by` (default: eval's flag, "--model ID")."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    what = named_by or f"--model {model_id}"
     try:
         source = model_source(model_id)
     except OSError as err:
-        raise EvalCLIError(f"--model {model_id}: {err}") from None
+        raise EvalCLIError(f"{what}: {err}") from None
     if memory_adapter:  # checked before the (possibly slow) model load
         _check_adapter_dir(memory_adapter)
     dev = _device(device)
@@ -205,7 +207,7 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
     # A merged directory (save_merged: base weights + memory) needs its memory injected to load.
     merged = Path(source).is_dir() and (Path(source) / "memory_config.json").is_file()
     if merged and memory_adapter:  # its own memory would be dropped for the adapter's
-        raise EvalCLIError(f"--model {model_id} holds a merged model (base weights and memory); evaluate it "
+        raise EvalCLIError(f"{what} holds a merged model (base weights and memory); evaluate it "
                            f"without --memory-adapter, or give its base model with --memory-adapter {memory_adapter}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -216,9 +218,9 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as err:
-        raise EvalCLIError(f"--model {model_id}: could not load a tokenizer and causal LM from it "
+        raise EvalCLIError(f"{what}: could not load a tokenizer and causal LM from it "
                            f"({err}){missing_dir_note(model_id)}") from None
-    check_tokenizer(tokenizer, f"--model {model_id}")
+    check_tokenizer(tokenizer, what)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if memory_adapter:
@@ -265,13 +267,17 @@ def run_eval(args: argparse.Namespace) -> dict:
                      meta={"model": args.model, "memory_adapter": args.memory_adapter}, overwrite=args.overwrite)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every flag's default (unless its help already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        return text if "default" in text else super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="smf-ds eval", description=__doc__.split("\n\n")[0],
-                                     formatter_class=_HelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..data.medmcqa import LETTERS, MedMCQAExample, MedMCQAPrompt
-from ..tokens import start_ids
+from ..tokens import start_ids, with_start
 from .batching import pad_id_of
 from .bootstrap import bootstrap_mean
 from .scoring import score_shared_context
@@ -47,8 +47,8 @@ def tokenize_medmcqa(tokenizer, examples: Sequence[MedMCQAExample], prompt: MedM
     cont_texts = {k: [prompt.continuation(ex, o, k) for ex in examples for o in range(4)] for k in kinds}
     unique = list(dict.fromkeys([*texts, *(t for k in kinds for t in cont_texts[k])]))
     ids = dict(zip(unique, tokenizer(unique, add_special_tokens=False)["input_ids"])) if unique else {}
-    start = list(start_ids(tokenizer))  # a prompt starts its sequence; the continuations follow it
-    contexts = [start + ids[t] for t in texts]
+    start = start_ids(tokenizer)  # a prompt starts its sequence; the continuations follow it
+    contexts = [with_start(start, ids[t]) for t in texts]
     conts = {k: [[ids[t] for t in cont_texts[k][4 * i:4 * i + 4]] for i in range(len(examples))] for k in kinds}
     return contexts, conts
 

@@ -325,10 +325,11 @@ def _fmt(x) -> str:
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"{'task':<10} {'n':>7} {'metric':<18} {'value':>9}  95% CI"]
+    width = max([len("metric"), *(len(name) for r in summary["tasks"].values() for name in r["metrics"])])
+    lines = [f"{'task':<10} {'n':>7} {'metric':<{width}} {'value':>9}  95% CI"]
     for task, r in summary["tasks"].items():
         for name, m in r["metrics"].items():
             lo, hi = m["ci95"]
-            lines.append(f"{task:<10} {m['n']:>7} {name:<18} {_fmt(m['value']):>9}  [{_fmt(lo)}, {_fmt(hi)}]")
+            lines.append(f"{task:<10} {m['n']:>7} {name:<{width}} {_fmt(m['value']):>9}  [{_fmt(lo)}, {_fmt(hi)}]")
     return "\n".join(lines)
 

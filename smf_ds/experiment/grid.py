@@ -47,9 +47,9 @@ def run_one(setup, out: Path, variant: str, seed: int) -> Path:
     if (eval_dir / SUMMARY).is_file():
         log.info("%s seed %d: evaluated already, kept", variant, seed)
         return eval_dir
-    from ..train.run import read_run_summary
+    from ..train.run import TRAIN_SUMMARY, read_run_summary
 
-    summary_path = directory / "train_summary.json"
+    summary_path = directory / TRAIN_SUMMARY
     if summary_path.is_file():
         artifact = Path(read_run_summary(summary_path)["artifact"])
     else:
@@ -123,6 +123,10 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
                           f"and every run's eval/ dir ({out}/runs/*/seed*/eval); then run `smf-ds experiment` "
                           f"with this --out") from None
     results["settings"] = settings
+    results["not_in_report"] = {  # a grid cut short, or still running: say what the report lacks
+        "unevaluated_runs": [f"{p.parent.name}/{p.name}" for p in sorted((out / "runs").glob("*/seed*"))
+                             if re.fullmatch(r"seed\d+", p.name) and not (p / "eval" / SUMMARY).is_file()],
+        "variants_without_runs": [v for v in order if v not in runs]}
     _write_json(previous, results)
     write_report(results, out)
     return results

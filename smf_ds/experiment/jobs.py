@@ -120,11 +120,16 @@ def variant_overrides(world: dict[str, Path], base: Path, variant: str, run_dir:
 def background_then_train(make_config, run_dir: Path, adapter: str | None = None) -> dict:
     """`smf-ds background` (when the run's scoring rule needs it), then `smf-ds train`; the train
     summary. make_config(extra overrides) builds the run config; adapter: memory to start from."""
-    from ..train.run import background_main, train_main
+    from ..train.checkpoint import latest_tag
+    from ..train.run import background_main, default_background_path, train_main
 
     cfg = make_config([])
     if cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND:
-        stats = background_main(cfg, adapter)  # into cfg.out_dir, the run dir
+        stats = default_background_path(cfg)  # in the run dir
+        # A run cut short after its first checkpoint goes on with its own stats (the resume checks
+        # their digest); background_main would refuse to replace them.
+        if latest_tag(run_dir / "checkpoints") is None or not stats.is_file():
+            stats = background_main(cfg, adapter)
         cfg = make_config([f"sparse.background={stats}"])
     # A run dir with checkpoints is this run's, cut short (setup.json guards the settings): go on.
     return train_main(cfg, adapter, resume=True)
@@ -149,19 +154,20 @@ def eval_settings(world: dict[str, Path], n_boot: int = 200) -> EvalSettings:
                         max_new_tokens=8, max_length=64, stride=32, n_boot=n_boot)
 
 
-def load_for_eval(base: Path | str, artifact: Path | None):
+def load_for_eval(base: Path | str, artifact: Path | None, base_named_by: str | None = None):
     """(model, tokenizer) of the base (artifact None), of the base plus a memory or LoRA adapter,
     or of a model dir. Adapters go onto `base` as it is now: a LoRA adapter records its base's
-    path from when it was trained, which is stale once the experiment dir has moved."""
+    path from when it was trained, which is stale once the experiment dir has moved. Errors about
+    the base name it as `base_named_by` (the setting it came from)."""
     if artifact is not None and (artifact / MEMORY_ADAPTER_CONFIG).is_file():
-        return load_model_and_tokenizer(str(base), memory_adapter=str(artifact))
+        return load_model_and_tokenizer(str(base), memory_adapter=str(artifact), named_by=base_named_by)
     if artifact is not None and (artifact / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        model, tokenizer = load_model_and_tokenizer(str(base))
+        model, tokenizer = load_model_and_tokenizer(str(base), named_by=base_named_by)
         # The LoRA layers go into the model in place: keep the plain transformers model.
         return PeftModel.from_pretrained(model, str(artifact)).base_model.model.eval(), tokenizer
-    return load_model_and_tokenizer(str(artifact or base))
+    return load_model_and_tokenizer(str(artifact or base), named_by=None if artifact else base_named_by)
 
 
 def evaluate(world: dict[str, Path], base: Path, artifact: Path | None, out_dir: Path, meta: dict) -> dict:

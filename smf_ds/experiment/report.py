@@ -74,6 +74,18 @@ CONTROLS_NOTE = [
     "differ (`smf-tfidf-adamw` against `smf-dense-all-adamw`).", ""]
 
 
+def _missing_note(missing: dict) -> list[str]:
+    parts = []
+    if missing.get("unevaluated_runs"):
+        parts.append("runs not evaluated (cut short, or still running): " + ", ".join(missing["unevaluated_runs"]))
+    if missing.get("variants_without_runs"):
+        parts.append("variants with no evaluated run: " + ", ".join(missing["variants_without_runs"]))
+    if not parts:
+        return []
+    return ["Not in this report: " + "; ".join(parts) + ". `smf-ds experiment` with this --out (and its "
+            "--methods/--seeds) runs what is missing.", ""]
+
+
 def write_report(results: dict, out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     plot = plot_tradeoff(results, out_dir / "tradeoff.png")
@@ -89,6 +101,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         f"bootstrap over examples (WikiText: windows), {results['n_boot']} resamples; * marks an "
         "interval that excludes 0. Lower perplexity is better; a rise is forgetting.", "",
         *(CONTROLS_NOTE if any(name.startswith("smf-dense") for name in results["variants"]) else []),
+        *_missing_note(results.get("not_in_report", {})),
         f"![task gain against forgetting]({plot.name})", "",
         "Per-example predictions of every run: `runs/<variant>/seed<k>/eval/`; the base model's: `base_eval/`.",
     ]

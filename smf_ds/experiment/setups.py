@@ -137,7 +137,7 @@ class ConfigSetup:
         return Path(summary["artifact"])
 
     def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
-        model, tokenizer = load_for_eval(self.base, artifact)
+        model, tokenizer = load_for_eval(self.base, artifact, f"run: {self.exp.run}: model.name_or_path={self.base!r}")
         return run_tasks(model, tokenizer, TASKS, self.exp.eval, eval_dir, echo=None, overwrite=True,
                          meta={**meta, "artifact": str(artifact or self.base)})
 

@@ -12,7 +12,7 @@ import hashlib
 import numpy as np
 import torch
 
-from ..tokens import encode_start, start_ids
+from ..tokens import encode_start, start_ids, with_start
 
 IGNORE = -100
 
@@ -21,7 +21,7 @@ def tokenize_prompt_answer(tokenizer, prompt: str, answer: str, max_length: int)
     """Loss on the answer tokens only (the tokenizer's start tokens and the prompt labelled IGNORE);
     truncates the prompt's front, after the start tokens."""
     start = list(start_ids(tokenizer))
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    prompt_ids = with_start(start, tokenizer(prompt, add_special_tokens=False)["input_ids"])[len(start):]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         answer_ids = answer_ids + [tokenizer.eos_token_id]

@@ -93,13 +93,15 @@ def _input_text(name: str, record: dict | None) -> str:
 
 
 def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None = None,
-                       base: str | None = None, inputs: dict | None = None) -> None:
+                       base: str | None = None, inputs: dict | None = None, examples_field: str = "data.train",
+                       derived_keys: tuple[str, ...] = ()) -> None:
     """Refuse to resume a checkpoint made with other settings (but MAY_CHANGE_ON_RESUME), from
     another memory or from other base weights (frozen parameters are not in the checkpoint: they
     come from the adapter or seed, and from model.name_or_path, each time), or reading other
     examples or background stats, naming what differs. Paths inside the run dir follow it when it
     moves; data.train, sparse.background and model.name_or_path may name another place holding the
-    same content."""
+    same content. examples_field names the setting the examples come from; derived_keys (settings
+    that follow from others that are compared) are left out of the message."""
     file = Path(directory) / tag / RUN_FILE
     if not file.is_file():  # a checkpoint from before this file existed
         return
@@ -108,7 +110,8 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
     now = _flat_config(cfg)
     diffs, same_content = [], set()
     saved_inputs, inputs = saved.get("inputs", {}), inputs or {}
-    for key, name in CHECKED_BY_CONTENT.items():
+    by_content = {examples_field if name == "examples" else key: name for key, name in CHECKED_BY_CONTENT.items()}
+    for key, name in by_content.items():
         if name not in saved_inputs:  # recorded before run.json held its inputs: the path decides
             continue
         if saved_inputs[name] != inputs.get(name):
@@ -119,7 +122,7 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
         same_content.add("model.name_or_path")
     for key in sorted(saved_config):
         there = _relocated(saved_config[key], saved_config.get("out_dir"), cfg.out_dir)
-        if key not in MAY_CHANGE_ON_RESUME and key not in same_content and there != now.get(key):
+        if key not in (*MAY_CHANGE_ON_RESUME, *derived_keys) and key not in same_content and there != now.get(key):
             diffs.append(f"{key}={saved_config[key]!r} there, {now.get(key)!r} now")
     processes = saved["processes"] if "processes" in saved else _memory_world_size(Path(directory) / tag)
     if processes not in (None, get_world_size()):  # checked before DeepSpeed's loader trips on it
@@ -133,7 +136,7 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
                      f"model.name_or_path={cfg.model.name_or_path!r} holds other weights than when the run began)")
     if diffs:
         raise ConfigError(f"resume: {file}: the checkpoint was made with other settings: {'; '.join(diffs)}. "
-                          f"Resume with the same ones, or train into another out_dir")
+                          f"Resume with the same ones, or use another out_dir")
 
 
 def _memory_metadata(file: Path) -> dict:

@@ -106,8 +106,12 @@ def _peak_memory(device: torch.device) -> tuple[str, float]:
 
 class Trainer:
     def __init__(self, cfg: SMFConfig, model: nn.Module, examples: list[dict], pad_id: int,
-                 background: BackgroundStats | None = None, run_dir: str | Path | None = None) -> None:
+                 background: BackgroundStats | None = None, run_dir: str | Path | None = None,
+                 examples_field: str = "data.train", derived_keys: tuple[str, ...] = ()) -> None:
+        """examples_field: the setting the examples were read from; derived_keys: settings that
+        follow from others (a retrofit's train.lr from retrofit.lr): both for resume's messages."""
         self.cfg, self.examples, self.pad_id = cfg, examples, pad_id
+        self.examples_field, self.derived_keys = examples_field, derived_keys
         self.run_dir = Path(run_dir or cfg.out_dir)
         self.rank, self.world = get_rank(), get_world_size()
         torch.manual_seed(cfg.train.seed)
@@ -230,7 +234,8 @@ class Trainer:
         if tag is None:
             log.info("resume: no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return False
-        check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs)
+        check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs,
+                           self.examples_field, self.derived_keys)
         try:
             # Non-strict: the frozen parameters are absent by design (older checkpoints still hold them).
             _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag, load_module_strict=False)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ..config import RULES_NEEDING_BACKGROUND, ConfigError, MemoryConfig, SMFConfig, background_needed, save_config
+from ..config import (RULES_NEEDING_BACKGROUND, ConfigError, DataConfig, MemoryConfig, SMFConfig, SparseConfig,
+                      TrainConfig, background_needed, save_config)
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.loading import DataSourceError, missing_local_source
 from ..data.oasst import load_oasst_texts
@@ -219,6 +220,21 @@ def read_run_summary(summary_file: str | Path) -> dict:
     return summary
 
 
+def check_run_dir(cfg: SMFConfig, summary_name: str, resume: bool, command: str) -> None:
+    """A run dir holds one run. Without resume, refuse one holding checkpoints or a finished run;
+    with resume, refuse a finished run whose checkpoints are gone (nothing to go on from, and
+    starting over would replace its results)."""
+    finished = (Path(cfg.out_dir) / summary_name).is_file()
+    if not resume:
+        refuse_used_out_dir(cfg, f"pass --resume to continue it, or {command} into another out_dir")
+        if finished:
+            raise ConfigError(f"out_dir={cfg.out_dir}: holds a finished run ({summary_name}); {command} into "
+                              f"another out_dir")
+    elif finished and latest_tag(Path(cfg.out_dir) / "checkpoints") is None:
+        raise ConfigError(f"out_dir={cfg.out_dir}: holds a finished run ({summary_name}) whose checkpoints were "
+                          f"removed: nothing to resume from; {command} into another out_dir")
+
+
 def refuse_used_out_dir(cfg: SMFConfig, advice: str) -> None:
     """A run dir holds one run: refuse to start another over an earlier run's checkpoints."""
     checkpoints = Path(cfg.out_dir) / "checkpoints"
@@ -227,7 +243,12 @@ def refuse_used_out_dir(cfg: SMFConfig, advice: str) -> None:
                           f"{latest_tag(checkpoints)}); {advice}")
 
 
+TRAIN_SUMMARY = "train_summary.json"
 RETROFIT_SUMMARY = "retrofit_summary.json"
+# The settings a retrofit derives from its retrofit.* section (retrofit_run_config): a resume's
+# refusal names the retrofit.* setting alone.
+RETROFIT_DERIVED_KEYS = ("train.method", "train.scope", "train.steps", "train.lr", "memory.value_lr",
+                         "sparse.scoring", "sparse.optimizer", "sparse.weight_decay", "data.background")
 
 
 def retrofit_run_config(cfg: SMFConfig) -> SMFConfig:
@@ -235,6 +256,13 @@ def retrofit_run_config(cfg: SMFConfig) -> SMFConfig:
     (dense-all) with the retrofit's optimizer and learning rates, its step count."""
     run = copy.deepcopy(cfg)
     r = cfg.retrofit
+    # What a retrofit never reads goes back to its default: the saved config then says what the
+    # retrofit ran with, and a resume is not refused over a setting of the later sparse phase.
+    run.data = DataConfig(background="" if r.data else cfg.data.background)
+    run.sparse = SparseConfig(betas=cfg.sparse.betas, eps=cfg.sparse.eps, max_grad_norm=cfg.sparse.max_grad_norm)
+    defaults = TrainConfig()
+    run.train.lora_r, run.train.lora_alpha = defaults.lora_r, defaults.lora_alpha
+    run.train.lora_dropout, run.train.lora_targets = defaults.lora_dropout, defaults.lora_targets
     run.train.method, run.train.scope = "smf", r.scope
     run.train.steps, run.train.lr = r.steps, r.lr
     run.sparse.scoring, run.sparse.optimizer, run.sparse.background = "dense-all", r.value_optimizer, None
@@ -252,11 +280,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool =
     if not source:
         raise ConfigError("retrofit.data: expected an OASST1-schema hub id or local file (or set data.background), "
                           "got ''")
-    if (Path(cfg.out_dir) / RETROFIT_SUMMARY).is_file():
-        refuse_used_out_dir(cfg, f"that retrofit finished ({RETROFIT_SUMMARY}); retrofit into another out_dir "
-                                 f"(or remove it)")
-    if not resume:
-        refuse_used_out_dir(cfg, "pass --resume to continue that retrofit, or retrofit into another out_dir")
+    check_run_dir(cfg, RETROFIT_SUMMARY, resume, "retrofit")
     check_data_paths(**{"retrofit.data" if cfg.retrofit.data else "data.background": source})
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
     with naming_the_field("retrofit.data" if cfg.retrofit.data else "data.background"):
@@ -265,9 +289,11 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool =
     examples = text_examples(texts, tokenizer, run.train.max_length)
     if not examples:
         raise ConfigError(f"retrofit.data={source!r}: no text to train on (expected OASST1-schema messages)")
-    trainer = Trainer(run, model, examples, tokenizer.pad_token_id)
-    extra = {"resumed_at_step": trainer.step} if resume and trainer.resume() else {}
-    return fit_and_save(trainer, tokenizer, RETROFIT_SUMMARY, progress, data=source, **extra)
+    trainer = Trainer(run, model, examples, tokenizer.pad_token_id,
+                      examples_field="retrofit.data" if cfg.retrofit.data else "data.background",
+                      derived_keys=RETROFIT_DERIVED_KEYS)
+    finished, extra = resume_from_checkpoint(trainer, resume, RETROFIT_SUMMARY, "retrofit.steps")
+    return finished or fit_and_save(trainer, tokenizer, RETROFIT_SUMMARY, progress, data=source, **extra)
 
 
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
@@ -278,8 +304,7 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
             raise background_needed(cfg.sparse.scoring)
         log.info("sparse.background: using %s (written by `smf-ds background` into this out_dir)", default_stats)
         cfg.sparse.background = str(default_stats)
-    if not resume:
-        refuse_used_out_dir(cfg, "pass --resume to continue it, or train into another out_dir")
+    check_run_dir(cfg, TRAIN_SUMMARY, resume, "train")
     check_data_paths(**{"data.train": cfg.data.train})
     background = load_background(cfg) if cfg.train.method == "smf" else None
     training_prompt(cfg)  # a wrong template or a file in another schema fails before the model loads
@@ -289,13 +314,20 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
         check_background(background, cfg, model)
     examples = task_examples(cfg, tokenizer, rows)
     trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id, background)
-    extra = {}
-    if resume and trainer.resume():
-        summary_file = Path(cfg.out_dir) / "train_summary.json"
-        if trainer.step >= cfg.train.steps:
-            log.warning("resume: the checkpoint is at step %d and train.steps=%d: nothing to train (raise "
-                        "train.steps to train on)", trainer.step, cfg.train.steps)
-            if summary_file.is_file():  # the finished run's own summary, not an empty one
-                return read_run_summary(summary_file)
-        extra["resumed_at_step"] = trainer.step  # first_loss is then the first loss after it
-    return fit_and_save(trainer, tokenizer, "train_summary.json", progress, **extra)
+    finished, extra = resume_from_checkpoint(trainer, resume, TRAIN_SUMMARY, "train.steps")
+    return finished or fit_and_save(trainer, tokenizer, TRAIN_SUMMARY, progress, **extra)
+
+
+def resume_from_checkpoint(trainer: Trainer, resume: bool, summary_name: str, steps_key: str
+                           ) -> tuple[dict | None, dict]:
+    """With resume, load the latest checkpoint (if any). (the finished run's summary when there is
+    nothing left to train, else None; the summary's extra fields)."""
+    if not (resume and trainer.resume()):
+        return None, {}
+    if trainer.step >= trainer.cfg.train.steps:
+        log.warning("resume: the checkpoint is at step %d and %s=%d: nothing to train (raise %s to train on)",
+                    trainer.step, steps_key, trainer.cfg.train.steps, steps_key)
+        summary_file = Path(trainer.cfg.out_dir) / summary_name
+        if summary_file.is_file():  # the finished run's own summary, not an empty one
+            return read_run_summary(summary_file), {}
+    return None, {"resumed_at_step": trainer.step}  # first_loss is then the first loss after it
