@@ -320,8 +320,8 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
 
 def resume_from_checkpoint(trainer: Trainer, resume: bool, summary_name: str, steps_key: str
                            ) -> tuple[dict | None, dict]:
-    """With resume, load the latest checkpoint (if any). (the finished run's summary when there is
-    nothing left to train, else None; the summary's extra fields)."""
+    """With resume, load the latest checkpoint (if any). Returns (the finished run's summary when
+    there is nothing left to train, its trainer then closed, else None; the summary's extra fields)."""
     if not (resume and trainer.resume()):
         return None, {}
     if trainer.step >= trainer.cfg.train.steps:
@@ -329,5 +329,6 @@ def resume_from_checkpoint(trainer: Trainer, resume: bool, summary_name: str, st
                     trainer.step, steps_key, trainer.cfg.train.steps, steps_key)
         summary_file = Path(trainer.cfg.out_dir) / summary_name
         if summary_file.is_file():  # the finished run's own summary, not an empty one
+            trainer.close()
             return read_run_summary(summary_file), {}
     return None, {"resumed_at_step": trainer.step}  # first_loss is then the first loss after it
