@@ -197,7 +197,7 @@ def test_lora_targets_that_match_nothing_name_the_field(tmp_path):
 
 def test_training_into_a_used_out_dir_needs_resume(tmp_path):
     from smf_ds.config import ConfigError
-    from smf_ds.train.run import retrofit_main, train_main
+    from smf_ds.train.run import background_main, retrofit_main, train_main
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest_memory").write_text("step0000100")
@@ -215,6 +215,12 @@ def test_training_into_a_used_out_dir_needs_resume(tmp_path):
         with pytest.raises(ConfigError, match=rf"\({summary}\) whose checkpoints were removed: nothing to resume"):
             main(_cfg(tmp_path, 1, extra=extra), resume=True)
         (tmp_path / summary).unlink()
+    # Nor are a finished run's background stats replaced.
+    (tmp_path / "train_summary.json").write_text("{}")
+    (tmp_path / "background.safetensors").write_text("stats")
+    (tmp_path / "oasst.jsonl").write_text("")
+    with pytest.raises(ConfigError, match=r"holds a finished run \(train_summary\.json\); its run may have trained"):
+        background_main(_cfg(tmp_path, 1, extra=[f"data.background={tmp_path / 'oasst.jsonl'}"]))
 
 
 def test_mistyped_data_paths_fail_before_the_model_loads(tmp_path):

@@ -268,11 +268,12 @@ def run_eval(args: argparse.Namespace) -> dict:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and every flag's default (unless its help already says it)."""
+    """The module docstring as written, and every flag's default (unless its help already says it,
+    or it has none)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        return text if "default" in text else super()._get_help_string(action)
+        return text if "default" in text or action.default is None else super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:

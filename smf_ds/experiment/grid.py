@@ -83,6 +83,14 @@ def _write_json(path: Path, value) -> None:
         path.write_text(json.dumps(value, indent=2))
 
 
+def _planned_runs(out: Path) -> list[str]:
+    """The runs ("variant/seed<k>") every `smf-ds experiment` call on this dir set out to make."""
+    try:
+        return list(json.loads((out / REPORT_SETTINGS).read_text()).get("planned", []))
+    except (OSError, ValueError):
+        return []
+
+
 def _recorded_report_settings(out: Path) -> tuple[dict, list[str]]:
     """(settings, variant order) that `smf-ds experiment` recorded for its report: in
     report_settings.json, or (older dirs) in results.json."""
@@ -108,8 +116,6 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
     previous = out / "results.json"
     if settings is None:  # `smf-ds report`: the settings the experiment recorded
         settings, order = _recorded_report_settings(out)
-    else:
-        _write_json(out / REPORT_SETTINGS, {"settings": settings, "order": list(order)})
     runs = collect_runs(out, order)
     if not runs:
         raise ConfigError(f"--out {out}: no evaluated run under {out}/runs to report on")
@@ -123,9 +129,11 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
                           f"and every run's eval/ dir ({out}/runs/*/seed*/eval); then run `smf-ds experiment` "
                           f"with this --out") from None
     results["settings"] = settings
+    started = [f"{p.parent.name}/{p.name}" for p in sorted((out / "runs").glob("*/seed*"))
+               if re.fullmatch(r"seed\d+", p.name)]
     results["not_in_report"] = {  # a grid cut short, or still running: say what the report lacks
-        "unevaluated_runs": [f"{p.parent.name}/{p.name}" for p in sorted((out / "runs").glob("*/seed*"))
-                             if re.fullmatch(r"seed\d+", p.name) and not (p / "eval" / SUMMARY).is_file()],
+        "unevaluated_runs": [name for name in dict.fromkeys([*_planned_runs(out), *started])
+                             if not (out / "runs" / name / "eval" / SUMMARY).is_file()],
         "variants_without_runs": [v for v in order if v not in runs]}
     _write_json(previous, results)
     write_report(results, out)
@@ -156,8 +164,10 @@ def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] 
     init_process_group()
     claim(out, setup.fingerprint())
     setup.prepare()
-    # Recorded before any run, so that `smf-ds report` can report the runs of a grid cut short.
-    _write_json(out / REPORT_SETTINGS, {"settings": setup.settings(), "order": list(setup.variants)})
+    # Recorded before any run, so that `smf-ds report` can report the runs of a grid cut short,
+    # and say which of the runs asked for (now and by earlier calls) it lacks.
+    planned = list(dict.fromkeys([*_planned_runs(out), *(f"{v}/seed{s}" for v in variants for s in seeds)]))
+    _write_json(out / REPORT_SETTINGS, {"settings": setup.settings(), "order": list(setup.variants), "planned": planned})
     if not (out / "base_eval" / SUMMARY).is_file():
         setup.evaluate(None, out / "base_eval", {"model": "base"})
     for variant in variants:

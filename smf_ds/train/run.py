@@ -156,8 +156,11 @@ def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | N
     if out_path.is_dir():  # `--out DIR`: the stats go into it
         out_path = out_path / default_background_path(cfg).name
     if out_path.is_file() and out_path.resolve() == default_background_path(cfg).resolve():
-        refuse_used_out_dir(cfg, f"its run may have trained with {out_path}, which this would replace; write the "
-                                 f"new stats elsewhere (--out FILE) or into another out_dir")
+        advice = f"its run may have trained with {out_path}, which this would replace; write the new stats " \
+                 f"elsewhere (--out FILE) or into another out_dir"
+        refuse_used_out_dir(cfg, advice)
+        if (Path(cfg.out_dir) / TRAIN_SUMMARY).is_file():
+            raise ConfigError(f"out_dir={cfg.out_dir}: holds a finished run ({TRAIN_SUMMARY}); {advice}")
     texts = background_texts(cfg)
     tokenizer, model = load_run_model(cfg, adapter_dir)
     compute_background(cfg, model, tokenizer, out_path, texts=texts)
@@ -328,7 +331,9 @@ def resume_from_checkpoint(trainer: Trainer, resume: bool, summary_name: str, st
         log.warning("resume: the checkpoint is at step %d and %s=%d: nothing to train (raise %s to train on)",
                     trainer.step, steps_key, trainer.cfg.train.steps, steps_key)
         summary_file = Path(trainer.cfg.out_dir) / summary_name
-        if summary_file.is_file():  # the finished run's own summary, not an empty one
+        # The finished run's own summary (not an empty one), while its artifact is there; else
+        # the artifact is saved again from the checkpoint.
+        if summary_file.is_file() and Path(read_run_summary(summary_file)["artifact"]).exists():
             trainer.close()
             return read_run_summary(summary_file), {}
     return None, {"resumed_at_step": trainer.step}  # first_loss is then the first loss after it
