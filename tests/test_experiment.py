@@ -373,3 +373,29 @@ def test_every_out_flag_says_what_goes_there():
     assert "report.md" in sub.choices["experiment"].format_help()
     help_eval = " ".join(sub.choices["eval"].format_help().split())
     assert "without --out nothing is written" in help_eval
+
+
+def test_a_config_experiment_records_the_content_of_its_data_files(tmp_path):
+    """A data file changed in place must not leave runs of the old data standing as if current."""
+    from smf_ds.config import ConfigError
+    from smf_ds.experiment.outdir import SETUP_FILE, claim
+    from smf_ds.experiment.setups import ConfigSetup, load_experiment_config
+
+    train = tmp_path / "medmcqa.jsonl"
+    train.write_text('{"question": "q"}\n')
+    (tmp_path / "run.yaml").write_text(f"data: {{train: {train}}}\n")
+    (tmp_path / "exp.yaml").write_text("run: run.yaml\n")
+    out = tmp_path / "out"
+    setup = ConfigSetup(load_experiment_config(str(tmp_path / "exp.yaml")), out)
+    recorded = setup.fingerprint()
+    assert list(recorded["data_digests"]) == ["run.data.train"]  # the eval defaults are hub ids
+    claim(out, recorded)
+    (out / "base_eval").mkdir()
+    (out / "base_eval" / "summary.json").write_text("{}")  # something was made from the data
+    train.write_text('{"question": "another"}\n')
+    with pytest.raises(ConfigError, match=r"data_digests\.run\.data\.train: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now"):
+        claim(out, setup.fingerprint())
+    setup_file = json.loads((out / SETUP_FILE).read_text())
+    del setup_file["data_digests"]  # a directory from before digests were recorded: not checked
+    (out / SETUP_FILE).write_text(json.dumps(setup_file))
+    claim(out, setup.fingerprint())

@@ -46,8 +46,9 @@ def claim(out: Path, settings: dict, flag: str = "--out") -> None:
     path = Path(out) / SETUP_FILE
     now = json.loads(json.dumps({**settings, "processes": get_world_size()}))  # tuples -> lists, as they read back
     recorded = json.loads(path.read_text()) if path.is_file() else {}
-    if recorded and "processes" not in recorded:  # recorded before the count was: not known, not checked
-        recorded["processes"] = now["processes"]
+    for key in ("processes", "data_digests"):  # recorded before these were: not known, not checked
+        if recorded and key in now and key not in recorded:
+            recorded[key] = now[key]
     if recorded:
         diffs = _differences(recorded, now)
         if diffs and not _holds_results(Path(out)):  # e.g. the last call failed on a bad path

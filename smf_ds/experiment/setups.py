@@ -21,6 +21,7 @@ Per seed, the seed sets train.seed and memory.seed; SMF variants share that seed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,17 +144,37 @@ class ConfigSetup:
 
     def fingerprint(self) -> dict:
         """What the runs in the output directory depend on: the resolved run config (not its file
-        name), retrofit, eval settings and each variant's overrides (smf_ds.experiment.outdir)."""
-        run = dataclasses.asdict(load_config(self.exp.run))
+        name), retrofit, eval settings, each variant's overrides (smf_ds.experiment.outdir), and the
+        content of its local data files (a file changed in place would otherwise leave finished
+        runs and evaluations of the old data standing beside new ones)."""
+        config = load_config(self.exp.run)
+        run = dataclasses.asdict(config)
         run.pop("out_dir", None)
+        sources = {"run.data.train": config.data.train, "run.data.background": config.data.background,
+                   "run.retrofit.data": config.retrofit.data,
+                   **{f"eval.{task}": getattr(self.exp.eval, task) for task in TASKS}}
         return {"setup": "config", "run": run, "retrofit": self.exp.retrofit, "eval": self.exp.eval.to_dict(),
-                "variants": self.variants}
+                "variants": self.variants,
+                "data_digests": {name: local_digest(source) for name, source in sources.items()
+                                 if source and Path(source).expanduser().exists()}}
 
     def settings(self) -> dict:
         run = load_config(self.exp.run)
         return {"steps": run.train.steps, "data": run.data.train, "model": self.base, "run_config": self.exp.run,
                 "retrofit": self.exp.retrofit, "medmcqa_mode": self.exp.eval.medmcqa_modes[0],
                 "eval": self.exp.eval.to_dict()}
+
+
+def local_digest(source: str) -> str:
+    """sha256 of a local data file, or of every file under a data directory (names and bytes)."""
+    root = Path(source).expanduser()
+    digest = hashlib.sha256()
+    for path in sorted(p for p in [root, *root.rglob("*")] if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def load_experiment_config(path: str, overrides: list[str] | None = None) -> ExperimentConfig:
