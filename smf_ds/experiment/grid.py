@@ -58,10 +58,12 @@ def run_one(setup, out: Path, variant: str, seed: int) -> Path:
     return eval_dir
 
 
-def collect_runs(out: Path, order: Sequence[str] = ()) -> dict[str, dict[int, Path]]:
-    """variant -> {seed: eval dir} for every finished evaluation under <out>/runs; `order` first."""
+def collect_runs(out: Path, order: Sequence[str] = ()) -> tuple[dict[str, dict[int, Path]], list[str]]:
+    """(variant -> {seed: eval dir} for every finished evaluation under <out>/runs, `order` first;
+    the run dirs ("variant/seed<k>") there that are not evaluated)."""
     names = [*order, *sorted(p.name for p in (out / "runs").glob("*") if p.is_dir() and p.name not in order)]
     runs: dict[str, dict[int, Path]] = {}
+    unevaluated: list[str] = []
     for variant in names:
         for seed_dir in sorted((out / "runs" / variant).glob("seed*")):
             if not re.fullmatch(r"seed\d+", seed_dir.name):
@@ -70,9 +72,10 @@ def collect_runs(out: Path, order: Sequence[str] = ()) -> dict[str, dict[int, Pa
             if (seed_dir / "eval" / SUMMARY).is_file():
                 runs.setdefault(variant, {})[int(seed_dir.name[len("seed"):])] = seed_dir / "eval"
             else:
+                unevaluated.append(f"{variant}/{seed_dir.name}")
                 log.warning("%s: not evaluated (interrupted?): left out of the report; `smf-ds experiment` with "
                             "the same --out finishes it", seed_dir)
-    return runs
+    return runs, unevaluated
 
 
 REPORT_SETTINGS = "report_settings.json"
@@ -116,7 +119,7 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
     previous = out / "results.json"
     if settings is None:  # `smf-ds report`: the settings the experiment recorded
         settings, order = _recorded_report_settings(out)
-    runs = collect_runs(out, order)
+    runs, unevaluated = collect_runs(out, order)
     if not runs:
         raise ConfigError(f"--out {out}: no evaluated run under {out}/runs to report on")
     boot = settings.get("eval") or {}  # an experiment config's eval settings set the paired intervals too
@@ -129,11 +132,10 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
                           f"and every run's eval/ dir ({out}/runs/*/seed*/eval); then run `smf-ds experiment` "
                           f"with this --out") from None
     results["settings"] = settings
-    started = [f"{p.parent.name}/{p.name}" for p in sorted((out / "runs").glob("*/seed*"))
-               if re.fullmatch(r"seed\d+", p.name)]
+    evaluated = {f"{variant}/seed{seed}" for variant, seeds in runs.items() for seed in seeds}
     results["not_in_report"] = {  # a grid cut short, or still running: say what the report lacks
-        "unevaluated_runs": [name for name in dict.fromkeys([*_planned_runs(out), *started])
-                             if not (out / "runs" / name / "eval" / SUMMARY).is_file()],
+        "unevaluated_runs": [name for name in dict.fromkeys([*_planned_runs(out), *unevaluated])
+                             if name not in evaluated],
         "variants_without_runs": [v for v in order if v not in runs]}
     _write_json(previous, results)
     write_report(results, out)

@@ -77,7 +77,8 @@ CONTROLS_NOTE = [
 def _missing_note(missing: dict) -> list[str]:
     parts = []
     if missing.get("unevaluated_runs"):
-        parts.append("runs not evaluated (not run yet, cut short, or still running): " + ", ".join(missing["unevaluated_runs"]))
+        parts.append("runs not evaluated (not run yet, cut short, or still running): "
+                     + ", ".join(missing["unevaluated_runs"]))
     if missing.get("variants_without_runs"):
         parts.append("variants with no evaluated run: " + ", ".join(missing["variants_without_runs"]))
     if not parts:

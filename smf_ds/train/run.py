@@ -333,7 +333,8 @@ def resume_from_checkpoint(trainer: Trainer, resume: bool, summary_name: str, st
         summary_file = Path(trainer.cfg.out_dir) / summary_name
         # The finished run's own summary (not an empty one), while its artifact is there; else
         # the artifact is saved again from the checkpoint.
-        if summary_file.is_file() and Path(read_run_summary(summary_file)["artifact"]).exists():
+        summary = read_run_summary(summary_file) if summary_file.is_file() else None
+        if summary is not None and Path(summary["artifact"]).exists():
             trainer.close()
-            return read_run_summary(summary_file), {}
+            return summary, {}
     return None, {"resumed_at_step": trainer.step}  # first_loss is then the first loss after it
