@@ -5,7 +5,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-export DS_ACCELERATOR ?= cpu
+# The machine's accelerator (cuda when torch sees a GPU, else cpu) unless DS_ACCELERATOR is set.
+ifeq ($(origin DS_ACCELERATOR), undefined)
+DS_ACCELERATOR := $(shell launch/accelerator.sh $(PY))
+endif
+export DS_ACCELERATOR
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false

@@ -14,6 +14,7 @@ setup(
     description="Sparse Memory Finetuning of language models on DeepSpeed",
     packages=find_packages(include=["smf_ds", "smf_ds.*"]),
     data_files=[("share/smf-ds/ds_configs", DS_CONFIGS)],
+    package_data={"smf_ds.eval.lm_eval_tasks": ["*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         # 2.13.0 has a CPU wheel on our GPU-less machines; on a CUDA box the same pin gets the CUDA build.
@@ -32,7 +33,8 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=4.0"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5"],
+        # lm-eval: the tests run its harness on merged SMF models (0.4.13 works with our torch and transformers).
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "lm-eval==0.4.13"],
     },
     entry_points={"console_scripts": ["smf-ds=smf_ds.cli:main"]},
 )

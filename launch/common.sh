@@ -12,3 +12,5 @@ if ! [[ $nproc =~ ^[1-9][0-9]*$ ]]; then
 fi
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv_bin=$here/.venv/bin
+# DeepSpeed's accelerator: the machine's (cuda when torch sees a GPU, else cpu) unless set.
+export DS_ACCELERATOR=${DS_ACCELERATOR:-$("$here/launch/accelerator.sh" "$venv_bin/python")}

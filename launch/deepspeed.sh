@@ -3,7 +3,9 @@
 #
 #   launch/deepspeed.sh NPROC COMMAND [smf-ds arguments...]
 #   launch/deepspeed.sh 8 train --config run.yaml train.steps=1000
-#   DS_ACCELERATOR=cpu launch/deepspeed.sh 2 train --config run.yaml     # CPU, gloo
+#   DS_ACCELERATOR=cpu launch/deepspeed.sh 2 train --config run.yaml     # CPU processes on a GPU node
+#
+# DS_ACCELERATOR defaults to the machine's (launch/accelerator.sh: cuda when torch sees a GPU, else cpu).
 #
 # COMMAND is an smf-ds command that runs distributed: retrofit, train, background, eval or experiment.
 # MASTER_PORT (default 29500) picks the rendezvous port; DEEPSPEED the launcher (default: the

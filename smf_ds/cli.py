@@ -1,4 +1,4 @@
-"""smf-ds: retrofit | background | train | eval | demo | experiment | report."""
+"""smf-ds: retrofit | background | train | eval | export | demo | experiment | report."""
 from __future__ import annotations
 
 import argparse
@@ -52,6 +52,12 @@ def _cmd_eval(args) -> dict:
     from .eval.cli import run_eval
 
     return run_eval(args)
+
+
+def _cmd_export(args) -> dict:
+    from .export import export_main
+
+    return _written_to(export_main(args.model, args.memory_adapter, args.out, args.dtype, args.eval, args.overwrite))
 
 
 def _written_to(*paths: Path) -> dict:
@@ -117,6 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="MedMCQA / WikiText / TriviaQA evaluation", formatter_class=HelpFormatter)
     add_eval_arguments(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="base model + memory adapter -> one merged model directory (HF hub ready)")
+    p.add_argument("--model", required=True, help="base model: HF hub id or local directory (or a merged dir to rewrite)")
+    p.add_argument("--memory-adapter", default=None, metavar="DIR", help="the memory adapter to merge in")
+    p.add_argument("--out", required=True, metavar="DIR", help="the merged model directory to write")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="dtype of the saved weights (value tables stay float32) (default: %(default)s)")
+    p.add_argument("--eval", default=None, metavar="DIR",
+                   help="an `smf-ds eval --out` dir whose results go in the model card "
+                        "(default: the adapter's run dir's eval/, if any)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the main job on the embedded synthetic world")
     p.add_argument("--out", default="runs/demo", metavar="DIR",

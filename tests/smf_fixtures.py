@@ -2,7 +2,7 @@
 import torch
 
 from smf_ds.config import MemoryConfig, SparseConfig
-from smf_ds.memory.layer import ProductKeyMemory
+from smf_ds.memory.layer import build_memory
 
 HIDDEN = 12
 MEM_CFG = MemoryConfig(layers=[0], n_keys=8, heads=2, knn=4, k_dim=8, v_dim=6, gated=False, seed=5)
@@ -10,7 +10,7 @@ T = 4
 
 
 def make_memory():
-    mem = ProductKeyMemory(MEM_CFG, HIDDEN)
+    mem = build_memory(MEM_CFG, HIDDEN)
     for p in mem.parameters():
         p.requires_grad_(False)  # only the value rows train here
     return mem

@@ -10,8 +10,9 @@ from safetensors import safe_open
 from torch import nn
 
 from smf_ds.config import ConfigError, MemoryConfig
-from smf_ds.memory.adapter import (CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, load_memory_adapter, load_merged,
-                                   save_memory_adapter, save_merged)
+from smf_ds.memory.adapter import (CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, load_memory_adapter,
+                                   save_memory_adapter)
+from smf_ds.memory.merged import load_merged, save_merged
 from smf_ds.memory.inject import inject_memory, memory_layers, value_tables
 
 VOCAB = 96
@@ -239,6 +240,15 @@ def _tiny_tokenizer():
     return build_tiny_tokenizer(["w1 w2 w3"], vocab_size=300)
 
 
+def save_first_format(model, directory):
+    """A merged directory as smf-ds wrote it before format 2: the base model's own config.json and
+    weights under their original names, the memory in the adapter's two files beside them."""
+    from smf_ds.memory.adapter import base_state_dict
+
+    model.save_pretrained(directory, state_dict=base_state_dict(model))
+    save_memory_adapter(model, directory)
+
+
 @pytest.mark.parametrize("mode,tie", [("additive", True), ("replacement", False), ("replacement", True)])
 def test_merged_round_trip(tmp_path, mode, tie):
     base = tiny_qwen2(tie=tie)
@@ -249,21 +259,23 @@ def test_merged_round_trip(tmp_path, mode, tie):
     out = tmp_path / "merged"
     save_merged(model, out, tokenizer=_tiny_tokenizer())
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors", CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"} <= names
+    assert {"config.json", "model.safetensors", "modeling_smf.py", "configuration_smf.py", "product_keys.py",
+            "tokenizer.json"} <= names
+    assert not names & {CONFIG_NAME, WEIGHTS_NAME}
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "smf_qwen2" and config["architectures"] == ["SMFQwen2ForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_smf.SMFQwen2ForCausalLM"
+    assert config["smf_memory"]["layers"] == [0, 2] and config["smf_memory"]["mode"] == mode
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         saved_keys = set(f.keys())
-    replaced = {k for k in base_keys if mode == "replacement" and any(f"layers.{i}.mlp." in k for i in (0, 2))}
-    assert saved_keys == base_keys - replaced  # original names; no memory, no base_layer, tied head once
+    tables = {f"model.layers.{i}.mlp.memory.values.weight" for i in (0, 2)}
+    assert saved_keys == (set(model.state_dict()) | tables) - ({"lm_head.weight"} if tie else set())
+    moved = {k for k in base_keys if any(f"layers.{i}.mlp." in k for i in (0, 2))}
+    assert not moved & saved_keys  # a memory layer's MLP is under mlp.base_layer (additive) or gone
+    assert {k.replace(".mlp.", ".mlp.base_layer.") for k in moved} <= saved_keys or mode == "replacement"
 
-    records = _Records()
-    hf_logger = logging.getLogger("transformers.modeling_utils")
-    hf_logger.addHandler(records)
-    try:
-        loaded = load_merged(out)
-    finally:
-        hf_logger.removeHandler(records)
-    assert not [m for m in records.messages if "LOAD REPORT" in m]  # replaced MLPs missing by design
+    loaded = load_merged(out)
     assert not loaded.training
     assert torch.equal(logits(loaded), expected)
     if tie:
@@ -281,10 +293,45 @@ def test_merged_round_trip(tmp_path, mode, tie):
         load_model_and_tokenizer(str(out), memory_adapter=str(out), dtype="float32", device="cpu")
 
 
-def test_load_merged_still_reports_unexpected_missing_weights(tmp_path):
+def test_a_merged_directory_missing_a_weight_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
     model = inject_memory(tiny_qwen2(), mem_cfg(mode="replacement"))
     out = tmp_path / "merged"
     save_merged(model, out)
+    state = load_file(str(out / "model.safetensors"))
+    for key in ("model.layers.1.mlp.up_proj.weight", "model.layers.2.mlp.memory.values.weight"):
+        broken = {k: v for k, v in state.items() if k != key}
+        save_file(broken, str(out / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ConfigError, match=rf"model\.safetensors: .*{key.replace('.', '[.]')}"):
+            load_merged(out)
+
+
+@pytest.mark.parametrize("mode", ["additive", "replacement"])
+def test_first_format_merged_directories_still_load_with_a_warning(tmp_path, mode, caplog):
+    model = inject_memory(tiny_qwen2(), mem_cfg(mode=mode))
+    scramble_memory(model)
+    out = tmp_path / "old"
+    save_first_format(model, out)
+    _tiny_tokenizer().save_pretrained(out)
+    from smf_ds.eval.cli import load_model_and_tokenizer
+
+    with caplog.at_level(logging.WARNING, logger="smf_ds.memory.merged"):
+        evaluated, _ = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")
+    assert torch.equal(logits(evaluated), logits(model))
+    assert any("first format" in r.getMessage() and "smf-ds export" in r.getMessage() for r in caplog.records)
+    # smf-ds export rewrites it in the format any HF loader reads right or refuses.
+    from smf_ds.cli import main
+
+    assert main(["export", "--model", str(out), "--out", str(tmp_path / "new")]) == 0
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["model_type"] == "smf_qwen2"
+    assert torch.equal(logits(load_merged(tmp_path / "new")), logits(model))
+
+
+def test_first_format_load_still_reports_unexpected_missing_weights(tmp_path):
+    model = inject_memory(tiny_qwen2(), mem_cfg(mode="replacement"))
+    out = tmp_path / "merged"
+    save_first_format(model, out)
     # Drop one weight that is not a replaced MLP's: transformers' report must come through.
     from safetensors.torch import load_file, save_file
     state = load_file(str(out / "model.safetensors"))
@@ -294,15 +341,14 @@ def test_load_merged_still_reports_unexpected_missing_weights(tmp_path):
     hf_logger = logging.getLogger("transformers.modeling_utils")
     hf_logger.addHandler(records)
     try:
-        _, info = load_merged(out, output_loading_info=True)
+        load_merged(out)
     finally:
         hf_logger.removeHandler(records)
-    assert info["missing_keys"] == {"model.layers.1.mlp.up_proj.weight"}
     assert [m for m in records.messages if "LOAD REPORT" in m]
 
 
 def test_load_merged_on_a_plain_model_directory_names_the_file(base_dir):
-    with pytest.raises(ConfigError, match=rf"{CONFIG_NAME}: not found"):
+    with pytest.raises(ConfigError, match=r"config\.json: smf_ds\.format: expected 'smf-ds-merged'"):
         load_merged(base_dir)
 
 

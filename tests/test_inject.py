@@ -8,7 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from smf_ds.config import ConfigError, MemoryConfig
 from smf_ds.memory.inject import inject_memory, memory_layers, set_train_scope, value_tables
-from smf_ds.memory.layer import MemoryMLP
+from smf_ds.memory.portable.product_keys import MemoryMLP
 
 VOCAB = 80
 

@@ -50,10 +50,10 @@ def test_bad_launcher_variables_name_them():
 
 
 @pytest.mark.parametrize("visible, accelerator, expected", [
-    ("", "", ["--num_gpus", "2"]),
-    ("4,5,6", "", ["--include", "localhost:4,5"]),  # the GPUs the scheduler gave, not 0 and 1
-    ("4,5", "cpu", ["--num_gpus", "2"]),              # CPU processes: GPUs do not matter
-    ("GPU-ab,GPU-cd", "", ["--num_gpus", "2"]),      # UUIDs: deepspeed's --include takes indices
+    ("", "cuda", ["--num_gpus", "2"]),
+    ("4,5,6", "cuda", ["--include", "localhost:4,5"]),  # the GPUs the scheduler gave, not 0 and 1
+    ("4,5", "cpu", ["--num_gpus", "2"]),                # CPU processes: GPUs do not matter
+    ("GPU-ab,GPU-cd", "cuda", ["--num_gpus", "2"]),      # UUIDs: deepspeed's --include takes indices
 ])
 def test_deepspeed_script_keeps_the_visible_gpus(tmp_path, visible, accelerator, expected):
     fake = tmp_path / "deepspeed"
@@ -68,10 +68,36 @@ def test_deepspeed_script_keeps_the_visible_gpus(tmp_path, visible, accelerator,
 
 
 def test_deepspeed_script_refuses_fewer_visible_gpus_than_processes(tmp_path):
-    env = dict(os.environ, DEEPSPEED="/bin/echo", CUDA_VISIBLE_DEVICES="3", DS_ACCELERATOR="")
+    env = dict(os.environ, DEEPSPEED="/bin/echo", CUDA_VISIBLE_DEVICES="3", DS_ACCELERATOR="cuda")
     done = subprocess.run([str(REPO / "launch" / "deepspeed.sh"), "2", "train"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "NPROC=2, but CUDA_VISIBLE_DEVICES=3 shows 1 GPU(s)" in done.stderr
+
+
+def test_the_accelerator_is_the_machines_unless_set(tmp_path):
+    """launch/accelerator.sh: cuda when torch sees a GPU, cpu when not (or without torch, unless
+    nvidia-smi works); the launch scripts export it to the ranks unless DS_ACCELERATOR is set."""
+    script = REPO / "launch" / "accelerator.sh"
+    for want in ("cuda", "cpu"):  # a stand-in interpreter whose torch answers the probe so
+        fake = tmp_path / f"python_{want}"
+        fake.write_text(f'#!/bin/sh\necho {want}\n')
+        fake.chmod(0o755)
+        assert subprocess.run([str(script), str(fake)], capture_output=True, text=True).stdout == f"{want}\n"
+    no_torch = dict(os.environ, PATH=str(tmp_path))  # no nvidia-smi on PATH either
+    assert subprocess.run(["/bin/bash", str(script), "/nonexistent/python"], env=no_torch, capture_output=True,
+                          text=True).stdout == "cpu\n"
+    assert subprocess.run([str(script), sys.executable], capture_output=True, text=True).stdout == (
+        "cuda\n" if __import__("torch").cuda.is_available() else "cpu\n")
+
+    show = tmp_path / "deepspeed"
+    show.write_text('#!/bin/sh\necho "$DS_ACCELERATOR"\n')
+    show.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    for extra, want in (({}, "cuda" if __import__("torch").cuda.is_available() else "cpu"),
+                        ({"DS_ACCELERATOR": "cpu"}, "cpu")):
+        done = subprocess.run([str(REPO / "launch" / "deepspeed.sh"), "1", "train"], capture_output=True, text=True,
+                              env={**env, **extra, "DEEPSPEED": str(show)}, timeout=60)
+        assert done.stdout.strip() == want, done.stderr
 
 
 def _check_launcher():

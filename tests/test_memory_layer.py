@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from smf_ds.config import MemoryConfig
-from smf_ds.memory.layer import ProductKeyMemory
+from smf_ds.memory.layer import build_memory
 from smf_ds.memory.values import LocalValueTable
 
 
@@ -24,7 +24,7 @@ HIDDEN = 12
 def make(seed=0, **kw):
     base = dict(layers=[0], n_keys=6, heads=2, knn=3, k_dim=8, gated=True, seed=seed)
     base.update(kw)
-    mem = ProductKeyMemory(MemoryConfig(**base), HIDDEN)
+    mem = build_memory(MemoryConfig(**base), HIDDEN)
     return mem
 
 
@@ -234,7 +234,7 @@ def test_frozen_values_send_no_gradients():
 @pytest.mark.parametrize("knn", [1, 2, 3, 7, 16, 32, 40])
 def test_candidate_pairs_keep_the_top_knn_sums(knn):
     """The pruned pairs' top-knn sums equal the top-knn of all knn**2 sums, ties included."""
-    from smf_ds.memory.layer import candidate_pairs
+    from smf_ds.memory.portable.product_keys import candidate_pairs
 
     first, second = candidate_pairs(knn, torch.device("cpu"))
     assert first.numel() < knn * knn or knn == 1

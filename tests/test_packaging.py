@@ -30,6 +30,12 @@ def test_the_wheel_ships_every_template(tmp_path):
     assert templates
     for name in templates:
         assert f"smf_ds-0.1.0.data/data/share/smf-ds/ds_configs/{name}" in names, name
+    # What a merged model directory copies, and lm-eval's task files.
+    from smf_ds.memory.merged import PORTABLE_FILES
+
+    assert {f"smf_ds/memory/portable/{name}" for name in PORTABLE_FILES} <= names
+    tasks = sorted(p.name for p in (ROOT / "smf_ds" / "eval" / "lm_eval_tasks").glob("*.yaml"))
+    assert len(tasks) == 4 and {f"smf_ds/eval/lm_eval_tasks/{name}" for name in tasks} <= names
 
 
 def test_templates_come_from_the_source_tree_then_sys_prefix(tmp_path, monkeypatch):

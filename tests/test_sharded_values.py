@@ -4,7 +4,7 @@ import torch
 
 from distributed import run_distributed
 from smf_ds.config import MemoryConfig
-from smf_ds.memory.layer import ProductKeyMemory
+from smf_ds.memory.layer import build_memory
 from smf_ds.memory.values import LocalValueTable
 from smf_ds.parallel.shard import STRATEGIES
 from smf_ds.parallel.sharded_values import ColumnShardedValueTable, RowShardedValueTable, even_split
@@ -136,7 +136,7 @@ def _layer_worker(rank, world, strategy):
     xs = [torch.randn(2, 5, hidden, generator=torch.Generator().manual_seed(50 + r)) for r in range(world)]
     gouts = [torch.randn(2, 5, hidden, generator=torch.Generator().manual_seed(90 + r)) for r in range(world)]
 
-    ref = ProductKeyMemory(cfg, hidden)
+    ref = build_memory(cfg, hidden)
     ref_results = []
     for x, gout in zip(xs, gouts):
         # .backward (not autograd.grad, which prunes the path to the table) runs BagLookup's backward,
@@ -147,7 +147,7 @@ def _layer_worker(rank, world, strategy):
     ref_rows, ref_grad = ref.values.sink.coalesced_grad(cfg.v_dim)
     dense_ref = torch.zeros(cfg.slots, cfg.v_dim).index_add_(0, ref_rows, ref_grad)
 
-    mem = ProductKeyMemory(cfg, hidden)
+    mem = build_memory(cfg, hidden)
     cls = RowShardedValueTable if strategy == "row" else ColumnShardedValueTable
     mem.values = cls.from_full(mem.values.weight)
     out, grads = _forward_backward(mem, xs[rank], gouts[rank])

@@ -163,7 +163,7 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
     import torch
     import torch.distributed as dist
     from smf_ds.config import MemoryConfig
-    from smf_ds.memory.layer import ProductKeyMemory
+    from smf_ds.memory.layer import build_memory
     from smf_ds.sparse.stats import step_grad
     cases = []
     for n in a.sizes:
@@ -172,7 +172,7 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
         if n_keys is not None:  # the layer's own (seeded, identical on every rank) table serves both
             cfg = MemoryConfig(n_keys=n_keys, heads=a.heads, knn=a.knn, k_dim=a.k_dim, v_dim=a.dim,
                                gated=True, seed=a.seed)
-            layer = ProductKeyMemory(cfg, hidden_size=a.dim)
+            layer = build_memory(cfg, hidden_size=a.dim)
             weight = layer.values.weight
         else:
             weight = torch.randn(n, a.dim, generator=torch.Generator().manual_seed(a.seed)) * a.dim ** -0.5

@@ -204,20 +204,25 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
     dev = _device(device)
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    # A merged directory (save_merged: base weights + memory) needs its memory injected to load.
-    merged = Path(source).is_dir() and (Path(source) / "memory_config.json").is_file()
+    from ..memory.merged import load_merged, merged_format, read_merged_config
+
+    merged = merged_format(source)  # a merged SMF model: base weights and memory in one directory
     if merged and memory_adapter:  # its own memory would be dropped for the adapter's
         raise EvalCLIError(f"{what} holds a merged model (base weights and memory); evaluate it "
                            f"without --memory-adapter, or give its base model with --memory-adapter {memory_adapter}")
+    _refuse_memory_adapter_as_model(source, what)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        if merged == 2:  # its config.json names the SMF model type: give the tokenizer the base's
+            tokenizer = AutoTokenizer.from_pretrained(source, config=read_merged_config(source)[1])
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source)
         if merged:
-            from ..memory.adapter import load_merged
-
             model = load_merged(source, dtype=getattr(torch, dtype))
         else:
             model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as err:
+        if isinstance(err, InputError):
+            raise
         raise EvalCLIError(f"{what}: could not load a tokenizer and causal LM from it "
                            f"({err}){missing_dir_note(model_id)}") from None
     check_tokenizer(tokenizer, what)
@@ -228,6 +233,27 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
     model.to(dev)
     model.eval()
     return model, tokenizer
+
+
+def _refuse_memory_adapter_as_model(source: str, what: str) -> None:
+    """A memory adapter (or the run dir holding one) is not a model: say what to pass instead."""
+    from ..memory.adapter import CONFIG_NAME
+
+    path = Path(source)
+    adapter = next((d for d in (path, path / "memory_adapter") if (d / CONFIG_NAME).is_file()), None)
+    if adapter is None or (path / "config.json").is_file():
+        return
+    base = "BASE"
+    run_config = adapter.parent / "config.yaml"
+    if run_config.is_file():
+        try:
+            from ..config import load_config
+
+            base = load_config(run_config).model.name_or_path or base
+        except InputError:
+            pass
+    raise EvalCLIError(f"{what}: {'a memory adapter' if adapter == path else 'a run directory'}, not a model; "
+                       f"evaluate it with --model {base} --memory-adapter {adapter}")
 
 
 def _check_adapter_dir(directory: str) -> Path:

@@ -12,11 +12,7 @@ Adapter directory (`save_memory_adapter` / `load_memory_adapter`):
                                   layers.6.memory.query_norm.* (incl. running stats),
                                   layers.6.scale (additive mode), layers.6.values (the whole table)
 
-Merged directory (`save_merged` / `load_merged`): the base model as `save_pretrained` writes it,
-under the original parameter names (the `base_layer` inside each memory MLP unwrapped, memory
-tensors left out; in replacement mode the replaced MLPs are gone, so their weights are absent),
-plus the adapter files above. `load_merged` loads the base model, expects exactly those MLP
-weights to be missing, and injects and loads the memory.
+Merged directories (the base model and its memory in one) are merged.py's.
 
 Distributed: value tables may be sharded, and `gather_full_weight()` is then a collective. Call the
 save functions on every rank; value tables are gathered to rank 0 (the others only send their parts)
@@ -40,7 +36,7 @@ from torch import nn
 
 from ..config import ConfigError, MemoryConfig, from_dict
 from .inject import decoder_layers, inject_memory, memory_layers, value_tables
-from .layer import MemoryMLP
+from .portable.product_keys import MemoryMLP
 
 CONFIG_NAME = "memory_config.json"
 WEIGHTS_NAME = "memory_adapter.safetensors"
@@ -109,6 +105,19 @@ def memory_fingerprint(model: nn.Module) -> str:
             digest.update(f"{i}.{key}{tuple(tensor.shape)}".encode())
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict under the original HF names: memory left out, base_layer unwrapped."""
+    prefixes = [name + "." for name, module in model.named_modules() if isinstance(module, MemoryMLP)]
+    out = {}
+    for key, tensor in model.state_dict().items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = tensor
+        elif key[len(prefix):].startswith("base_layer."):
+            out[prefix + key[len(prefix) + len("base_layer."):]] = tensor
+    return out
 
 
 FINGERPRINT_SAMPLE = 4096  # elements hashed per base tensor
@@ -195,7 +204,7 @@ def read_adapter_config(directory: str | Path) -> tuple[MemoryConfig, dict]:
     file = Path(directory) / CONFIG_NAME
     if not file.is_file():
         raise AdapterError(f"{file}: not found; expected a memory adapter directory written by "
-                           f"save_memory_adapter or save_merged")
+                           f"save_memory_adapter")
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -320,92 +329,3 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_fi
                 target.copy_(tensors[name])
         for i, table in tables.items():
             table.load_full_weight(tensors[f"layers.{i}.values"].to(table.local_weight.dtype))
-
-
-# ---------------------------------------------------------------------------------------------
-# merged: base model (save_pretrained) + adapter in one directory
-
-
-def _memory_mlp_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, MemoryMLP)]
-
-
-def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict under the original HF names: memory left out, base_layer unwrapped."""
-    prefixes = [name + "." for name in _memory_mlp_names(model)]
-    out = {}
-    for key, tensor in model.state_dict().items():
-        prefix = next((p for p in prefixes if key.startswith(p)), None)
-        if prefix is None:
-            out[key] = tensor
-        elif key[len(prefix):].startswith("base_layer."):
-            out[prefix + key[len(prefix) + len("base_layer."):]] = tensor
-    return out
-
-
-def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, **save_pretrained_kwargs) -> Path:
-    """One self-contained directory: the base model (save_pretrained) + the memory adapter.
-
-    Call on every rank when value tables are sharded; only rank 0 writes. Returns the directory.
-    """
-    _memory_config(model)
-    directory = Path(directory)
-    with gathered_parameters(list(model.parameters())):
-        state = base_state_dict(model)
-        if _rank() == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            model.save_pretrained(directory, state_dict=state, **save_pretrained_kwargs)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(directory)
-    save_memory_adapter(model, directory)  # ends with a barrier
-    return directory
-
-
-class _CaptureLoadReport(logging.Filter):
-    """Holds back transformers' LOAD REPORT so load_merged can decide whether it is news."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "LOAD REPORT" in record.getMessage():
-            self.records.append(record)
-            return False
-        return True
-
-
-def load_merged(directory: str | Path, **from_pretrained_kwargs):
-    """Load a directory written by `save_merged`: the base model with its memory, ready to use.
-
-    In replacement mode the replaced MLPs' weights are absent from the directory by design; their
-    absence is expected and not reported. Any other missing or unexpected weight is reported as
-    transformers reports it. Keyword arguments go to `AutoModelForCausalLM.from_pretrained`.
-    """
-    from transformers import AutoModelForCausalLM
-
-    directory = Path(directory)
-    cfg, _ = read_adapter_config(directory)  # fail early if this is not a merged directory
-    want_info = from_pretrained_kwargs.pop("output_loading_info", False)
-    hf_logger = logging.getLogger("transformers.modeling_utils")
-    capture = _CaptureLoadReport()
-    hf_logger.addFilter(capture)
-    try:
-        model, info = AutoModelForCausalLM.from_pretrained(directory, output_loading_info=True,
-                                                           **from_pretrained_kwargs)
-    finally:
-        hf_logger.removeFilter(capture)
-
-    expected_missing = set()
-    if cfg.mode == "replacement":
-        layers = decoder_layers(model)
-        layers_name = next(name for name, module in model.named_modules() if module is layers)
-        prefixes = tuple(f"{layers_name}.{i}.mlp." for i in cfg.layers)
-        expected_missing = {k for k in info["missing_keys"] if k.startswith(prefixes)}
-    info["missing_keys"] = set(info["missing_keys"]) - expected_missing
-    if info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"] or info["error_msgs"]:
-        for record in capture.records:
-            hf_logger.handle(record)
-
-    load_memory_adapter(model, directory)
-    return (model, info) if want_info else model

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, MemoryConfig
-from .layer import MemoryContext, MemoryMLP, ProductKeyMemory
+from .layer import build_memory
+from .portable.product_keys import MemoryContext, MemoryMLP
 from .values import ValueTable
 
 # model_type -> how to reach the list of decoder layers from the causal-LM wrapper.
@@ -75,7 +76,7 @@ def inject_memory(model: nn.Module, cfg: MemoryConfig) -> nn.Module:
     for i in cfg.layers:
         # One generator per layer, seeded from (seed, layer): identical on every rank.
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + i)
-        memory = ProductKeyMemory(cfg, hidden, generator)
+        memory = build_memory(cfg, hidden, generator)
         base = layers[i].mlp if cfg.mode == "additive" else None
         wrapper = MemoryMLP(memory, base, cfg.scale_init, context)
         wrapper.train(layers[i].training)  # new modules follow the model's train/eval mode

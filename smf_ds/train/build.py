@@ -29,6 +29,12 @@ def load_tokenizer_and_model(cfg: SMFConfig):
     except OSError as err:
         raise ConfigError(f"model.name_or_path={source!r}: {err}") from None
 
+    from ..memory.merged import merged_format
+
+    if merged_format(path):
+        raise ConfigError(f"model.name_or_path={source!r}: a merged SMF model (base weights and memory in one); "
+                          f"train from its base model, with --memory-adapter DIR for the memory to start from")
+
     def unloadable(err: Exception) -> ConfigError:
         return ConfigError(f"model.name_or_path={source!r}: could not load a tokenizer and causal LM "
                            f"from it ({err}){missing_dir_note(source)}")
