@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo experiment test bench clean install-mpi
+.PHONY: install demo experiment test test-fast bench clean install-mpi
 
 install: $(STAMP)
 
@@ -40,8 +40,13 @@ demo: $(STAMP)
 experiment: $(STAMP)
 	$(PY) -m smf_ds.cli experiment --out runs/experiment
 
+# Everything (the README's and CI's command); the 15 slowest tests are listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
+
+# The tier without process groups (dist) or subprocess end-to-end runs (e2e): well under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not dist and not e2e" tests
 
 # Benchmarks (not tests): each prints a table and writes JSON under bench_results/ (~10 min in all).
 bench: $(STAMP)

@@ -1,5 +1,12 @@
+"""Test tiers: `make test-fast` runs everything not marked `dist` (spawned process groups) or `e2e`
+(a CLI, tool, launcher or other program in a subprocess); `make test` runs all. An unmarked test
+that starts a process fails and says which marker it needs, so the fast tier stays fast."""
+import multiprocessing.util
 import os
+import subprocess
 import sys
+
+import pytest
 
 # Tests import the `distributed` helper module from this folder.
 sys.path.insert(0, os.path.dirname(__file__))
@@ -13,3 +20,18 @@ import torch  # noqa: E402
 # Tiny matmuls: one thread is much faster than two fighting over a busy 2-core machine, and
 # distributed tests start several processes anyway.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _processes_need_a_tier(request, monkeypatch):
+    if request.node.get_closest_marker("dist") or request.node.get_closest_marker("e2e"):
+        yield
+        return
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.dist (a process group) "
+                           f"or @pytest.mark.e2e (a CLI, tool or other program) so that make test-fast leaves it out")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", refuse)
+    yield

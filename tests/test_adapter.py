@@ -422,6 +422,7 @@ def _distributed_worker(rank, world, out_dir):
     return {"sharded": _sharded_save_worker(out_dir), "zero3_partitioned": _zero3_worker(out_dir)}
 
 
+@pytest.mark.dist
 def test_distributed_save_and_load(tmp_path):
     """Two gloo ranks (one spawn for both parts, to keep the suite fast): row/column-sharded value
     tables are saved whole and loaded back into shards; ZeRO-3-partitioned memory params are

@@ -4,6 +4,8 @@ import torch
 
 from distributed import run_distributed
 
+pytestmark = pytest.mark.dist
+
 
 def _tiny_qwen2():
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -14,6 +16,7 @@ def _rows(path) -> int:
     return sum(1 for line in Path(path).read_text().splitlines() if line.strip())
 
 
+@pytest.mark.e2e
 def test_quick_demo_trains_and_evaluates_every_method(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "smf_ds.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],

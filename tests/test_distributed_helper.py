@@ -18,15 +18,18 @@ def _fail_on_rank_one(rank, world_size):
     return rank
 
 
+@pytest.mark.dist
 def test_all_ranks_run_and_reduce():
     assert run_distributed(_sum_ranks, 3) == [3.0, 3.0, 3.0]
 
 
+@pytest.mark.dist
 def test_rank_failure_is_reported():
     with pytest.raises(RuntimeError, match="boom on rank one"):
         run_distributed(_fail_on_rank_one, 2, timeout=60)
 
 
+@pytest.mark.e2e
 def test_a_single_process_ignores_an_exported_master_port_in_use():
     """`export MASTER_PORT=...` for a launcher job must not break a plain one-process run while
     that port is taken: a group of one picks its own free port."""

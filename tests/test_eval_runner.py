@@ -39,6 +39,7 @@ def _eval_worker(rank, world_size, world, out_sharded, out_single):
     return sharded, single
 
 
+@pytest.mark.dist
 def test_two_ranks_equal_one_rank(eval_world, tmp_path):
     out2, out1 = tmp_path / "w2", tmp_path / "w1"
     (r0, single), (r1, _) = run_distributed(_eval_worker, 2, eval_world, str(out2), str(out1))

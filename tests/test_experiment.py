@@ -111,6 +111,7 @@ def _cli(*args, check=True):
     return done
 
 
+@pytest.mark.e2e
 def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
     out = tmp_path / "exp"
     _cli("experiment", "--quick", "--methods", "smf-tfidf,lora", "--seeds", "0,1", "--out", str(out))
@@ -190,6 +191,7 @@ def _grid_killed_in_its_second_run(rank, world_size, out):
     return len(calls)
 
 
+@pytest.mark.dist
 def test_report_of_a_grid_cut_short_reports_its_finished_runs(tmp_path):
     from distributed import run_distributed
 
@@ -205,6 +207,7 @@ def test_report_of_a_grid_cut_short_reports_its_finished_runs(tmp_path):
            "variants with no evaluated run: smf-tfidf, smf-kl" in report
 
 
+@pytest.mark.e2e
 def test_experiment_and_report_name_the_bad_flag(tmp_path):
     done = _cli("experiment", "--methods", "smf,lora", "--out", str(tmp_path / "x"), check=False)
     assert done.returncode == 2 and "--methods" in done.stderr and "smf-tfidf" in done.stderr
@@ -217,6 +220,7 @@ def test_experiment_and_report_name_the_bad_flag(tmp_path):
     assert done.returncode == 2 and f"--out {tmp_path}" in done.stderr
 
 
+@pytest.mark.e2e
 def test_experiment_config_runs_retrofit_variants_and_seeds_on_own_model_and_data(tmp_path):
     from smf_ds.data import samples
     from smf_ds.data.tiny import build_tiny_model, build_tiny_tokenizer
@@ -315,6 +319,7 @@ def test_an_output_directory_keeps_one_setup(tmp_path):
     claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}}})
 
 
+@pytest.mark.e2e
 def test_experiment_config_variant_typo_fails_before_anything_runs(tmp_path):
     (tmp_path / "run.yaml").write_text("model: {name_or_path: some/model}\n")
     (tmp_path / "exp.yaml").write_text("run: run.yaml\nvariants: {fast: [train.stepz=3]}\n")
@@ -350,6 +355,7 @@ def _prepare_world_counting_writes(rank, world_size, directory):
     return writes, {name: path.read_text() for name, path in files.items()}
 
 
+@pytest.mark.dist
 def test_the_world_is_written_by_one_rank_and_read_whole_by_all(tmp_path):
     """Ranks that each rewrote the files could read a peer's half-written file (different tokenizers,
     then mismatched collectives under `launch/deepspeed.sh 2 experiment`)."""

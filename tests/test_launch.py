@@ -49,6 +49,7 @@ def test_bad_launcher_variables_name_them():
         launcher_env({"RANK": "zero", "WORLD_SIZE": "2"})
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("visible, accelerator, expected", [
     ("", "cuda", ["--num_gpus", "2"]),
     ("4,5,6", "cuda", ["--include", "localhost:4,5"]),  # the GPUs the scheduler gave, not 0 and 1
@@ -67,6 +68,7 @@ def test_deepspeed_script_keeps_the_visible_gpus(tmp_path, visible, accelerator,
                                    "--module", "smf_ds.cli", "train", "--config", "run.yaml"]
 
 
+@pytest.mark.e2e
 def test_deepspeed_script_refuses_fewer_visible_gpus_than_processes(tmp_path):
     env = dict(os.environ, DEEPSPEED="/bin/echo", CUDA_VISIBLE_DEVICES="3", DS_ACCELERATOR="cuda")
     done = subprocess.run([str(REPO / "launch" / "deepspeed.sh"), "2", "train"], env=env, capture_output=True,
@@ -74,6 +76,7 @@ def test_deepspeed_script_refuses_fewer_visible_gpus_than_processes(tmp_path):
     assert done.returncode == 2 and "NPROC=2, but CUDA_VISIBLE_DEVICES=3 shows 1 GPU(s)" in done.stderr
 
 
+@pytest.mark.e2e
 def test_the_accelerator_is_the_machines_unless_set(tmp_path):
     """launch/accelerator.sh: cuda when torch sees a GPU, cpu when not (or without torch, unless
     nvidia-smi works); the launch scripts export it to the ranks unless DS_ACCELERATOR is set."""
@@ -122,6 +125,7 @@ def _launcher_missing(launcher: str) -> str | None:
     return None
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "slurm"])
 def test_launcher_equals_one_process(launcher, tmp_path):
     """tools/check_launcher.py: 2 processes through the launcher equal one process."""
@@ -156,6 +160,7 @@ def test_launcher_check_fails_on_a_difference():
     assert not check.compare(one, run, 4)[0]["passed"]  # world size 2, asked for 4
 
 
+@pytest.mark.e2e
 def test_experiment_under_the_deepspeed_launcher(tmp_path):
     """The grid's steps hand files from rank 0 to every rank (a run's artifact, then its
     evaluation): under 2 processes each rank must wait for rank 0's writes."""

@@ -14,6 +14,7 @@ from smf_ds.train import ds_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.e2e
 def test_the_wheel_ships_every_template(tmp_path):
     # Build from a copy: pip's build/ and egg-info stay out of the checkout.
     src = tmp_path / "src"
@@ -62,6 +63,7 @@ def test_the_checkout_finds_its_own_templates():
     assert ds_config.build_ds_config(load_config())["train_micro_batch_size_per_gpu"] == 4
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("script", ["deepspeed.sh", "mpirun.sh", "slurm.sbatch"])
 def test_launcher_usage_names_every_distributed_command(script):
     # retrofit trains, so it runs under the launchers like train

@@ -13,6 +13,8 @@ from smf_ds.train.run import background_main, train_main
 from distributed import run_distributed
 from test_train_loop import _config_error_of
 
+pytestmark = pytest.mark.dist
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict:

@@ -68,6 +68,7 @@ def _retrofit_then_smf(rank, world_size, world, tmp):
     return summary, [load_file(a) for a in adapters]
 
 
+@pytest.mark.dist
 def test_retrofit_trains_every_memory_tensor_then_background_and_train_start_from_it(world, tmp_path):
     summary, (before, after, tuned) = run_distributed(_retrofit_then_smf, 1, world, tmp_path)[0]
     assert summary["steps"] == 4 and summary["data"] == str(world["oasst"])
@@ -118,6 +119,7 @@ def _retrofit_adapter(rank, world_size, world, out_dir, zero_stage):
     return load_file(str(Path(out_dir) / "memory_adapter" / "memory_adapter.safetensors"))
 
 
+@pytest.mark.dist
 def test_memory_trained_under_zero3_is_saved_whole(world, tmp_path):
     """ZeRO-3 partitions the memory parameters; saving gathers them (once: DeepSpeed refuses nested
     gathers) and the adapter equals a ZeRO-0 run's."""
@@ -185,6 +187,7 @@ def _retrofit_cut_short_then_resumed(rank, world_size, world, tmp):
     return adapter(tmp / "straight"), resumed, summary, errors, again
 
 
+@pytest.mark.dist
 def test_a_retrofit_cut_short_resumes_exactly(world, tmp_path):
     straight, resumed, summary, errors, again = run_distributed(_retrofit_cut_short_then_resumed, 1, world,
                                                                 tmp_path)[0]
@@ -217,6 +220,7 @@ def _experiment_run_killed_after_a_checkpoint(rank, world_size, world, run_dir):
     return summary, stats == (run_dir / "background.safetensors").read_bytes()
 
 
+@pytest.mark.dist
 def test_the_experiment_resumes_a_run_that_needs_background_stats(world, tmp_path):
     summary, stats_kept = run_distributed(_experiment_run_killed_after_a_checkpoint, 1, world, tmp_path / "run")[0]
     assert summary["resumed_at_step"] == 2 and summary["steps"] == 3 and stats_kept

@@ -107,6 +107,7 @@ CASES = [
 ]
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["row", "column"])
 @pytest.mark.parametrize("world,case,tokens,uneven", CASES)
 def test_sharded_table_equals_local(strategy, world, case, tokens, uneven):
@@ -167,6 +168,7 @@ def _layer_worker(rank, world, strategy):
     return errors
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["row", "column"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_memory_layer_equals_local(strategy, world):

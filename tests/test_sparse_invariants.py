@@ -141,6 +141,7 @@ def test_single_process_matches_brute_force(single_process, optimizer):
         assert not torch.equal(result["tables"][-1], result["initial"]), f"{rule}: nothing trained"
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy,optimizer", [("local", "sgd"), ("row", "sgd"), ("column", "sgd"),
                                                 ("row", "adamw")])
 def test_two_ranks_equal_one_rank(single_process, strategy, optimizer):

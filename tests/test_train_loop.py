@@ -72,6 +72,7 @@ def _resume_error(rank, world, run_dir, scope="values", extra=(), base_seed=0):
     return _config_error_of(Trainer(cfg, model, _examples(), pad_id=0).resume)
 
 
+@pytest.mark.dist
 def test_two_ranks_equal_one_rank(tmp_path):
     ref = run_distributed(_run, 1, str(tmp_path / "w1"), "local", "values", 3)[0]
     for strategy in ("local", "row", "column"):
@@ -82,6 +83,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
         assert abs(r0["losses"][-1] - ref["losses"][-1]) <= 1e-5
 
 
+@pytest.mark.dist
 def test_resume_is_exact(tmp_path):
     """4 steps straight == 2 steps, stop, resume, 2 more (memory scope: DeepSpeed + sparse state)."""
     straight = run_distributed(_run, 1, str(tmp_path / "a"), "local", "memory+scale", 4)[0]
@@ -133,6 +135,7 @@ def _run_dense(rank, world, run_dir, extra, steps, resume=False):
     return {"losses": losses, "dense": dense, "saved": saved, "trainable": trainable}
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("extra", [["train.method=lora"], ["train.zero_stage=3"]], ids=["lora", "memory-zero3"])
 def test_checkpoints_leave_the_frozen_backbone_out_and_resume_exactly(tmp_path, extra):
     straight = run_distributed(_run_dense, 1, str(tmp_path / "a"), extra, 4)[0]
@@ -162,6 +165,7 @@ def _crash_and_resume(rank, world, run_dir):
     return trainer.fit().losses
 
 
+@pytest.mark.dist
 def test_resumed_run_logs_each_step_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -260,6 +264,7 @@ def _model_freed_after_close(rank, world, run_dir, extra):
     return model() is None, fused
 
 
+@pytest.mark.dist
 @pytest.mark.parametrize("extra", [[], ["train.zero_stage=2"], ["train.zero_stage=3"],
                                    ["train.zero_stage=3", "train.method=full"],
                                    ["train.zero_stage=3", "train.offload=true", "train.method=full"]],
@@ -289,6 +294,7 @@ def _logged(rank, world, run_dir, extra):
     return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.dist
 def test_tensorboard_logs_tokens_throughput_memory_and_grad_norm(tmp_path):
     """The same global batches at W=1 and W=2: the same tokens, losses and dense gradient norms,
     whether the norm is DeepSpeed's (ZeRO-2) or measured by the loop (ZeRO-0, fp32)."""
@@ -317,6 +323,7 @@ def _unsharded_at_two_ranks(rank, world, run_dir):
     return _config_error_of(lambda: Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0))
 
 
+@pytest.mark.dist
 def test_tables_not_laid_out_over_the_ranks_are_refused(tmp_path):
     """Without shard_memory each rank's local copy would train on its own reads only and drift."""
     for message in run_distributed(_unsharded_at_two_ranks, 2, str(tmp_path)):
@@ -331,6 +338,7 @@ def _train_or_resume_with(rank, world, run_dir, config_world, resume):
     return _config_error_of(trainer.resume if resume else trainer.fit)
 
 
+@pytest.mark.dist
 def test_resume_on_another_number_of_processes_is_refused_by_name(tmp_path):
     """The same config on 1 process instead of 2 would train on half the global batch; DeepSpeed's
     loader failed on it with its own traceback."""
@@ -357,6 +365,7 @@ def _train_keeping(rank, world, run_dir, steps, keep):
     return message
 
 
+@pytest.mark.dist
 def test_keep_checkpoints_keeps_the_newest_complete_ones(tmp_path):
     import os
 
