@@ -8,6 +8,8 @@
 # DS_ACCELERATOR defaults to the machine's (launch/accelerator.sh: cuda when torch sees a GPU, else cpu).
 #
 # COMMAND is an smf-ds command that runs distributed: retrofit, train, background, eval or experiment.
+# SIGTERM, SIGUSR1 (and USR2, INT, HUP) sent to this script reach the ranks, which stop after the
+# current optimizer step with a checkpoint and exit 75 (this script then exits 75 too).
 # MASTER_PORT (default 29500) picks the rendezvous port; DEEPSPEED the launcher (default: the
 # repository's .venv/bin/deepspeed when present, else deepspeed on PATH); the ranks run under the
 # Python that launcher belongs to (PYTHON is not read here). Multi-node: use launch/slurm.sbatch,
@@ -29,4 +31,7 @@ if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${DS_ACCELERATOR:-} != cpu ]]; then
     placement=(--include "localhost:$(IFS=,; echo "${visible[*]:0:nproc}")")
   fi
 fi
-exec "$deepspeed_bin" "${placement[@]}" --master_port "${MASTER_PORT:-29500}" --module smf_ds.cli "$@"
+# deepspeed's launcher answers SIGTERM by killing its ranks within 30 s: a stop signal goes to the
+# ranks themselves instead, which save at the next optimizer step and exit 75 (cluster.stop_signals).
+forward_to() { for pid in $(rank_pids "$1"); do kill -s "$2" "$pid" 2>/dev/null || true; done; }
+run_forwarding_signals "$deepspeed_bin" "${placement[@]}" --master_port "${MASTER_PORT:-29500}" --module smf_ds.cli "$@"

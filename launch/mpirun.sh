@@ -8,7 +8,8 @@
 # smf-ds reads OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK (smf_ds.parallel.process_group);
 # MASTER_ADDR (default: this host) and MASTER_PORT (default 29500) are exported to every rank;
 # PYTHON the interpreter (default: the repository's .venv/bin/python when present, else python3).
-# Needs OpenMPI (`make install-mpi` installs it on Debian).
+# Needs OpenMPI (`make install-mpi` installs it on Debian). SIGTERM or SIGUSR1 sent to this script
+# reach the ranks as SIGUSR1: they stop after the current step with a checkpoint and exit 75.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 shift
@@ -20,5 +21,8 @@ flags=()
 for var in MASTER_ADDR MASTER_PORT DS_ACCELERATOR PYTHONPATH OMP_NUM_THREADS HF_HUB_OFFLINE HF_DATASETS_OFFLINE; do
   [[ -n ${!var:-} ]] && flags+=(-x "$var")   # forward only what is set (mpirun warns otherwise)
 done
+# mpirun answers SIGTERM by killing the job, but forwards SIGUSR1 and SIGUSR2 to every rank: a
+# stop signal reaches the ranks as SIGUSR1 (or USR2), and they save and exit 75.
+forward_to() { if [[ $2 == USR2 ]]; then kill -s USR2 "$1"; else kill -s USR1 "$1"; fi 2>/dev/null || true; }
 # shellcheck disable=SC2086
-exec mpirun -np "$nproc" "${flags[@]}" ${MPIRUN_ARGS:-} "$python" -m smf_ds.cli "$@"
+run_forwarding_signals mpirun -np "$nproc" "${flags[@]}" ${MPIRUN_ARGS:-} "$python" -m smf_ds.cli "$@"

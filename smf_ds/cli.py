@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .config import InputError, load_config
 from .parallel.process_group import get_rank, launcher_env
+from .parallel.watchdog import PEER_LOST_EXIT_CODE
+from .train.stop import STOPPED_EXIT_CODE, RunStopped
 
 log = logging.getLogger("smf_ds.cli")
 
@@ -26,7 +28,7 @@ def _cmd_train(args) -> dict:
     from .train.run import train_main
 
     cfg = load_config(args.config, args.overrides)
-    init_process_group()
+    init_process_group(timeout=cfg.cluster.collective_timeout)
     return train_main(cfg, args.memory_adapter, resume=args.resume)
 
 
@@ -35,7 +37,7 @@ def _cmd_retrofit(args) -> dict:
     from .train.run import retrofit_main
 
     cfg = load_config(args.config, args.overrides)
-    init_process_group()
+    init_process_group(timeout=cfg.cluster.collective_timeout)
     return retrofit_main(cfg, args.memory_adapter, resume=args.resume)
 
 
@@ -44,7 +46,7 @@ def _cmd_background(args) -> dict:
     from .train.run import background_main
 
     cfg = load_config(args.config, args.overrides)
-    init_process_group()
+    init_process_group(timeout=cfg.cluster.collective_timeout)
     return {"background": str(background_main(cfg, args.memory_adapter, args.out))}
 
 
@@ -105,12 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="finetune with SMF, LoRA or full finetuning")
     _add_run_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in out_dir, or start when it has none (also spelled "
+                        "--resume auto: the same command line serves a first run and every requeued one)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("retrofit", help="dense warm-up of fresh memory on general text (before background + train)")
     _add_run_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue a retrofit cut short from its latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a retrofit cut short from its latest checkpoint, or start when there is none "
+                        "(also spelled --resume auto)")
     p.set_defaults(func=_cmd_retrofit)
 
     p = sub.add_parser("background", help="background access statistics for the tfidf / kl rules")
@@ -156,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated variants (default: all; the world's: {', '.join(VARIANTS)})")
     p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated (default: the config's, or 0,1,2)")
     p.add_argument("--quick", action="store_true", help="fewer steps on the synthetic world (smoke run)")
+    p.add_argument("--resume", action="store_true",
+                   help="accepted for symmetry with train (also --resume auto): an experiment always keeps its "
+                        "finished runs and resumes those cut short")
     p.add_argument("--world-seed", type=int, default=None,
                    help="which synthetic world (default 0; the world's settings were chosen on world 0)")
     p.set_defaults(func=_cmd_experiment)
@@ -166,26 +175,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group(all_done: bool) -> None:
+def _leave_process_group(all_done: bool, deliberate: bool) -> None:
     """Leave the process group before the interpreter's teardown. Gloo's worker threads can hold
     work objects whose tensors reference Python; destroyed during finalization they abort a rank
     ("terminate called without an active exception") after its work is done. When every rank
-    finished, they meet at a barrier first, so none tears down while a peer still talks to it."""
+    finished, they meet at a barrier first, so none tears down while a peer still talks to it.
+    A rank that leaves deliberately (done, a user error, a stop) tells its peers' watchdogs so;
+    one that crashed does not, and they end on noticing it gone."""
     import gc
 
     import torch.distributed as dist
+
+    from .parallel import watchdog
 
     if not (dist.is_available() and dist.is_initialized()):
         return
     if all_done:
         dist.barrier()
+    if deliberate:
+        watchdog.stop()
     gc.collect()  # drop cycles that still hold tensors a pending work object may reference
     dist.destroy_process_group()
+
+
+def _lost_peers() -> list[str]:
+    from .parallel import watchdog
+
+    return watchdog.WATCH.diagnose(wait=min(30.0, watchdog.WATCH.timeout)) if watchdog.WATCH is not None else []
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     """parse_args, but key=value overrides may also come after flags (`train --config c.yaml a=1
     --resume b=2`): argparse's positional list stops at the first flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--resume auto` is the documented spelling of --resume (resume if there is a checkpoint,
+    # else start): the word is dropped so that it is not taken for an override.
+    argv = [a for i, a in enumerate(argv) if not (a == "auto" and i > 0 and argv[i - 1] == "--resume")]
+    argv = ["--resume" if a == "--resume=auto" else a for a in argv]
     args, extra = parser.parse_known_args(argv)
     if hasattr(args, "overrides"):
         args.overrides += [x for x in extra if "=" in x and not x.startswith("-")]
@@ -221,16 +247,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_other_ranks()
     args = parse_args(build_parser(), argv)
-    done, rank = False, 0
+    done, deliberate, rank = False, False, 0
     try:
         result = args.func(args)
-        done = True
+        done = deliberate = True
         rank = get_rank()
     except InputError as err:
+        deliberate = True
         print(f"smf-ds {args.command}: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stop:  # every rank stopped at the same step, after saving
+        done = deliberate = True
+        if get_rank() == 0:
+            print(f"smf-ds {args.command}: {stop}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
+    except Exception as err:
+        lost = _lost_peers()  # a collective failed because a peer died: say which, not a traceback
+        if lost:
+            print(f"smf-ds {args.command}: rank {get_rank()}: a collective failed ({type(err).__name__}); "
+                  f"lost {'; '.join(lost)}. Resume from the latest checkpoint with --resume auto.", file=sys.stderr)
+            return PEER_LOST_EXIT_CODE
+        raise
     finally:
-        _leave_process_group(all_done=done)
+        _leave_process_group(all_done=done, deliberate=deliberate)
     if result is not None and rank == 0:  # once, not once per rank
         print(json.dumps(result, indent=2, default=str))
     return 0

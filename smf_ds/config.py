@@ -226,6 +226,29 @@ class RetrofitConfig:
                 raise ConfigError(f"{prefix}.{key}: expected a positive learning rate, got {value}")
 
 
+STOPPABLE_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+
+
+@dataclass
+class ClusterConfig:
+    """Life on a cluster: stopping on a scheduler's signal, and peers that die or hang."""
+
+    # Any rank getting one of these stops the run at the next optimizer-step boundary, saved
+    # (smf_ds.train.stop); slurm sends SIGTERM at the time limit (and --signal=B:USR1@T before).
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    # Seconds a collective may wait for a peer, and after which a silent peer counts as lost
+    # (smf_ds.parallel.watchdog): every rank then exits non-zero, naming it.
+    collective_timeout: float = 600.0
+
+    def validate(self, prefix: str = "cluster") -> None:
+        bad = [s for s in self.stop_signals if s not in STOPPABLE_SIGNALS]
+        if bad:
+            raise ConfigError(f"{prefix}.stop_signals: expected names from {list(STOPPABLE_SIGNALS)}, got {bad}")
+        if not _positive(self.collective_timeout):
+            raise ConfigError(f"{prefix}.collective_timeout: expected a positive number of seconds, "
+                              f"got {self.collective_timeout}")
+
+
 @dataclass
 class SMFConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -234,6 +257,7 @@ class SMFConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     retrofit: RetrofitConfig = field(default_factory=RetrofitConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     out_dir: str = "runs/default"
 
 

@@ -47,10 +47,10 @@ def run_one(setup, out: Path, variant: str, seed: int) -> Path:
     if (eval_dir / SUMMARY).is_file():
         log.info("%s seed %d: evaluated already, kept", variant, seed)
         return eval_dir
-    from ..train.run import TRAIN_SUMMARY, read_run_summary
+    from ..train.run import TRAIN_SUMMARY, read_run_summary, run_finished
 
     summary_path = directory / TRAIN_SUMMARY
-    if summary_path.is_file():
+    if run_finished(summary_path):
         artifact = Path(read_run_summary(summary_path)["artifact"])
     else:
         artifact = setup.finetune(variant, seed, directory)

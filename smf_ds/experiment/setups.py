@@ -119,11 +119,11 @@ class ConfigSetup:
         return load_config(self.exp.run, [*overrides, f"train.seed={seed}", f"memory.seed={seed}", f"out_dir={run_dir}"])
 
     def _retrofit(self, seed: int) -> Path:
-        from ..train.run import RETROFIT_SUMMARY, read_run_summary, retrofit_main
+        from ..train.run import RETROFIT_SUMMARY, read_run_summary, retrofit_main, run_finished
 
         run_dir = self.out / "retrofit" / f"seed{seed}"
         summary = run_dir / RETROFIT_SUMMARY
-        if summary.is_file():  # done before: every rank sees the file (rank 0 writes it only after its run)
+        if run_finished(summary):  # done before: every rank sees the file (rank 0 writes it only after its run)
             return Path(read_run_summary(summary)["artifact"])
         # a retrofit cut short resumes from its checkpoint, as the finetunes do
         return Path(retrofit_main(self._config(["train.method=smf"], seed, run_dir), resume=True)["artifact"])

@@ -5,6 +5,7 @@ Model code never imports this; parallelism is applied from outside (see shard_me
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -91,9 +92,13 @@ def launcher_env(environ=None) -> dict[str, str] | None:
     return None
 
 
-def init_process_group(backend: str | None = None) -> None:
+# Seconds a collective waits for a peer, and after which a silent peer is lost (cluster.collective_timeout).
+DEFAULT_COLLECTIVE_TIMEOUT = 600.0
+
+
+def init_process_group(backend: str | None = None, timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
     """Join the launcher's process group, or make a group of one so DeepSpeed runs unlaunched."""
-    if init_from_env(backend):
+    if init_from_env(backend, timeout):
         return
     # A group of one meets nobody: its own free port, whatever MASTER_PORT the shell exports
     # (another job may hold that one).
@@ -101,12 +106,14 @@ def init_process_group(backend: str | None = None) -> None:
     dist.init_process_group(backend=backend or default_backend(), rank=0, world_size=1)
 
 
-def init_from_env(backend: str | None = None) -> bool:
+def init_from_env(backend: str | None = None, timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> bool:
     """Join the process group that a launcher (deepspeed, torchrun, mpirun, srun) describes.
 
     Returns True when running distributed. With no launcher (or a world of one) this is a no-op,
     so every entry point runs unchanged as a single process. The launcher's variables are copied
-    to RANK / WORLD_SIZE / LOCAL_RANK, which DeepSpeed reads too.
+    to RANK / WORLD_SIZE / LOCAL_RANK, which DeepSpeed reads too. Collectives time out after
+    `timeout` seconds, and a peer that dies or stops answering for as long ends every rank
+    (smf_ds.parallel.watchdog).
     """
     if is_distributed():
         return True
@@ -119,7 +126,13 @@ def init_from_env(backend: str | None = None) -> bool:
         env["LOCAL_RANK"] = str(local_cuda_index(int(env["LOCAL_RANK"])))
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
     os.environ.update(env)
-    dist.init_process_group(backend=backend, rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]))
+    if backend == "nccl":  # a collective that times out raises instead of hanging the rank
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+    dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout))
+    from . import watchdog
+
+    watchdog.start(rank, world, timeout)
     return True
 
 

@@ -51,7 +51,7 @@ def save_memory_checkpoint(directory: str | Path, tag: str, tables: list[tuple[i
 # would fail deep inside DeepSpeed, or silently train another run (another learning rate, batch
 # order, optimizer state) under the old run's name.
 MAY_CHANGE_ON_RESUME = ("train.steps", "retrofit.steps", "train.save_every", "train.log_every", "train.keep_checkpoints",
-                        "out_dir")
+                        "cluster.stop_signals", "cluster.collective_timeout", "out_dir")
 RUN_FILE = "run.json"
 
 

@@ -26,6 +26,7 @@ from .checkpoint import (check_run_identity, complete_tags, latest_tag, load_mem
                          prune_checkpoints, save_memory_checkpoint, save_run_identity)
 from .ds_config import build_ds_config
 from .engine import build_engine, release_engine
+from .stop import RunStopped, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class StepResult:
     tokens: int  # non-padding input tokens of all ranks
     smf: dict  # the SMF updater's metrics
     grad_norm: float | None  # dense gradients, before clipping; None when not measured
+    stop: bool = False  # a rank got a stop signal: every rank stops after this step
 
 
 def _sum_over_ranks(*values: float) -> list[float]:
@@ -136,6 +138,7 @@ class Trainer:
                                       self.world, cfg.train.seed)
         self.step = 0
         self.writer = None
+        self.stop = StopSignals(cfg.cluster.stop_signals)
 
     def _open_run_record(self) -> None:
         """Rank 0: config.yaml and the TensorBoard writer, once the run is sure to go on (after a
@@ -182,9 +185,11 @@ class Trainer:
             grad_norm = self.engine.get_global_grad_norm()
         metrics = self.updater.step() if self.updater is not None else {}
         self.step += 1
-        loss_sum, tokens = _sum_over_ranks(sum(losses) / len(losses), tokens)
+        # The stop flag rides on the step's one all-reduce: every rank learns of any rank's signal
+        # at the same step boundary.
+        loss_sum, tokens, stops = _sum_over_ranks(sum(losses) / len(losses), tokens, float(self.stop.requested))
         return StepResult(loss_sum / self.world, int(tokens), metrics,
-                          None if grad_norm is None else float(grad_norm))
+                          None if grad_norm is None else float(grad_norm), stop=stops > 0)
 
     def _dense_grad_norm(self) -> float | None:
         """The 2-norm of the dense gradients, whole in every parameter after the boundary backward
@@ -215,7 +220,7 @@ class Trainer:
             self.writer.add_scalar(tag, value, self.step)
 
     def save(self) -> None:
-        tag = f"step{self.step:07d}"
+        tag = self.tag
         # Without the frozen parameters: resume reloads them from the base model and adapter (the
         # base and memory fingerprints check they are the same), so retrofit, LoRA and
         # memory-scope runs do not write a copy of the backbone at every save.
@@ -255,6 +260,59 @@ class Trainer:
         log.info("resumed from %s at step %d", tag, self.step)
         return True
 
+    def _fit_step(self, result: TrainResult, total: int, save_every: int) -> StepResult:
+        """One optimizer step of fit: train, check the loss, log, save when due."""
+        step_start = time.perf_counter()
+        step = self.train_step(log=(self.step + 1) % self.cfg.train.log_every == 0)
+        loss, metrics = step.loss, step.smf
+        seconds = time.perf_counter() - step_start
+        result.tokens += step.tokens
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"train: the loss is {loss} at step {self.step}; stopped without saving this step "
+                f"(checkpoints so far are in {self.checkpoint_dir}). Common causes: no answer token "
+                f"left to learn from (train.max_length={self.cfg.train.max_length} cuts the answers off), "
+                f"a learning rate too large (train.lr={self.cfg.train.lr}, "
+                f"memory.value_lr={self.cfg.memory.value_lr})")
+        if self.updater is not None and self.step % self.cfg.train.log_every == 0:
+            metrics.update(self.updater.usage_metrics())
+        result.losses.append(loss)
+        result.metrics.append(metrics)
+        if self.step % self.cfg.train.log_every == 0:
+            self._log(loss, metrics, self._perf_metrics(step, seconds))
+        if save_every and self.step % save_every == 0 and self.step < total:
+            self.save()
+        return step
+
+    def _stop_saved(self) -> None:
+        """On an agreed stop: the checkpoint of this step (unless just written), a record in
+        TensorBoard, then RunStopped on every rank."""
+        if latest_tag(self.checkpoint_dir) != self.tag:
+            self.save()
+        name = self._agreed_signal()
+        if self.writer is not None:
+            self.writer.add_scalar("run/stopped_on_signal", 1, self.step)
+            self.writer.add_text("run/stopped", f"stopped on {name} at step {self.step}; checkpoint {self.tag}",
+                                 self.step)
+            self.writer.flush()
+        raise RunStopped(self.step, name, str(self.checkpoint_dir / self.tag))
+
+    def _agreed_signal(self) -> str:
+        """The signal that stopped the run, the same on every rank (some may have got none)."""
+        import signal
+
+        number = signal.Signals[self.stop.signal_name].value if self.stop.requested else 0
+        if is_distributed():
+            t = torch.tensor([number], dtype=torch.int64, device=collective_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            number = int(t.item())
+        return signal.Signals(number).name
+
+    @property
+    def tag(self) -> str:
+        """The checkpoint tag of the current step."""
+        return f"step{self.step:07d}"
+
     def fit(self, steps: int | None = None, progress: bool = False) -> TrainResult:
         total = steps if steps is not None else self.cfg.train.steps
         first_step = self.step
@@ -267,36 +325,22 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step")
         save_every = self.cfg.train.save_every
-        while self.step < total:
-            step_start = time.perf_counter()
-            step = self.train_step(log=(self.step + 1) % self.cfg.train.log_every == 0)
-            loss, metrics = step.loss, step.smf
-            seconds = time.perf_counter() - step_start
-            result.tokens += step.tokens
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"train: the loss is {loss} at step {self.step}; stopped without saving this step "
-                    f"(checkpoints so far are in {self.checkpoint_dir}). Common causes: no answer token "
-                    f"left to learn from (train.max_length={self.cfg.train.max_length} cuts the answers off), "
-                    f"a learning rate too large (train.lr={self.cfg.train.lr}, "
-                    f"memory.value_lr={self.cfg.memory.value_lr})")
-            if self.updater is not None and self.step % self.cfg.train.log_every == 0:
-                metrics.update(self.updater.usage_metrics())
-            result.losses.append(loss)
-            result.metrics.append(metrics)
-            if self.step % self.cfg.train.log_every == 0:
-                self._log(loss, metrics, self._perf_metrics(step, seconds))
-            if save_every and self.step % save_every == 0 and self.step < total:
-                self.save()
+        with self.stop:
+            while self.step < total:
+                step = self._fit_step(result, total, save_every)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{step.loss:.4f}")
+                if step.stop and self.step < total:
+                    if bar is not None:
+                        bar.close()
+                    self._stop_saved()
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-        if bar is not None:
-            bar.close()
-        # Nothing trained (a resume at or past train.steps): the checkpoint it resumed from is this
-        # state; saving it again in place could leave it half-written if killed.
-        if self.step > first_step or latest_tag(self.checkpoint_dir) is None:
-            self.save()
+                bar.close()
+            # Nothing trained (a resume at or past train.steps): the checkpoint it resumed from is
+            # this state; saving it again in place could leave it half-written if killed.
+            if self.step > first_step or latest_tag(self.checkpoint_dir) is None:
+                self.save()
         if self.writer is not None:
             self.writer.flush()
         result.steps, result.seconds = self.step, time.time() - start

@@ -22,6 +22,7 @@ from .batches import GlobalBatchOrder, collate, tokenize_prompt_answer, tokenize
 from .build import check_background, load_background, load_run_model
 from .checkpoint import latest_tag
 from .loop import Trainer
+from .stop import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | N
         advice = f"its run may have trained with {out_path}, which this would replace; write the new stats " \
                  f"elsewhere (--out FILE) or into another out_dir"
         refuse_used_out_dir(cfg, advice)
-        if (Path(cfg.out_dir) / TRAIN_SUMMARY).is_file():
+        if run_finished(Path(cfg.out_dir) / TRAIN_SUMMARY):
             raise ConfigError(f"out_dir={cfg.out_dir}: holds a finished run ({TRAIN_SUMMARY}); {advice}")
     texts = background_texts(cfg)
     tokenizer, model = load_run_model(cfg, adapter_dir)
@@ -190,18 +191,38 @@ def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
 
 
 def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool, **extra) -> dict:
-    """Train, save the artifact, write <out_dir>/<summary_name> (rank 0); the summary."""
-    result = trainer.fit(progress=progress)
+    """Train, save the artifact, write <out_dir>/<summary_name> (rank 0); the summary. A run
+    stopped on a signal writes a summary with "finished": false and what stopped it, then raises
+    RunStopped; its interruptions stay listed in the summary once it finishes."""
     out_dir = Path(trainer.cfg.out_dir)
+    summary_file = out_dir / summary_name
+    earlier = json.loads(summary_file.read_text()).get("interruptions", []) if summary_file.is_file() else []
+    try:
+        result = trainer.fit(progress=progress)
+    except RunStopped as stop:
+        trainer.close()
+        interruptions = [*earlier, {"signal": stop.signal_name, "step": stop.step, "checkpoint": stop.checkpoint}]
+        if get_rank() == 0:
+            summary_file.write_text(json.dumps({"finished": False, "steps": stop.step, "interruptions": interruptions,
+                                                "world_size": get_world_size(), **extra}, indent=2))
+        raise
     artifact = save_trained(trainer, tokenizer, out_dir)
     trainer.close()
-    summary = {"steps": result.steps, "first_loss": result.losses[0] if result.losses else None,
+    summary = {"finished": True, "steps": result.steps,
+               "first_loss": result.losses[0] if result.losses else None,
                "final_loss": result.losses[-1] if result.losses else None, "seconds": result.seconds,
                "tokens_per_second": result.tokens / result.seconds if result.seconds else None,
-               "artifact": str(artifact), "world_size": get_world_size(), **extra}
+               "artifact": str(artifact), "world_size": get_world_size(), "interruptions": earlier, **extra}
     if get_rank() == 0:
-        (out_dir / summary_name).write_text(json.dumps(summary, indent=2))
+        summary_file.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def run_finished(summary_file: str | Path) -> bool:
+    """A run dir's summary says the run finished (a run stopped on a signal writes one with
+    "finished": false)."""
+    summary_file = Path(summary_file)
+    return summary_file.is_file() and json.loads(summary_file.read_text()).get("finished", True) is not False
 
 
 def check_data_paths(**sources: str | None) -> None:
@@ -227,7 +248,7 @@ def check_run_dir(cfg: SMFConfig, summary_name: str, resume: bool, command: str)
     """A run dir holds one run. Without resume, refuse one holding checkpoints or a finished run;
     with resume, refuse a finished run whose checkpoints are gone (nothing to go on from, and
     starting over would replace its results)."""
-    finished = (Path(cfg.out_dir) / summary_name).is_file()
+    finished = run_finished(Path(cfg.out_dir) / summary_name)
     if not resume:
         refuse_used_out_dir(cfg, f"pass --resume to continue it, or {command} into another out_dir")
         if finished:
@@ -333,7 +354,7 @@ def resume_from_checkpoint(trainer: Trainer, resume: bool, summary_name: str, st
         summary_file = Path(trainer.cfg.out_dir) / summary_name
         # The finished run's own summary (not an empty one), while its artifact is there; else
         # the artifact is saved again from the checkpoint.
-        summary = read_run_summary(summary_file) if summary_file.is_file() else None
+        summary = read_run_summary(summary_file) if run_finished(summary_file) else None
         if summary is not None and Path(summary["artifact"]).exists():
             trainer.close()
             return summary, {}

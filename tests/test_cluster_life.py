@@ -1,0 +1,153 @@
+"""Cluster life under a real launcher (launch/deepspeed.sh, 2 CPU processes): a stop signal saves
+and exits 75, `--resume auto` continues bitwise; a rank killed or stopped ends the job, named."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smf_ds.train.stop import STOPPED_EXIT_CODE
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+STEPS = ["train.steps=30", "train.save_every=4"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """check_launcher's tiny world (SMF, tfidf, row-sharded tables) and its background stats."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from check_launcher import build_world
+
+    root = tmp_path_factory.mktemp("cluster")
+    config = build_world(root / "world")
+    done = _launch(2, "background", config, root / "stats", wait=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, root / "stats" / "background.safetensors"
+
+
+def _launch(nproc, command, config, out_dir, *extra, wait=False, log=None):
+    argv = [str(REPO / "launch" / "deepspeed.sh"), str(nproc), command, "--config", str(config),
+            f"out_dir={out_dir}", *extra]
+    if wait:
+        return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(argv, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _train_argv(stats):
+    return [f"sparse.background={stats}", *STEPS]
+
+
+def _wait_for_checkpoint(run: Path, proc, seconds=300):
+    deadline = time.time() + seconds
+    while not (run / "checkpoints" / "latest_memory").is_file():
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before its first checkpoint"
+        assert time.time() < deadline, "no checkpoint written in time"
+        time.sleep(0.2)
+
+
+def _ranks(proc) -> list[int]:
+    """The smf-ds rank processes under a launch script (launch/common.sh's rank_pids)."""
+    out = subprocess.run(["bash", "-c", f"source {REPO}/launch/common.sh 2 x >/dev/null; rank_pids {proc.pid}"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {e.step: e.value for e in events.Scalars("train/loss")}
+
+
+def _adapter(run: Path) -> dict:
+    return load_file(str(run / "memory_adapter" / "memory_adapter.safetensors"))
+
+
+def test_a_stop_signal_saves_and_resume_auto_continues_exactly(world, tmp_path):
+    """SIGTERM to the launch script, and SIGUSR1 to rank 1 alone: every rank stops at the same step
+    boundary, saves, and exits 75 with a summary saying so; the same command with --resume auto
+    then finishes the run bitwise equal to an uninterrupted one (adapter and every step's loss)."""
+    config, stats = world
+    straight = _launch(2, "train", config, tmp_path / "straight", *_train_argv(stats), wait=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    reference = _adapter(tmp_path / "straight")
+
+    for name, how in (("term_script", "script"), ("usr1_rank1", "rank1")):
+        run = tmp_path / name
+        with open(tmp_path / f"{name}.log", "w") as log:
+            proc = _launch(2, "train", config, run, *_train_argv(stats), "--resume", "auto", log=log)
+            _wait_for_checkpoint(run, proc)
+            if how == "script":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.kill(_ranks(proc)[1], signal.SIGUSR1)
+            assert proc.wait(timeout=300) == STOPPED_EXIT_CODE, (tmp_path / f"{name}.log").read_text()[-3000:]
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert summary["finished"] is False
+        (stopped,) = summary["interruptions"]
+        assert stopped["signal"] == ("SIGTERM" if how == "script" else "SIGUSR1") and 4 <= stopped["step"] < 30
+        checkpoints = run / "checkpoints"
+        assert (checkpoints / "latest_memory").read_text() == f"step{stopped['step']:07d}"
+        assert (checkpoints / f"step{stopped['step']:07d}" / "run.json").is_file()
+        assert not (run / "memory_adapter").exists()
+
+        resumed = _launch(2, "train", config, run, *_train_argv(stats), "--resume", "auto", wait=True)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        adapter = _adapter(run)
+        assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter)
+        assert _losses(run) == _losses(tmp_path / "straight")
+        summary = json.loads((run / "train_summary.json").read_text())
+        assert summary["finished"] and summary["resumed_at_step"] == stopped["step"]
+        assert summary["interruptions"] == [stopped]
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_lost_rank_ends_the_job_naming_it(world, tmp_path, how):
+    """kill -9, or SIGSTOP, of rank 1 of 2: rank 0 exits within the collective timeout naming rank
+    1, the launcher exits non-zero, and the checkpoint marked latest is a complete one."""
+    config, stats = world
+    run, timeout = tmp_path / "run", 8
+    with open(tmp_path / "log", "w") as log:
+        proc = _launch(2, "train", config, run, f"sparse.background={stats}", "train.steps=100000",
+                       "train.save_every=25", f"cluster.collective_timeout={timeout}", log=log)
+        try:
+            _wait_for_checkpoint(run, proc)
+            rank0, rank1 = _ranks(proc)
+            os.kill(rank1, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+            lost_at = time.time()
+            while _alive(rank0):
+                assert time.time() - lost_at < timeout + 15, "rank 0 still runs past the collective timeout"
+                time.sleep(0.2)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(rank1, sig)
+                except (ProcessLookupError, NameError, UnboundLocalError):
+                    pass
+    output = (tmp_path / "log").read_text()
+    assert code != 0
+    assert f"lost rank 1 (pid {rank1} on " in output, output[-3000:]
+    assert ("exited" if how == "kill" else "stopped (SIGSTOP)") in output
+    latest = (run / "checkpoints" / "latest_memory").read_text()
+    assert (run / "checkpoints" / latest / "run.json").is_file()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
