@@ -1,6 +1,7 @@
 """Test tiers: `make test-fast` runs everything not marked `dist` (spawned process groups) or `e2e`
 (a CLI, tool, launcher or other program in a subprocess); `make test` runs all. An unmarked test
-that starts a process fails and says which marker it needs, so the fast tier stays fast."""
+that starts a process fails and says which marker it needs, so the fast tier stays fast.
+With SMF_NO_SKIPS=1 (`make test`, CI) a skipped test fails: nothing goes untested unnoticed."""
 import multiprocessing.util
 import os
 import subprocess
@@ -35,3 +36,13 @@ def _processes_need_a_tier(request, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
     monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", refuse)
     yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("SMF_NO_SKIPS") == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but SMF_NO_SKIPS=1 (make test) runs everything: {reason}"

@@ -151,3 +151,56 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def _slurm_job(job: str) -> dict:
+    fields = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=True).stdout.split()
+    return dict(f.split("=", 1) for f in fields if "=" in f)
+
+
+def _wait_for_state(job: str, states: tuple[str, ...], seconds: float) -> dict:
+    deadline = time.time() + seconds
+    while (info := _slurm_job(job))["JobState"] not in states:
+        assert time.time() < deadline, f"job {job} still {info['JobState']} ({info.get('Reason')})"
+        time.sleep(0.5)
+    return info
+
+
+def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(world, tmp_path):
+    """launch/slurm.sbatch on the one-node test cluster: the batch script's time-limit signal
+    (sent early here: scancel --signal=USR1 --batch) makes the ranks save and exit 75, the script
+    requeues the job, and its second allocation continues with the same command line (--resume
+    auto) to the same result as an uninterrupted job; one log holds both allocations."""
+    done = subprocess.run([str(REPO / "launch" / "slurm_one_node.sh")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"launch/slurm_one_node.sh: {done.stdout}{done.stderr}"
+    config, stats = world
+
+    def submit(run: Path, *flags: str) -> str:
+        argv = ["sbatch", "--parsable", "--ntasks-per-node=2", f"--output={run}.log", f"--chdir={REPO}", *flags,
+                str(REPO / "launch" / "slurm.sbatch"), "train", "--config", str(config), f"out_dir={run}",
+                *_train_argv(stats), "--resume", "auto"]
+        return subprocess.run(argv, env=ENV, capture_output=True, text=True, check=True).stdout.strip()
+
+    straight = submit(tmp_path / "straight", "--wait")
+    assert _slurm_job(straight)["JobState"] == "COMPLETED", (tmp_path / "straight.log").read_text()[-3000:]
+
+    run = tmp_path / "requeued"
+    job = submit(run)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "latest_memory").is_file():
+        assert time.time() < deadline and _slurm_job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    requeued = _wait_for_state(job, ("PENDING", "COMPLETED", "FAILED"), 300)
+    assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", requeued
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # slurm's requeue delay
+    assert _wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 300)["JobState"] == "COMPLETED"
+
+    log = Path(f"{run}.log").read_text()
+    assert f"job {job}, allocation 1 (SLURM_RESTART_COUNT=0)" in log and f"job {job}, allocation 2 (SLURM_RESTART_COUNT=1)" in log
+    assert "stopped on SIGUSR1 at step" in log and "requeued" in log
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["finished"] and [i["signal"] for i in summary["interruptions"]] == ["SIGUSR1"]
+    adapter, reference = _adapter(run), _adapter(tmp_path / "straight")
+    assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter)
+    assert _losses(run) == _losses(tmp_path / "straight")
