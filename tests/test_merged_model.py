@@ -262,16 +262,38 @@ def test_export_writes_a_merged_model_with_a_card_and_refuses_what_it_cannot_do(
         ids = torch.tensor([[3, 4, 5, 6]])
         assert torch.equal(load_merged(tmp_path / "merged")(input_ids=ids).logits, model(input_ids=ids).logits)
     card = (tmp_path / "merged" / "README.md").read_text()
-    assert card.startswith("---\n") and "base_model: Qwen/Qwen2.5-0.5B-Instruct" in card
+    assert card.startswith("---\n") and "base_model:" not in card  # --model is a local dir: no hub link
+    assert f"`{tmp_path / 'base'}` with product-key memory layers. Finetuned by Sparse Memory Finetuning" in card
     assert "trust_remote_code=True" in card and "| `sparse.scoring` | kl |" in card and "| `sparse.top_t` | 64 |" in card
+    assert "| `model.name_or_path` | Qwen/Qwen2.5-0.5B-Instruct |" in card and "retrofit.steps" not in card
     assert "| medmcqa | accuracy_letter | 96 | 0.4062 | [0.3, 0.5] |" in card
     assert "| slots per layer | 64 (8 x 8 product keys) |" in card
+    assert "local_files_only" not in (tmp_path / "merged" / "tokenizer_config.json").read_text()
 
-    capsys.readouterr()
-    assert main(argv) == 2  # a second export into the same dir
-    err = capsys.readouterr().err
+    def refused(*args) -> str:
+        capsys.readouterr()
+        assert main(["export", *args]) == 2
+        return capsys.readouterr().err
+
+    err = refused(*argv[1:])  # a second export into the same dir
     assert "--out" in err and "not empty" in err and "--overwrite" in err
-    assert main(argv + ["--overwrite"]) == 0
-    assert main(["export", "--model", str(tmp_path / "base"), "--out", str(tmp_path / "other")]) == 2
-    assert "--memory-adapter" in capsys.readouterr().err
+    assert main(argv + ["--overwrite"]) == 0  # an earlier export may be replaced
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert "not a merged model" in refused(*argv[1:-1], str(keep), "--overwrite")
+    assert (keep / "notes.txt").read_text() == "mine"
+    assert "holds --memory-adapter" in refused(*argv[1:-1], str(run), "--overwrite")
+    assert (run / "memory_adapter").is_dir()
+    assert "--memory-adapter" in refused("--model", str(tmp_path / "base"), "--out", str(tmp_path / "other"))
+    assert "its memory adapter: " in refused("--model", str(tmp_path / "base"), "--memory-adapter", str(run),
+                                             "--out", str(tmp_path / "other"))
+    (tmp_path / "garbage.json").write_text("[1, 2]")
+    assert "not an evaluation summary" in refused(*argv[1:-1], str(tmp_path / "other"), "--eval",
+                                                  str(tmp_path / "garbage.json"))
+    (tmp_path / "lora_eval").mkdir()
+    (tmp_path / "lora_eval" / "summary.json").write_text(json.dumps(
+        {"memory_adapter": None, "artifact": str(tmp_path / "lora"), "tasks": {}}))
+    assert "not --memory-adapter" in refused(*argv[1:-1], str(tmp_path / "other"), "--eval",
+                                             str(tmp_path / "lora_eval"))
     assert not (tmp_path / "other").exists()

@@ -30,7 +30,8 @@ class ValueRows(nn.Module):
 
 
 def add_memory_layers(model: nn.Module, config) -> None:
-    """Put the memory layers `config.smf_memory` describes into `model` (uninitialised: loaded next)."""
+    """Put the memory layers `config.smf_memory` describes into `model`, initialised (a fresh model
+    from its config has small random keys and values; from_pretrained then loads them)."""
     memory = check_smf_memory(config)
     layers = model.model.layers
     context = MemoryContext()  # no padding mask is needed: these tables count no reads
@@ -39,6 +40,9 @@ def add_memory_layers(model: nn.Module, config) -> None:
         pkm = ProductKeyMemory(config.hidden_size, memory["heads"], memory["knn"], memory["n_keys"], memory["k_dim"],
                                v_dim, memory["gated"], memory["query_batchnorm"],
                                ValueRows(memory["n_keys"] ** 2, v_dim))
+        with torch.no_grad():
+            pkm.keys.normal_(0.0, config.initializer_range)
+            pkm.values.weight.normal_(0.0, config.initializer_range)
         base = layers[i].mlp if memory["mode"] == "additive" else None
         layers[i].mlp = MemoryMLP(pkm, base, 0.0, context)
 
@@ -47,15 +51,18 @@ class _SMFMixin:
     # Value rows stay fp32 under a bf16 model, as smf-ds keeps them (a bf16 table rounds reads).
     _keep_in_fp32_modules_strict = ["memory.values"]
 
+    @torch.no_grad()
     def _init_weights(self, module):
+        # In place rather than through torch.nn.init, which transformers skips for remote code:
+        # a fresh model (from_config) or a tensor missing from a checkpoint is then never garbage.
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, ProductKeyMemory):
-            nn.init.normal_(module.keys, std=std)
+            module.keys.normal_(0.0, std)
         elif isinstance(module, ValueRows):
-            nn.init.normal_(module.weight, std=std)
+            module.weight.normal_(0.0, std)
         elif isinstance(module, MemoryMLP) and module.scale is not None:
-            nn.init.zeros_(module.scale)
+            module.scale.zero_()
 
 
 class SMFQwen2ForCausalLM(_SMFMixin, Qwen2ForCausalLM):
