@@ -51,6 +51,7 @@ class MemoryConfig:
     value_init_std: float | None = None  # None = v_dim ** -0.5
     value_lr: float = 2.0  # values have their own learning rate (SGD, Lin et al.)
     sharding: Literal["local", "row", "column"] = "local"  # how value tables live across ranks
+    parallel_size: int = 0  # ranks a row/column-sharded table is split over (replicated across groups); 0 = all
     seed: int = 0  # memory params are initialised from this seed, identically on every rank
 
     @property
@@ -76,6 +77,8 @@ class MemoryConfig:
         need(self.mode in ("additive", "replacement"), "mode", "'additive' or 'replacement'", self.mode)
         need(self.sharding in ("local", "row", "column"), "sharding", "'local', 'row' or 'column'",
              self.sharding)
+        need(self.parallel_size >= 0, "parallel_size", "0 (all ranks) or a positive number of ranks",
+             self.parallel_size)
 
 
 SCORING_RULES = ("tfidf", "kl", "tf", "random", "dense-accessed", "dense-all")

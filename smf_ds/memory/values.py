@@ -258,6 +258,10 @@ class ValueTable(nn.Module, metaclass=abc.ABCMeta):
         """[start, stop) of global rows whose weights this process holds (all, unless row-sharded)."""
         return 0, self.num_rows
 
+    def owned_col_range(self) -> tuple[int, int]:
+        """[start, stop) of the value dim this process holds (all, unless column-sharded)."""
+        return 0, self.dim
+
     @abc.abstractmethod
     def full_weight(self) -> torch.Tensor:
         """The whole num_rows x dim table (gathered when sharded; collective)."""

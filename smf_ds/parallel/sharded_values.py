@@ -63,6 +63,8 @@ class _ShardedTable(ValueTable):
 
     def gather_full_weight(self, dst: int = 0, chunk_bytes: int = 64 << 20):
         sizes, dim = self._part_sizes()
+        if dst not in dist.get_process_group_ranks(self.group):  # another memory group's replica has it
+            return None
         if dist.get_rank() != dst:
             gather_to_cpu(self.weight, None, self.group, dst, chunk_bytes)
             return None
@@ -154,6 +156,9 @@ class ColumnShardedValueTable(_ShardedTable):
 
     def _part_sizes(self):
         return self.col_sizes, 1
+
+    def owned_col_range(self):
+        return self.col_start, self.col_stop
 
     @classmethod
     def from_full(cls, full_weight: torch.Tensor, group=None, col_sizes: list[int] | None = None):

@@ -9,8 +9,7 @@ from ..config import ConfigError, SMFConfig
 from ..model_source import check_tokenizer, missing_dir_note, model_source
 from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import check_memory_config, inject_memory, value_tables
-from ..parallel.process_group import get_world_size
-from ..parallel.shard import shard_memory
+from ..parallel.layout import MemoryLayout
 from ..sparse.background import BackgroundStats
 
 log = logging.getLogger(__name__)
@@ -56,7 +55,8 @@ def load_tokenizer_and_model(cfg: SMFConfig):
 
 
 def load_run_model(cfg: SMFConfig, adapter_dir: str | None = None):
-    """(tokenizer, model with memory) of a run, on this process's GPU when there is one.
+    """(tokenizer, model with memory) of a run, on this process's GPU when there is one; the
+    model's `smf_layout` says where its tables live (smf_ds.parallel.layout).
 
     The model moves to the GPU only after its memory tables are sharded, so a GPU never holds a
     whole table that only a shard of is meant to live there."""
@@ -68,7 +68,7 @@ def load_run_model(cfg: SMFConfig, adapter_dir: str | None = None):
 
 
 def add_memory(model, cfg: SMFConfig, adapter_dir: str | None = None):
-    """Inject memory (from a saved adapter when given), then shard its tables over the ranks."""
+    """Inject memory (from a saved adapter when given), then lay its tables out over the ranks."""
     if cfg.train.method != "smf":
         return model
     if adapter_dir:
@@ -77,8 +77,9 @@ def add_memory(model, cfg: SMFConfig, adapter_dir: str | None = None):
         model = load_memory_adapter(model, adapter_dir)
     else:
         model = inject_memory(model, cfg.memory)
-    if get_world_size() > 1 or cfg.memory.sharding != "local":
-        shard_memory(model, None, cfg.memory.sharding)
+    layout = MemoryLayout.from_config(cfg.memory)
+    layout.apply(model)
+    model.smf_layout = layout
     return model
 
 

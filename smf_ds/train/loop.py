@@ -18,12 +18,14 @@ from torch import nn
 from ..config import ConfigError, InputError, SMFConfig, save_config
 from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import set_train_scope, value_tables
+from ..parallel.layout import MemoryLayout
 from ..parallel.process_group import collective_device, get_rank, get_world_size, is_distributed
 from ..sparse.background import BackgroundStats
 from ..sparse.step import SparseMemoryUpdater
 from .batches import GlobalBatchOrder, collate, examples_digest
 from .checkpoint import (check_run_identity, complete_tags, latest_tag, load_memory_checkpoint, mark_latest,
-                         prune_checkpoints, save_memory_checkpoint, save_run_identity)
+                         prune_checkpoints, save_memory_checkpoint, save_run_identity, saved_run)
+from .dense_state import load_dense_state, needs_dense_file, save_dense_state
 from .ds_config import build_ds_config
 from .engine import build_engine, release_engine
 from .stop import RunStopped, StopSignals
@@ -131,9 +133,11 @@ class Trainer:
         if self.world > 1:
             check_tables_span_ranks(self.tables, self.world)
         self.updater = None
+        # Where the tables live (smf_ds.parallel.layout); a model sharded by hand has the default.
+        self.layout = getattr(model, "smf_layout", None) or MemoryLayout(cfg.memory.sharding, self.world, 1)
         if self.tables:
             self.updater = SparseMemoryUpdater(self.tables, cfg.sparse, cfg.memory.value_lr, background,
-                                               grad_divisor=self.world)
+                                               grad_divisor=self.layout.dp_size)
         self.order = GlobalBatchOrder(len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                       self.world, cfg.train.seed)
         self.step = 0
@@ -226,9 +230,11 @@ class Trainer:
         # memory-scope runs do not write a copy of the backbone at every save.
         self.engine.save_checkpoint(str(self.checkpoint_dir), tag, client_state={"step": self.step},
                                     exclude_frozen_parameters=True)
+        save_dense_state(self.engine, self.checkpoint_dir / tag)  # ZeRO 1-3: resumable on another world size
         save_memory_checkpoint(self.checkpoint_dir, tag, self.tables,
                                self.updater.state_dict() if self.updater else None)
-        save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs)
+        save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs, self.step,
+                          self.layout.describe())
         mark_latest(self.checkpoint_dir, tag)
         if self.rank == 0 and self.cfg.train.keep_checkpoints:  # only once the new one is complete
             prune_checkpoints(self.checkpoint_dir, self.cfg.train.keep_checkpoints)
@@ -241,11 +247,18 @@ class Trainer:
             return False
         check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs,
                            self.examples_field, self.derived_keys)
+        saved_world = saved_run(self.checkpoint_dir, tag).get("processes")
+        elastic = saved_world not in (None, self.world) and needs_dense_file(self.engine)
         try:
-            # Non-strict: the frozen parameters are absent by design (older checkpoints still hold them).
-            _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag, load_module_strict=False)
-            if client_state is None:  # DeepSpeed's way of saying it found no files
-                raise FileNotFoundError("the engine's files are missing")
+            if elastic:  # DeepSpeed's ZeRO files load only on the world size that wrote them
+                load_dense_state(self.engine, self.checkpoint_dir / tag, self.cfg.train.grad_accum)
+                step = int(saved_run(self.checkpoint_dir, tag).get("step") or tag[len("step"):])
+            else:
+                # Non-strict: the frozen parameters are absent by design (older checkpoints still hold them).
+                _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag, load_module_strict=False)
+                if client_state is None:  # DeepSpeed's way of saying it found no files
+                    raise FileNotFoundError("the engine's files are missing")
+                step = int(client_state["step"])
             state = load_memory_checkpoint(self.checkpoint_dir, tag, self.tables)
         except ConfigError:
             raise
@@ -256,8 +269,12 @@ class Trainer:
                               f"{self.checkpoint_dir / 'latest_memory'} (complete: {', '.join(others) or 'none'})") from err
         if self.updater is not None:
             self.updater.load_state_dict(state)
-        self.step = int(client_state["step"])
-        log.info("resumed from %s at step %d", tag, self.step)
+        self.step = step
+        if saved_world not in (None, self.world):
+            log.info("resumed from %s at step %d on %d processes (written by %d)", tag, self.step, self.world,
+                     saved_world)
+        else:
+            log.info("resumed from %s at step %d", tag, self.step)
         return True
 
     def _fit_step(self, result: TrainResult, total: int, save_every: int) -> StepResult:

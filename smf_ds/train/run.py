@@ -20,7 +20,7 @@ from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
 from .batches import GlobalBatchOrder, collate, tokenize_prompt_answer, tokenize_text
 from .build import check_background, load_background, load_run_model
-from .checkpoint import latest_tag
+from .checkpoint import fit_global_batch, latest_tag
 from .loop import Trainer
 from .stop import RunStopped
 
@@ -307,6 +307,8 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool =
     check_run_dir(cfg, RETROFIT_SUMMARY, resume, "retrofit")
     check_data_paths(**{"retrofit.data" if cfg.retrofit.data else "data.background": source})
     run = adopt_adapter_memory(retrofit_run_config(cfg), adapter_dir)
+    if resume:  # on another number of processes: the checkpoint's global batch
+        fit_global_batch(run, Path(run.out_dir) / "checkpoints")
     with naming_the_field("retrofit.data" if cfg.retrofit.data else "data.background"):
         texts = load_oasst_texts(source)
     tokenizer, model = load_run_model(run, adapter_dir)
@@ -330,6 +332,8 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
         cfg.sparse.background = str(default_stats)
     check_run_dir(cfg, TRAIN_SUMMARY, resume, "train")
     check_data_paths(**{"data.train": cfg.data.train})
+    if resume:  # on another number of processes: the checkpoint's global batch
+        fit_global_batch(cfg, Path(cfg.out_dir) / "checkpoints")
     background = load_background(cfg) if cfg.train.method == "smf" else None
     training_prompt(cfg)  # a wrong template or a file in another schema fails before the model loads
     rows = task_rows(cfg)
