@@ -12,8 +12,12 @@
 # current optimizer step with a checkpoint and exit 75 (this script then exits 75 too).
 # MASTER_PORT (default 29500) picks the rendezvous port; DEEPSPEED the launcher (default: the
 # repository's .venv/bin/deepspeed when present, else deepspeed on PATH); the ranks run under the
-# Python that launcher belongs to (PYTHON is not read here). Multi-node: use launch/slurm.sbatch,
-# or deepspeed's own --hostfile with the same `--module smf_ds.cli` arguments.
+# Python that launcher belongs to (PYTHON is not read here).
+#
+# Several nodes without ssh: HOSTFILE (deepspeed's: "node1 slots=8" lines), MASTER_ADDR (the first
+# node's address) and NODE_RANK (this node's line, from 0); run the same command on every node,
+# NPROC being the processes per node:
+#   HOSTFILE=hosts MASTER_ADDR=10.0.0.1 NODE_RANK=1 launch/deepspeed.sh 8 train --config run.yaml
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 shift
@@ -30,6 +34,13 @@ if [[ -n ${CUDA_VISIBLE_DEVICES:-} && ${DS_ACCELERATOR:-} != cpu ]]; then
   if [[ ${CUDA_VISIBLE_DEVICES} =~ ^[0-9]+(,[0-9]+)*$ ]]; then
     placement=(--include "localhost:$(IFS=,; echo "${visible[*]:0:nproc}")")
   fi
+fi
+if [[ -n ${HOSTFILE:-} ]]; then
+  for var in NODE_RANK MASTER_ADDR; do
+    [[ -n ${!var:-} ]] || { echo "$0: HOSTFILE is set: set $var too (see the header)" >&2; exit 2; }
+  done
+  placement=(--hostfile "$HOSTFILE" --no_ssh --node_rank "$NODE_RANK" --master_addr "$MASTER_ADDR"
+             --num_gpus "$nproc")
 fi
 # deepspeed's launcher answers SIGTERM by killing its ranks within 30 s: a stop signal goes to the
 # ranks themselves instead, which save at the next optimizer step and exit 75 (cluster.stop_signals).

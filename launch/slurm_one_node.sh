@@ -6,6 +6,10 @@
 #   sbatch --ntasks-per-node=2 launch/slurm.sbatch train --config run.yaml
 #   sudo launch/slurm_one_node.sh stop
 #
+# With the two namespace nodes of launch/netns_nodes.sh up, it also makes them slurm nodes n1 and
+# n2 (partition "netns", one slurmd in each namespace, each with its own address), for two-node
+# jobs: `sbatch --partition=netns --nodes=2 ... launch/slurm.sbatch ...`.
+#
 # It writes /etc/slurm/slurm.conf and removes cgroup.conf, so it refuses a machine whose slurm.conf
 # it did not write (a real cluster node). tests/test_launch.py uses it when slurm is installed.
 set -euo pipefail
@@ -32,18 +36,25 @@ done
 
 host=$(hostname -s)
 node=$(slurmd -C | head -n 1)   # NodeName=<host> CPUs=.. RealMemory=..: this machine as slurm sees it
+prefix=${SMF_NETNS_PREFIX:-10.77.0}
+netns=()
+for n in n1 n2; do [[ -e /var/run/netns/smf-$n ]] && netns+=("$n"); done
+controller=$host
+(( ${#netns[@]} == 2 )) && controller="$host($prefix.1)"   # reachable from the namespaces too
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
 chown slurm:slurm /var/spool/slurmctld /var/log/slurm
-cat >"$conf" <<EOF
+new_conf=$(mktemp)
+cat >"$new_conf" <<EOF
 $marker
 ClusterName=local
-SlurmctldHost=$host
+SlurmctldHost=$controller
 SlurmUser=slurm
 AuthType=auth/munge
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=/var/log/slurm/slurmctld.log
-SlurmdLogFile=/var/log/slurm/slurmd.log
+SlurmdLogFile=/var/log/slurm/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SchedulerType=sched/backfill
@@ -53,6 +64,20 @@ ReturnToService=2
 $node State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
+if (( ${#netns[@]} == 2 )); then
+  cat >>"$new_conf" <<EOF
+NodeName=n1 NodeAddr=$prefix.11 NodeHostname=$host CPUs=$(nproc) State=UNKNOWN
+NodeName=n2 NodeAddr=$prefix.12 NodeHostname=$host CPUs=$(nproc) State=UNKNOWN
+PartitionName=netns Nodes=n1,n2 MaxTime=INFINITE State=UP OverSubscribe=YES
+EOF
+fi
+if ! cmp -s "$new_conf" "$conf"; then   # other nodes than the running daemons': they start over
+  pkill -x slurmd || true
+  pkill -x slurmctld || true
+  for _ in $(seq 30); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 1; done
+fi
+mv "$new_conf" "$conf"
+chmod 644 "$conf"
 # No cgroup plugins (proctrack/linuxproc, task/none): containers rarely allow them, and a
 # cgroup.conf would make slurmd try to load one.
 rm -f /etc/slurm/cgroup.conf
@@ -62,9 +87,14 @@ chown -R munge:munge /etc/munge /run/munge /var/log/munge /var/lib/munge 2>/dev/
 chmod 400 /etc/munge/munge.key
 pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
 pgrep -x slurmctld >/dev/null || slurmctld
-pgrep -x slurmd >/dev/null || slurmd
+pgrep -xf slurmd >/dev/null || slurmd
+for n in "${netns[@]}"; do
+  # nsenter, not `ip netns exec`: that remounts /sys, and slurmd then fails on cgroups.
+  pgrep -xf "slurmd -N $n" >/dev/null || nsenter --net="/var/run/netns/smf-$n" slurmd -N "$n"
+done
 for _ in $(seq 30); do
-  sinfo -h -o %t 2>/dev/null | grep -qx idle && { sinfo; exit 0; }
+  idle=$(sinfo -h -N -o "%N %t" 2>/dev/null | grep -c " idle$" || true)
+  (( idle >= 1 + ${#netns[@]} )) && { sinfo; exit 0; }
   sleep 1
 done
 echo "$0: the node did not become idle; see /var/log/slurm/slurmctld.log and slurmd.log" >&2

@@ -173,3 +173,31 @@ def test_experiment_under_the_deepspeed_launcher(tmp_path):
     for summary in (out / "base_eval" / "summary.json", out / "runs" / "lora" / "seed0" / "eval" / "summary.json"):
         assert json.loads(summary.read_text())["world_size"] == 2
     assert json.loads((out / "runs" / "lora" / "seed0" / "train_summary.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "slurm"])
+def test_launcher_across_two_nodes_equals_one_process(launcher, tmp_path):
+    """Two nodes made of network namespaces on this machine (each its own address), 2 processes
+    on each: the launcher's run equals one process on the same global batches, and the rendezvous
+    was node 1's address (tools/check_launcher.py --netns)."""
+    if os.geteuid() != 0:
+        pytest.skip("two network namespaces need root")
+    missing = _launcher_missing(launcher)
+    if missing:
+        pytest.skip(f"{launcher}: {missing}")
+    up = subprocess.run([str(REPO / "launch" / "netns_nodes.sh"), "up"], capture_output=True, text=True, timeout=60)
+    assert up.returncode == 0, up.stderr
+    if launcher == "slurm":  # the namespaces' slurmd nodes join the test cluster
+        done = subprocess.run([str(REPO / "launch" / "slurm_one_node.sh")], capture_output=True, text=True,
+                              timeout=180)
+        assert done.returncode == 0 and " n[1-2]" in done.stdout, done.stdout + done.stderr
+    out = tmp_path / "checks.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "check_launcher.py"), launcher, "--netns",
+                           "--procs", "4", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"check_launcher {launcher} --netns failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    result = json.loads(out.read_text())
+    assert result["passed"] and result["procs"] == 4 and result["netns"]
+    assert {c["check"]: c["value"] for c in result["checks"]}["rendezvous address"] == "10.77.0.11"

@@ -339,13 +339,15 @@ def _train_or_resume_with(rank, world, run_dir, config_world, resume):
 
 
 @pytest.mark.dist
-def test_resume_on_another_number_of_processes_is_refused_by_name(tmp_path):
-    """The same config on 1 process instead of 2 would train on half the global batch; DeepSpeed's
-    loader failed on it with its own traceback."""
+def test_resume_on_another_number_of_processes_with_another_global_batch_is_refused_by_name(tmp_path):
+    """The same config on 1 process instead of 2 would train on half the global batch (train_main
+    adjusts grad_accum first: tests/test_elastic_resume.py); a Trainer given it is refused, naming
+    the numbers, also from a run.json written before it held the process count."""
     import json
 
     assert run_distributed(_train_or_resume_with, 2, str(tmp_path), 2, False) == ["ok", "ok"]
-    expected = "processes=2 there, 1 now (the global batch is micro_batch_size x grad_accum x processes"
+    expected = ("the global batch: 2 x 1 x 2 processes = 4 there, 2 x 1 x 1 now "
+                "(train.micro_batch_size x train.grad_accum x processes)")
     assert expected in run_distributed(_train_or_resume_with, 1, str(tmp_path), 2, True)[0]
     run_json = tmp_path / "checkpoints" / "step0000002" / "run.json"  # as written before it held the count
     identity = json.loads(run_json.read_text())

@@ -5,6 +5,13 @@
     tools/check_launcher.py mpirun --procs 4     # launch/mpirun.sh 4 (OpenMPI)
     tools/check_launcher.py slurm                # sbatch --wait launch/slurm.sbatch, one node
     tools/check_launcher.py slurm --sbatch-args="--partition=gpu --gpus-per-node=2"
+    sudo tools/check_launcher.py deepspeed --netns --procs 4   # two nodes: network namespaces on this machine
+
+With --netns the launcher runs across two "nodes" made on this machine (launch/netns_nodes.sh: two
+network namespaces, each with its own address), half the processes on each: deepspeed's
+multi-node mode without ssh (HOSTFILE, NODE_RANK), mpirun with launch/netns_rsh.sh as its remote
+shell, or slurm with one slurmd per namespace (launch/slurm_one_node.sh, partition netns). The
+rendezvous address must then be node 1's, which the check verifies too.
 
 On a tiny model and data it builds in --workdir (a random Qwen2, MedMCQA- and OASST-schema rows:
 nothing is downloaded), it runs `smf-ds background` and `smf-ds train` (SMF, tfidf, row-sharded
@@ -31,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LAUNCHERS = ("deepspeed", "mpirun", "slurm")
+NETNS = {"prefix": "10.77.0", "nodes": ("n1", "n2"), "interface": "smf0"}
 TOLERANCE = {"adapter": 1e-6, "loss": 1e-5}
 
 
@@ -55,20 +63,46 @@ data: {{train: {medmcqa}, background: {oasst}, background_batches: 3}}
     return config
 
 
+def node_address(i: int) -> str:
+    return f"{NETNS['prefix']}.{11 + i}"
+
+
+def launch_commands(launcher: str | None, procs: int, args: list[str], log_dir: Path, sbatch_args: str = "",
+                    netns: bool = False) -> list[list[str]]:
+    """The command lines (one per node for deepspeed across namespaces, else one) that run
+    `smf-ds ARGS` under LAUNCHER with PROCS processes in all (None: one plain process)."""
+    if launcher is None:
+        return [[sys.executable, "-m", "smf_ds.cli", *args]]
+    if launcher == "slurm":
+        nodes = ["--partition=netns", "--nodes=2", f"--ntasks-per-node={procs // 2}"] if netns else \
+            ["--nodes=1", f"--ntasks-per-node={procs}"]
+        return [["sbatch", "--wait", *nodes, f"--chdir={REPO}", f"--output={log_dir / 'slurm-%j.out'}",
+                 *shlex.split(sbatch_args), str(REPO / "launch" / "slurm.sbatch"), *args]]
+    script = str(REPO / "launch" / f"{launcher}.sh")
+    if not netns:
+        return [[script, str(procs), *args]]
+    if launcher == "mpirun":
+        return [_in_node(0, {}) + [script, str(procs), *args]]
+    hostfile = log_dir / "hostfile"
+    hostfile.write_text("".join(f"{node} slots={procs // 2}\n" for node in NETNS["nodes"]))
+    return [_in_node(i, {"HOSTFILE": str(hostfile), "NODE_RANK": str(i)}) + [script, str(procs // 2), *args]
+            for i in range(len(NETNS["nodes"]))]
+
+
+def _in_node(i: int, env: dict) -> list[str]:
+    return ["nsenter", f"--net=/var/run/netns/smf-{NETNS['nodes'][i]}", "env",
+            *(f"{k}={v}" for k, v in env.items())]
+
+
 def launch_command(launcher: str | None, procs: int, args: list[str], log_dir: Path,
                    sbatch_args: str = "") -> list[str]:
-    """The command line that runs `smf-ds ARGS` under LAUNCHER with PROCS processes (None: one plain process)."""
-    if launcher is None:
-        return [sys.executable, "-m", "smf_ds.cli", *args]
-    if launcher == "slurm":
-        return ["sbatch", "--wait", "--nodes=1", f"--ntasks-per-node={procs}", f"--chdir={REPO}",
-                f"--output={log_dir / 'slurm-%j.out'}", *shlex.split(sbatch_args),
-                str(REPO / "launch" / "slurm.sbatch"), *args]
-    return [str(REPO / "launch" / f"{launcher}.sh"), str(procs), *args]
+    """The one command line of a launcher on this node (see launch_commands)."""
+    return launch_commands(launcher, procs, args, log_dir, sbatch_args)[0]
 
 
-def launcher_env() -> dict:
-    """The environment for the launch scripts: this interpreter and its deepspeed, a free port."""
+def launcher_env(netns: bool = False, procs: int = 2) -> dict:
+    """The environment for the launch scripts: this interpreter and its deepspeed, a free port;
+    across the namespace nodes also node 1's address and their interface."""
     from smf_ds.parallel.process_group import free_port
 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHON=sys.executable,
@@ -76,15 +110,30 @@ def launcher_env() -> dict:
                PYTHONPATH=str(REPO))
     if not _has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would look for a GPU
+    if netns:
+        env.update(GLOO_SOCKET_IFNAME=NETNS["interface"])
+        if "MPIRUN_ARGS" not in os.environ:
+            hosts = ",".join(f"{node_address(i)}:{procs // 2}" for i in range(len(NETNS["nodes"])))
+            env["MPIRUN_ARGS"] = (f"--mca plm_rsh_agent {REPO / 'launch' / 'netns_rsh.sh'} --host {hosts} "
+                                  f"--mca oob_tcp_if_include {NETNS['interface']} "
+                                  f"--mca btl_tcp_if_include {NETNS['interface']} -x GLOO_SOCKET_IFNAME")
+        env["MASTER_ADDR"] = node_address(0)  # slurm.sbatch finds it itself: it is left to it there
     return env
 
 
 def run_smf_ds(launcher: str | None, procs: int, args: list[str], log_dir: Path, sbatch_args: str = "",
-               timeout: float = 900) -> subprocess.CompletedProcess:
-    """Run one smf-ds command under a launcher; the child processes use this interpreter."""
+               timeout: float = 900, netns: bool = False) -> subprocess.CompletedProcess:
+    """Run one smf-ds command under a launcher (on every node at once); the processes use this interpreter."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    cmd = launch_command(launcher, procs, args, log_dir, sbatch_args)
-    done = subprocess.run(cmd, env=launcher_env(), cwd=log_dir, capture_output=True, text=True, timeout=timeout)
+    env = launcher_env(netns and launcher is not None, procs)
+    if launcher == "slurm":
+        env.pop("MASTER_ADDR", None)
+    running = [subprocess.Popen(cmd, env=env, cwd=log_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for cmd in launch_commands(launcher, procs, args, log_dir, sbatch_args, netns and launcher is not None)]
+    outputs = [p.communicate(timeout=timeout) for p in running]
+    code = next((p.returncode for p in running if p.returncode), 0)
+    done = subprocess.CompletedProcess(running[0].args, code, "".join(o for o, _ in outputs),
+                                       "".join(e for _, e in outputs))
     if launcher == "slurm":  # the job's own output is in its log file, not sbatch's
         done.stdout += "".join(p.read_text() for p in sorted(log_dir.glob("slurm-*.out")))
     return done
@@ -96,7 +145,8 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_args: str = "") -> dict:
+def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_args: str = "",
+                netns: bool = False) -> dict:
     """background + train once as one process and once under the launcher; returns each run's outputs."""
     from safetensors.torch import load_file
 
@@ -106,7 +156,7 @@ def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_a
         common = ["--config", str(config), f"out_dir={out}", f"train.grad_accum={procs // n}"]
         for args in (["background", *common],
                      ["train", *common, f"sparse.background={out / 'background.safetensors'}"]):
-            done = run_smf_ds(how, n, args, out / "logs", sbatch_args)
+            done = run_smf_ds(how, n, args, out / "logs", sbatch_args, netns=netns)
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(launch_command(how, n, args, out / 'logs', sbatch_args))} "
                                    f"failed (exit status {done.returncode}):\n{done.stdout[-3000:]}\n"
@@ -118,7 +168,7 @@ def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_a
     return runs
 
 
-def compare(one: dict, launched: dict, procs: int) -> list[dict]:
+def compare(one: dict, launched: dict, procs: int, netns: bool = False) -> list[dict]:
     """One check per output: name, measured difference, what it must be, passed."""
     def max_diff(a: dict, b: dict) -> float:
         if a.keys() != b.keys():
@@ -136,6 +186,9 @@ def compare(one: dict, launched: dict, procs: int) -> list[dict]:
     checks.append(("memory adapter max |diff|", ad, f"<= {TOLERANCE['adapter']}", ad <= TOLERANCE["adapter"]))
     loss = abs(one["summary"]["final_loss"] - launched["summary"]["final_loss"])
     checks.append(("final loss |diff|", loss, f"<= {TOLERANCE['loss']}", loss <= TOLERANCE["loss"]))
+    if netns:  # across nodes the rendezvous is node 1's address, never this machine's loopback
+        addr = launched["summary"].get("master_addr")
+        checks.append(("rendezvous address", addr, f"== {node_address(0)}", addr == node_address(0)))
     return [{"check": c, "value": v, "expected": e, "passed": bool(p)} for c, v, e, p in checks]
 
 
@@ -147,27 +200,37 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the model, data and runs go (default: a temporary dir)")
     parser.add_argument("--sbatch-args", default="", help="extra sbatch flags for the slurm launcher")
     parser.add_argument("--out", type=Path, help="write the checks as JSON here")
+    parser.add_argument("--netns", action="store_true",
+                        help="across two nodes made of network namespaces on this machine (root; launch/netns_nodes.sh)")
     args = parser.parse_args(argv)
-    if args.procs < 2:
-        parser.error(f"--procs: expected at least 2 processes to compare with one, got {args.procs}")
+    if args.procs < 2 or (args.netns and args.procs % 2):
+        parser.error(f"--procs: expected at least 2 processes to compare with one (an even number with "
+                     f"--netns: half on each node), got {args.procs}")
+    if args.netns:
+        up = subprocess.run([str(REPO / "launch" / "netns_nodes.sh"), "up"], capture_output=True, text=True)
+        if up.returncode != 0:
+            print(f"launch/netns_nodes.sh up failed:\n{up.stderr}", file=sys.stderr)
+            return 2
 
     with tempfile.TemporaryDirectory(prefix="check_launcher_") as tmp:
         workdir = args.workdir or Path(tmp)
         config = build_world(workdir / "world")
         try:
-            runs = train_twice(config, args.launcher, args.procs, workdir / "runs", args.sbatch_args)
+            runs = train_twice(config, args.launcher, args.procs, workdir / "runs", args.sbatch_args, args.netns)
         except RuntimeError as err:
             print(err, file=sys.stderr)
             return 2
-        checks = compare(runs["one_process"], runs[args.launcher], args.procs)
+        checks = compare(runs["one_process"], runs[args.launcher], args.procs, args.netns)
 
     passed = all(c["passed"] for c in checks)
-    print(f"{args.launcher} with {args.procs} processes against one process:")
+    print(f"{args.launcher} with {args.procs} processes{' on two nodes' if args.netns else ''} against one process:")
     for c in checks:
-        print(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {c['value']:g} (expected {c['expected']})")
+        value = f"{c['value']:g}" if isinstance(c['value'], (int, float)) else c['value']
+        print(f"  {'PASS' if c['passed'] else 'FAIL'}  {c['check']}: {value} (expected {c['expected']})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"launcher": args.launcher, "procs": args.procs, "passed": passed,
+        args.out.write_text(json.dumps({"launcher": args.launcher, "procs": args.procs, "netns": args.netns,
+                                        "passed": passed,
                                         "checks": checks}, indent=2) + "\n")
     return 0 if passed else 1
 
