@@ -109,8 +109,8 @@ def model_card(base: str, memory: dict, run: dict | None, kind: str | None, summ
              f"`{base}` with product-key memory layers. {how}", "",
              "## Load", "", "```python",
              "from transformers import AutoModelForCausalLM, AutoTokenizer",
-             f'model = AutoModelForCausalLM.from_pretrained("<this repo>", trust_remote_code=True)',
-             f'tokenizer = AutoTokenizer.from_pretrained("<this repo>", trust_remote_code=True)', "```", "",
+             'model = AutoModelForCausalLM.from_pretrained("<this repo>", trust_remote_code=True)',
+             'tokenizer = AutoTokenizer.from_pretrained("<this repo>", trust_remote_code=True)', "```", "",
              "The memory layers are defined by `modeling_smf.py`, `configuration_smf.py` and `product_keys.py` "
              "in this repository (torch and transformers only). Without `trust_remote_code=True` transformers "
              "refuses the model rather than loading the base model without its memory. lm-evaluation-harness: "

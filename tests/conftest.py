@@ -18,6 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+# Session fixtures live here, so that they are built once per test session, not once per module
+# that imports them (a tiny saved model and data files in the hub schemas: tests/fixtures_eval.py).
+from fixtures_eval import eval_world, tiny_lm  # noqa: E402,F401
+
 # Tiny matmuls: one thread is much faster than two fighting over a busy 2-core machine, and
 # distributed tests start several processes anyway.
 torch.set_num_threads(1)

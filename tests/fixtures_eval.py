@@ -1,10 +1,9 @@
 """Fixtures for the data and eval tests: hub-schema files and a tiny saved model + tokenizer.
 
-Import the fixtures into a test module (`from fixtures_eval import eval_world, tiny_lm  # noqa`).
-Everything is built once per test session under a temporary directory; nothing downloads.
-`one_thread` (autouse where imported) runs a module's tests with one torch thread: the tiny model
-is dominated by per-op overhead, and two threads on a busy 2-core CI machine are up to 100x
-slower than one.
+conftest.py makes `eval_world` and `tiny_lm` available to every test module; everything is built
+once per test session under a temporary directory; nothing downloads. (Every test runs with one
+torch thread, conftest.py: the tiny model is dominated by per-op overhead, and two threads on a
+busy 2-core CI machine are up to 100x slower than one.)
 """
 from __future__ import annotations
 
@@ -38,14 +37,6 @@ def _texts_for_tokenizer() -> list[str]:
     texts += [r["text"] for r in samples.wikitext_rows(6, seed=9)]
     texts += [f"Answer: {c}. {c}" for c in "ABCD"] * 50
     return texts
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from fixtures_eval import deprecation_notices, eval_world, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
+from fixtures_eval import deprecation_notices
 
 from smf_ds.data.medmcqa import MedMCQAPrompt, load_medmcqa
 from smf_ds.eval.medmcqa import MODES, evaluate_medmcqa, summarize_medmcqa

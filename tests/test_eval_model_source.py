@@ -1,7 +1,7 @@
 """A model name that can only be a local path and does not exist is an error naming the flag or
 field ("no such directory"), not the hub's "Repo id must be in the form ..."; hub ids stay hub ids."""
 import pytest
-from fixtures_eval import eval_world  # noqa: F401 - pytest fixture
+
 
 from smf_ds.config import ConfigError, InputError, load_config
 from smf_ds.eval import cli

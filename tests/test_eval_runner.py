@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 from distributed import run_distributed
-from fixtures_eval import eval_world, load_tiny, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
+from fixtures_eval import load_tiny
 
 from smf_ds.data import samples
 from smf_ds.data.validation import MalformedRowError

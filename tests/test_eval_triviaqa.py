@@ -3,7 +3,7 @@ import contextlib
 
 import pytest
 import torch
-from fixtures_eval import deprecation_notices, eval_world, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
+from fixtures_eval import deprecation_notices
 
 from smf_ds.data.triviaqa import TriviaQAExample, load_triviaqa
 from smf_ds.eval.reference import generate_one, triviaqa_one_by_one

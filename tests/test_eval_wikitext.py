@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fixtures_eval import eval_world, one_thread, tiny_lm  # noqa: F401 - pytest fixtures
+
 
 from smf_ds.data.wikitext import join_docs, load_wikitext
 from smf_ds.eval.reference import perplexity_one_by_one

@@ -4,7 +4,7 @@ there (a continuation or a later WikiText window gets none)."""
 import numpy as np
 import pytest
 import torch
-from fixtures_eval import _texts_for_tokenizer, eval_world, one_thread  # noqa: F401 - pytest fixtures
+from fixtures_eval import _texts_for_tokenizer
 
 from smf_ds.data.medmcqa import MedMCQAPrompt, load_medmcqa
 from smf_ds.data.triviaqa import load_triviaqa

@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import RULES_NEEDING_BACKGROUND, load_config
+from ..config import load_config
 from ..data.medmcqa import MedMCQAPrompt
 from ..data.synthetic_world import WorldSpec, build_world, check_world, world_files
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
@@ -28,6 +28,7 @@ from ..eval.wikitext import tokenize_text as wikitext_tokens
 from ..parallel.process_group import barrier, get_rank
 from ..train.batches import tokenize_text
 from ..train.loop import Trainer
+from ..train.methods import method_of
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def background_then_train(make_config, run_dir: Path, adapter: str | None = None
     from ..train.run import background_main, default_background_path, train_main
 
     cfg = make_config([])
-    if cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND:
+    if method_of(cfg).needs_background(cfg):
         stats = default_background_path(cfg)  # in the run dir
         # A run cut short after its first checkpoint goes on with its own stats (the resume checks
         # their digest); background_main would refuse to replace them.

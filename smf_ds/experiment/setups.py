@@ -28,6 +28,7 @@ from pathlib import Path
 from ..config import ConfigError, load_config
 from ..model_source import model_source
 from ..eval.runner import TASKS, EvalSettings, run_tasks
+from ..train.methods import method_of
 from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, background_then_train, evaluate, finetune,
                    load_for_eval, prepare_world, pretrain_base)
 
@@ -131,7 +132,7 @@ class ConfigSetup:
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
         overrides = list(self.variants[variant])
         adapter = None
-        if self.exp.retrofit and self._config(overrides, seed, run_dir).train.method == "smf":
+        if self.exp.retrofit and method_of(self._config(overrides, seed, run_dir)).uses_memory:
             adapter = str(self._retrofit(seed))
         summary = background_then_train(lambda extra: self._config([*overrides, *extra], seed, run_dir), run_dir,
                                         adapter)

@@ -11,6 +11,7 @@ from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import check_memory_config, inject_memory, value_tables
 from ..parallel.layout import MemoryLayout
 from ..sparse.background import BackgroundStats
+from .methods import method_of
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def load_tokenizer_and_model(cfg: SMFConfig):
     except (OSError, ValueError) as err:
         raise unloadable(err) from None
     check_tokenizer(tokenizer, f"model.name_or_path={source!r}")
-    if cfg.train.method == "smf":  # a memory that cannot fit fails before the weights load
+    if method_of(cfg).uses_memory:  # a memory that cannot fit fails before the weights load
         check_memory_config(config, cfg.memory, f"model.name_or_path={source!r}")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
@@ -69,7 +70,7 @@ def load_run_model(cfg: SMFConfig, adapter_dir: str | None = None):
 
 def add_memory(model, cfg: SMFConfig, adapter_dir: str | None = None):
     """Inject memory (from a saved adapter when given), then lay its tables out over the ranks."""
-    if cfg.train.method != "smf":
+    if not method_of(cfg).uses_memory:
         return model
     if adapter_dir:
         from ..memory.adapter import load_memory_adapter

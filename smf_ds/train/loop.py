@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import ConfigError, InputError, SMFConfig, save_config
 from ..memory.adapter import base_fingerprint, memory_fingerprint
-from ..memory.inject import set_train_scope, value_tables
+from ..memory.inject import value_tables
 from ..parallel.layout import MemoryLayout
 from ..parallel.process_group import collective_device, get_rank, get_world_size, is_distributed
 from ..sparse.background import BackgroundStats
@@ -28,6 +28,7 @@ from .checkpoint import (check_run_identity, complete_tags, latest_tag, load_mem
 from .dense_state import load_dense_state, needs_dense_file, save_dense_state
 from .ds_config import build_ds_config
 from .engine import build_engine, release_engine
+from .methods import method_of
 from .stop import RunStopped, StopSignals
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,7 @@ class TrainResult:
 
 def trainable_parameters(model: nn.Module, cfg: SMFConfig) -> tuple[nn.Module, list[nn.Parameter]]:
     """Apply the method: returns the (possibly wrapped) model and its dense trainable params."""
-    method = cfg.train.method
-    if method == "smf":
-        return model, set_train_scope(model, cfg.train.scope)
-    if method == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, list(model.parameters())
-    from peft import LoraConfig, get_peft_model
-
-    lora = LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha, lora_dropout=cfg.train.lora_dropout,
-                      target_modules=list(cfg.train.lora_targets), task_type="CAUSAL_LM")
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as err:  # peft: no module matches the targets
-        raise ConfigError(f"train.lora_targets={list(cfg.train.lora_targets)}: {err}") from None
-    return model, [p for p in model.parameters() if p.requires_grad]
+    return method_of(cfg).trainable(model, cfg)
 
 
 def check_tables_span_ranks(tables, world: int) -> None:
@@ -120,7 +106,7 @@ class Trainer:
         self.rank, self.world = get_rank(), get_world_size()
         torch.manual_seed(cfg.train.seed)
         # Which memory the run starts from (checked on resume); before ZeRO-3 partitions it.
-        self.memory = memory_fingerprint(model) if cfg.train.method == "smf" else None
+        self.memory = memory_fingerprint(model) if method_of(cfg).uses_memory else None
         # Which base weights: checked on resume, since checkpoints leave the frozen ones out.
         self.base = model.smf_base_fingerprint = base_fingerprint(model)
         # What it reads, checked on resume by content (the files may have moved, or changed).
@@ -129,7 +115,7 @@ class Trainer:
                        {"num_batches": background.num_batches, "digest": background.digest()}}
         self.model, params = trainable_parameters(model, cfg)
         self.engine = build_engine(self.model, params, build_ds_config(cfg), cfg.train.grad_accum)
-        self.tables = value_tables(self.model) if cfg.train.method == "smf" else []
+        self.tables = value_tables(self.model) if method_of(cfg).uses_memory else []
         if self.world > 1:
             check_tables_span_ranks(self.tables, self.world)
         self.updater = None

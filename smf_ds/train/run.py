@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import (RULES_NEEDING_BACKGROUND, ConfigError, DataConfig, MemoryConfig, SMFConfig, SparseConfig,
+from ..config import (ConfigError, DataConfig, MemoryConfig, SMFConfig, SparseConfig,
                       TrainConfig, background_needed, save_config)
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.loading import DataSourceError, missing_local_source
 from ..data.oasst import load_oasst_texts
-from ..memory.adapter import base_fingerprint, gathered_parameters, memory_fingerprint
+from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import value_tables
 from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
@@ -23,6 +23,7 @@ from .batches import GlobalBatchOrder, collate, tokenize_prompt_answer, tokenize
 from .build import check_background, load_background, load_run_model
 from .checkpoint import fit_global_batch, latest_tag
 from .loop import Trainer
+from .methods import method_of
 from .stop import RunStopped
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def adopt_adapter_memory(cfg: SMFConfig, adapter_dir: str | None) -> SMFConfig:
     """With --memory-adapter the memory's shape comes from the adapter, whatever memory.* says:
     set those fields from it, so the run's saved config.yaml tells what was trained, and warn
     where the run config had set them otherwise."""
-    if not adapter_dir or cfg.train.method != "smf":
+    if not adapter_dir or not method_of(cfg).uses_memory:
         return cfg
     from ..memory.adapter import STRUCTURAL_FIELDS, read_adapter_config
 
@@ -173,20 +174,9 @@ def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | N
 
 def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
     """What a run leaves for evaluation: the memory adapter (smf), the LoRA adapter, or the model."""
-    cfg, model = trainer.cfg, trainer.model
-    method = cfg.train.method
-    target = out_dir / {"smf": "memory_adapter", "lora": "lora_adapter", "full": "model"}[method]
-    if method == "smf":
-        from ..memory.adapter import save_memory_adapter
-
-        # It gathers its own ZeRO-3 parameters (DeepSpeed refuses nested gathers); a collective
-        # for sharded tables; rank 0 writes.
-        save_memory_adapter(model, target)
-    else:
-        with gathered_parameters(list(model.parameters())):  # whole, even if ZeRO-3 partitioned them
-            if get_rank() == 0:
-                model.save_pretrained(str(target))
-                tokenizer.save_pretrained(str(target))
+    method = method_of(trainer.cfg)
+    target = out_dir / method.artifact
+    method.save_artifact(trainer.model, tokenizer, target)
     barrier()  # no rank reads the artifact (the demo, the experiment) before rank 0 has written it
     return target
 
@@ -327,7 +317,7 @@ def retrofit_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool =
 def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = False, progress: bool = True) -> dict:
     cfg = adopt_adapter_memory(cfg, adapter_dir)
     default_stats = default_background_path(cfg)
-    if cfg.train.method == "smf" and cfg.sparse.scoring in RULES_NEEDING_BACKGROUND and not cfg.sparse.background:
+    if method_of(cfg).needs_background(cfg) and not cfg.sparse.background:
         if not default_stats.is_file():  # said before the model loads
             raise background_needed(cfg.sparse.scoring)
         log.info("sparse.background: using %s (written by `smf-ds background` into this out_dir)", default_stats)
@@ -336,7 +326,7 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
     check_data_paths(**{"data.train": cfg.data.train})
     if resume:  # on another number of processes: the checkpoint's global batch
         fit_global_batch(cfg, Path(cfg.out_dir) / "checkpoints")
-    background = load_background(cfg) if cfg.train.method == "smf" else None
+    background = load_background(cfg) if method_of(cfg).uses_memory else None
     training_prompt(cfg)  # a wrong template or a file in another schema fails before the model loads
     rows = task_rows(cfg)
     tokenizer, model = load_run_model(cfg, adapter_dir)
