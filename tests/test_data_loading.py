@@ -156,6 +156,28 @@ def test_one_based_cop_is_refused_not_scored_off_by_one(tmp_path):
     assert len(load_medmcqa(str(path))[0]) > 0
 
 
+def test_one_based_cop_is_refused_in_a_small_file_or_as_floats(tmp_path, caplog):
+    """3 rows numbered 1-4 (a 4 among them), or a pandas export whose cop column became float64
+    (1.0-4.0): refused whatever the size; a small file with no 0 and no 4 is warned about."""
+    rows = [dict(r, cop=c) for r, c in zip(samples.medmcqa_rows(3, seed=2), (4, 1, 2))]
+    path = tmp_path / "small.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(MalformedRowError, match=r"small\.jsonl: field cop: numbered 1-4 \(no row has 0\); 1 of 3"):
+        load_medmcqa(str(path))
+    floats = [dict(r, cop=float(r["cop"] + 1)) for r in samples.medmcqa_rows(30, seed=3)]
+    assert {0.0, 3.0} <= {r["cop"] - 1 for r in floats}
+    path.write_text("".join(json.dumps(r) + "\n" for r in floats))
+    with pytest.raises(MalformedRowError, match=r"field cop: numbered 1-4 \(no row has 0\)"):
+        load_medmcqa(str(path))
+    path.write_text("".join(json.dumps(dict(r, cop=r["cop"] - 1.0)) + "\n" for r in floats))  # 0.0-3.0: fine
+    examples, _ = load_medmcqa(str(path))
+    assert [ex.answer for ex in examples] == [int(r["cop"]) - 1 for r in floats if r["choice_type"] == "single"]
+    path.write_text("".join(json.dumps(dict(r, cop=c)) + "\n" for r, c in zip(rows, (1, 2, 3))))
+    with caplog.at_level("WARNING"):
+        assert len(load_medmcqa(str(path))[0]) == 3
+    assert any("no row of 3 has answer 0" in r.getMessage() and "1-4" in r.getMessage() for r in caplog.records)
+
+
 def test_a_json_syntax_error_is_reported_where_it_is(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('[\n  {"question": "q"},\n  {question: "r"}\n]\n')

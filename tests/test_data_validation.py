@@ -39,6 +39,7 @@ MEDMCQA_CASES = [  # (mutation, field, problem substring)
 @pytest.mark.parametrize("mutate,field,problem", MEDMCQA_CASES)
 def test_medmcqa_malformed_rows_are_reported_and_skipped(tmp_path, mutate, field, problem):
     rows = samples.medmcqa_rows(6, seed=2)
+    rows[0]["cop"] = 0  # a 0 answer: the file is 0-based, so a lone 4 is one bad row, not 1-based numbering
     mutate(rows[3])
     path = _write_jsonl(tmp_path / "m.jsonl", rows)
     ex, report = load_medmcqa(path)
@@ -77,7 +78,11 @@ TRIVIAQA_CASES = [
     (lambda r: r["answer"].update(value=3), "answer.value", "expected a string"),
     (lambda r: r["answer"].pop("aliases"), "answer.aliases", "missing"),
     (lambda r: r["answer"].update(aliases="Paris"), "answer.aliases", "list of strings"),
-    (lambda r: r["answer"].update(value="", aliases=[], normalized_aliases=[" "]), "answer", "no non-empty reference"),
+    (lambda r: r["answer"].update(value="", aliases=[], normalized_aliases=[" "]), "answer",
+     "no reference answer with text once normalised"),
+    # References that normalise to nothing would give an empty answer contains, em and f1 of 1.
+    (lambda r: r["answer"].update(value="The", aliases=["!!!", "a"], normalized_aliases=["the"]), "answer",
+     "only articles and punctuation, which an empty answer would match"),
     (lambda r: r["answer"].update(value="<unk>", aliases=[], normalized_aliases=[]), "answer",
      "the hub's test split has no answers; use validation"),
 ]

@@ -313,3 +313,22 @@ def test_a_missing_split_names_its_flag(tiny_lm, tmp_path):
     with pytest.raises(DataSourceError, match=r"has splits \['test', 'train'\], but split 'validation' was asked for "
                                               r"\(set by --medmcqa-split, or eval\.medmcqa_split"):
         run_tasks(model, tok, ["medmcqa"], EvalSettings(medmcqa=str(tmp_path / "dd")), echo=None)
+
+
+def test_prompts_longer_than_the_model_positions_are_warned_about_for_every_task(tiny_lm, tmp_path, caplog):
+    """A MedMCQA question (or TriviaQA prompt) longer than max_position_embeddings is scored with
+    a warning in the log and the summary, counted, as WikiText's windows are."""
+    model, tok = tiny_lm
+    positions = model.config.max_position_embeddings
+    long = " ".join(["kidney"] * (positions + 10))
+    med = [dict(r, question=long) if i == 1 else r for i, r in enumerate(samples.medmcqa_rows(3, seed=1))]
+    tqa = [dict(r, question=long) if i == 0 else r for i, r in enumerate(samples.triviaqa_rows(3, seed=1))]
+    s = EvalSettings(medmcqa=str(samples.write_rows(med, tmp_path / "m.jsonl")), max_new_tokens=4, n_boot=10,
+                     triviaqa=str(samples.write_rows(tqa, tmp_path / "t.jsonl")), medmcqa_modes=("letter",))
+    with caplog.at_level("WARNING", logger="smf_ds.eval.runner"):
+        summary = run_tasks(model, tok, ["medmcqa", "triviaqa"], s, echo=None)
+    for task in ("medmcqa", "triviaqa"):
+        n = summary["tasks"][task]["n"]
+        (warning,) = [w for w in summary["tasks"][task]["warnings"] if "max_position_embeddings" in w]
+        assert warning.startswith(f"1 of {n} prompts") and f"({positions})" in warning
+        assert any(r.getMessage() == f"{task}: {warning}" for r in caplog.records)

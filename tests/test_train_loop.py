@@ -391,3 +391,16 @@ def test_keep_checkpoints_keeps_the_newest_complete_ones(tmp_path):
     memory_file.write_bytes(memory_file.read_bytes()[:100])
     message = run_distributed(_train_keeping, 1, str(tmp_path), 7, 2)[0]
     assert f"resume: {latest} cannot be read" in message and "(complete: step0000005)" in message
+
+
+def _micro_batch_error(rank, world, run_dir):
+    cfg = _cfg(run_dir, world, extra=["train.micro_batch_size=1000"])
+    return _config_error_of(lambda: Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0))
+
+
+@pytest.mark.dist
+def test_a_micro_batch_larger_than_the_data_is_refused_naming_both(tmp_path):
+    """1000 per micro-batch over 24 examples would hold every example about 40 times in each step."""
+    message = run_distributed(_micro_batch_error, 1, str(tmp_path))[0]
+    assert message == ("train.micro_batch_size=1000: more than the 24 training examples of data.train; "
+                       "expected at most 24")

@@ -133,17 +133,35 @@ def parse_medmcqa(rows: Rows, strict: bool = False, keep_choice_types: tuple[str
     return out, report
 
 
+SMALL_FILE_ROWS = 20  # below this, a file without a 0 answer may be 0-based by chance: warned, not refused
+
+
 def check_cop_numbering(rows: Rows, report: ValidationReport) -> None:
-    """Numeric cops 1-4, never 0, with 4 as common as an answer is (not one typo), are the original
-    release's 1-based answers: read as 0-based they would score every question against the
-    option after its answer."""
-    numeric = [row["cop"] for i, row in enumerate(rows.rows) if i not in rows.bad_json
-               and isinstance(row.get("cop"), int) and not isinstance(row.get("cop"), bool)]
-    fours = numeric.count(4)
-    if 0 not in numeric and {1, 2, 3, 4} <= set(numeric) and fours >= max(2, len(numeric) // 10):
-        raise MalformedRowError(f"{report.source}: field cop: numbered 1-4 (no row has 0); the hub schema numbers the "
-                                f"options 0-3 (0 = opa), so the answers would be off by one. Subtract 1 from every "
-                                f"cop, or give letters A-D")
+    """Numeric cops (ints, or integral floats as a pandas export writes them) that are all in 1..4
+    with a 4 among them and no 0 are the original release's 1-based answers: read as 0-based they
+    would score every question against the option after its answer. Refused whatever the file's
+    size. A small file with no 0 and no 4 cannot be told apart: warned about."""
+    numeric = []
+    for i, row in enumerate(rows.rows):
+        value = row.get("cop") if i not in rows.bad_json else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not value.is_integer():
+            continue
+        numeric.append(int(value))
+    if not numeric or 0 in numeric or not set(numeric) <= {1, 2, 3, 4}:
+        return
+    hint = ("the hub schema numbers the options 0-3 (0 = opa), so 1-4 answers would be off by one. Subtract 1 "
+            "from every cop, or give letters A-D")
+    if 4 in numeric:
+        raise MalformedRowError(f"{report.source}: field cop: numbered 1-4 (no row has 0); {numeric.count(4)} of "
+                                f"{len(numeric)} rows have 4: {hint}")
+    if len(numeric) < SMALL_FILE_ROWS:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s: field cop: no row of %d has answer 0; if this file numbers the options 1-4 (the original "
+            "release), %s", report.source, len(numeric), hint)
 
 
 def load_medmcqa(source: str = HUB_ID, split: str = DEFAULT_SPLIT, limit: int | None = None,

@@ -12,11 +12,24 @@ first newline.
 """
 from __future__ import annotations
 
+import re
+import string
 from dataclasses import dataclass, field
 
 from .loading import Rows, load_rows, take
 from .templates import check_placeholders
 from .validation import ValidationReport, get_str, new_report
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCT)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+_PUNCT = set(string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 HUB_ID = "trivia_qa"
 HUB_CONFIG = "rc.nocontext"
@@ -75,12 +88,14 @@ def parse_triviaqa(rows: Rows, strict: bool = False) -> tuple[list[TriviaQAExamp
                 refs.extend(aliases)
             if isinstance(value, str):
                 refs.insert(0, value)
-            refs = list(dict.fromkeys(r for r in refs if r.strip()))
+            # A reference that normalises to nothing ("The", "!!!") would match an empty answer.
+            refs = list(dict.fromkeys(r for r in refs if normalize_answer(r)))
             if len(report.issues) == before and refs == ["<unk>"]:  # the hub's answer-less placeholder
                 report.add(i, "answer", "no reference answer: value '<unk>' and no aliases (the hub's test split "
                                         "has no answers; use validation)")
             elif len(report.issues) == before and not refs:
-                report.add(i, "answer", "no non-empty reference answer (value and aliases are all empty)")
+                report.add(i, "answer", "no reference answer with text once normalised (value and aliases are empty, "
+                                        "or only articles and punctuation, which an empty answer would match)")
         if len(report.issues) > before:
             continue
         qid = row.get("question_id")

@@ -36,7 +36,8 @@ from ..data.medmcqa import MedMCQAPrompt
 from ..data.validation import ValidationReport
 from ..parallel.process_group import barrier
 from .batching import resolve_shard
-from .medmcqa import MODES, check_modes, evaluate_medmcqa, summarize_medmcqa
+from ..tokens import encode_starts
+from .medmcqa import KIND, MODES, check_modes, evaluate_medmcqa, summarize_medmcqa, tokenize_medmcqa
 from .triviaqa import evaluate_triviaqa, summarize_triviaqa
 from .wikitext import evaluate_perplexity, summarize_perplexity, tokenize_text
 
@@ -198,6 +199,19 @@ def _no_usable_rows(task: str, report: ValidationReport, report_path: Path | Non
     return NoUsableRowsError(msg)
 
 
+def past_positions(model, lengths: Sequence[int], task: str, what: str) -> list[str]:
+    """A warning (logged, and returned for the summary) when some inputs are longer than the model's
+    max_position_embeddings: they are scored at positions the model was never trained on."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    n = sum(length > positions for length in lengths) if positions else 0
+    if not n:
+        return []
+    message = (f"{n} of {len(lengths)} {what} are longer than the model's max_position_embeddings ({positions}): "
+               f"scored at positions it was not trained on")
+    log.warning("%s: %s", task, message)
+    return [message]
+
+
 def run_medmcqa(model, tokenizer, s: EvalSettings, all_examples: list, report: ValidationReport, rank, world_size,
                 progress) -> tuple[list[dict], dict]:
     modes = check_modes(s.medmcqa_modes)
@@ -207,6 +221,9 @@ def run_medmcqa(model, tokenizer, s: EvalSettings, all_examples: list, report: V
                                progress)
     result = {"task": "medmcqa", "n": len(records), "metrics": summarize_medmcqa(records, modes, s.n_boot, s.boot_seed),
               "modes": list(modes), **_data_fields(report, len(all_examples), len(records), limit, sample)}
+    contexts, conts = tokenize_medmcqa(tokenizer, examples, s.medmcqa_prompt, list(dict.fromkeys(KIND[m] for m in modes)))
+    lengths = [len(c) + max(len(x) for kind in conts for x in conts[kind][i]) for i, c in enumerate(contexts)]
+    result["warnings"] += past_positions(model, lengths, "medmcqa", "prompts with their longest answer")
     return records, _headline(result, f"accuracy_{modes[0]}")
 
 
@@ -218,6 +235,9 @@ def run_triviaqa(model, tokenizer, s: EvalSettings, all_examples: list, report: 
                                 rank, world_size, progress)
     result = {"task": "triviaqa", "n": len(records), "metrics": summarize_triviaqa(records, s.n_boot, s.boot_seed),
               **_data_fields(report, len(all_examples), len(records), limit, sample)}
+    prompts = encode_starts(tokenizer, [ex.prompt(s.triviaqa_template) for ex in examples])
+    result["warnings"] += past_positions(model, [len(p) + s.max_new_tokens for p in prompts], "triviaqa",
+                                         f"prompts with --max-new-tokens {s.max_new_tokens}")
     return records, _headline(result, "contains")
 
 

@@ -20,30 +20,17 @@ whitespace collapsed.
 from __future__ import annotations
 
 import collections
-import re
-import string
 from typing import Sequence
 
 import torch
 
-from ..data.triviaqa import DEFAULT_TEMPLATE, TriviaQAExample, check_template
+from ..data.triviaqa import DEFAULT_TEMPLATE, TriviaQAExample, check_template, normalize_answer
 from ..tokens import encode_starts
 from .batching import (gather_objects, left_pad, model_device, my_batches, pad_id_of, plan_batches, progress_bar,
                        resolve_shard)
 from .bootstrap import bootstrap_mean
 
 METRICS = ("contains", "em", "f1")
-_PUNCT = set(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in _PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
-
-
 def exact_match(prediction: str, references: Sequence[str]) -> bool:
     p = normalize_answer(prediction)
     return any(p == normalize_answer(r) for r in references)

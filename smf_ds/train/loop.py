@@ -102,6 +102,9 @@ class Trainer:
         follow from others (a retrofit's train.lr from retrofit.lr): both for resume's messages."""
         self.cfg, self.examples, self.pad_id = cfg, examples, pad_id
         self.examples_field, self.derived_keys = examples_field, derived_keys
+        if cfg.train.micro_batch_size > len(examples):  # each micro-batch would hold examples several times
+            raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size}: more than the {len(examples)} "
+                              f"training examples of {examples_field}; expected at most {len(examples)}")
         self.run_dir = Path(run_dir or cfg.out_dir)
         self.rank, self.world = get_rank(), get_world_size()
         torch.manual_seed(cfg.train.seed)
