@@ -390,7 +390,8 @@ def test_keep_checkpoints_keeps_the_newest_complete_ones(tmp_path):
     memory_file = latest / "memory_rank00000.safetensors"
     memory_file.write_bytes(memory_file.read_bytes()[:100])
     message = run_distributed(_train_keeping, 1, str(tmp_path), 7, 2)[0]
-    assert f"resume: {latest} cannot be read" in message and "(complete: step0000005)" in message
+    assert f"resume: {latest} is damaged: {memory_file}: 100 bytes, the manifest says" in message
+    assert "(complete: step0000005)" in message
 
 
 def _micro_batch_error(rank, world, run_dir):
@@ -404,3 +405,47 @@ def test_a_micro_batch_larger_than_the_data_is_refused_naming_both(tmp_path):
     message = run_distributed(_micro_batch_error, 1, str(tmp_path))[0]
     assert message == ("train.micro_batch_size=1000: more than the 24 training examples of data.train; "
                        "expected at most 24")
+
+
+def _resume_message(rank, world, run_dir):
+    cfg = _cfg(run_dir, world, "local", "memory+scale", 4)
+    return _config_error_of(Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0).resume)
+
+
+@pytest.mark.dist
+def test_a_checkpoint_whose_files_changed_is_refused_naming_the_file(tmp_path):
+    """Its manifest (every file's size and sha256, written last) is checked on resume: a memory
+    file whose data was zeroed with its header and size kept (as a crash before the data reached
+    the disk leaves it), one changed byte in DeepSpeed's file, a missing run.json: each refused by
+    name, never resumed from silently."""
+    import shutil
+
+    run_distributed(_run, 1, str(tmp_path / "good"), "local", "memory+scale", 2)
+    tag = tmp_path / "good" / "checkpoints" / "step0000002"
+    assert (tag / "manifest.json").is_file()
+
+    def damaged(name, change):
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "good", run)
+        change(run / "checkpoints" / "step0000002")
+        return run_distributed(_resume_message, 1, str(run))[0]
+
+    def zero_data(checkpoint):
+        file = checkpoint / "memory_rank00000.safetensors"
+        raw = bytearray(file.read_bytes())
+        header = 8 + int.from_bytes(raw[:8], "little")
+        file.write_bytes(bytes(raw[:header]) + bytes(len(raw) - header))
+
+    def flip_a_byte(checkpoint):
+        file = checkpoint / "mp_rank_00_model_states.pt"
+        raw = bytearray(file.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        file.write_bytes(bytes(raw))
+
+    message = damaged("zeroed", zero_data)
+    assert "step0000002 is damaged: " in message and "memory_rank00000.safetensors: its content differs" in message
+    message = damaged("flipped", flip_a_byte)
+    assert "mp_rank_00_model_states.pt: its content differs" in message
+    message = damaged("no_run_json", lambda checkpoint: (checkpoint / "run.json").unlink())
+    assert "run.json: missing (the save did not finish)" in message
+    assert run_distributed(_resume_message, 1, str(tmp_path / "good"))[0] == "ok"

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError, flatten_dotted, to_dict
 from ..memory.values import ValueTable
 from ..parallel.process_group import barrier, get_rank, get_world_size
+from .manifest import MANIFEST, verify_manifest, write_manifest
 
 
 def _layout(tables: list[tuple[int, ValueTable]]) -> dict:
@@ -76,8 +77,42 @@ def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None =
         path = Path(directory) / tag
         path.mkdir(parents=True, exist_ok=True)
         identity = {"config": _flat_config(cfg), "memory_fingerprint": memory, "base_fingerprint": base,
-                    "processes": get_world_size(), "step": step, "layout": layout, "inputs": inputs or {}}
-        (path / RUN_FILE).write_text(json.dumps(identity, indent=2))
+                    "processes": get_world_size(), "step": step, "layout": layout, "inputs": inputs or {},
+                    "manifest": True}  # written next, last (write_checkpoint_manifest)
+        tmp = path / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(identity, indent=2))
+        os.replace(tmp, path / RUN_FILE)
+
+
+def write_checkpoint_manifest(directory: str | Path, tag: str) -> None:
+    """Rank 0, once every rank's files are written: the manifest of the checkpoint (every file,
+    its size and sha256), which makes it complete."""
+    barrier()
+    if get_rank() == 0:
+        write_manifest(Path(directory) / tag)
+
+
+def verify_checkpoint(directory: str | Path, tag: str) -> None:
+    """Refuse a checkpoint whose files are not what its manifest says (rank 0 reads them; every
+    rank gets the verdict), naming the files and the complete checkpoints to fall back on."""
+    checkpoint = Path(directory) / tag
+    problems = None
+    if get_rank() == 0:
+        if not (checkpoint / RUN_FILE).is_file():
+            problems = [f"{checkpoint / RUN_FILE}: missing (the save did not finish)"]
+        elif saved_run(directory, tag).get("manifest"):
+            problems = verify_manifest(checkpoint)
+    if get_world_size() > 1:
+        import torch.distributed as dist
+
+        box = [problems]
+        dist.broadcast_object_list(box, src=0)
+        problems = box[0]
+    if problems:
+        others = [t for t in complete_tags(directory) if t != tag]
+        raise ConfigError(f"resume: {checkpoint} is damaged: {'; '.join(problems[:4])}. To resume from an earlier "
+                          f"complete checkpoint, write its tag into {Path(directory) / 'latest_memory'} "
+                          f"(complete: {', '.join(others) or 'none'})")
 
 
 # Settings that name where an input is: on resume they may point elsewhere (a moved or copied
@@ -111,9 +146,13 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
     same content. examples_field names the setting the examples come from; derived_keys (settings
     that follow from others that are compared) are left out of the message."""
     file = Path(directory) / tag / RUN_FILE
-    if not file.is_file():  # a checkpoint from before this file existed
-        return
-    saved = json.loads(file.read_text())
+    if not file.is_file():  # never skip the checks: a checkpoint without run.json did not finish saving
+        raise ConfigError(f"resume: {file}: missing; the checkpoint did not finish saving (complete: "
+                          f"{', '.join(complete_tags(directory)) or 'none'})")
+    try:
+        saved = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"resume: {file}: not valid JSON ({err}); the checkpoint is damaged") from None
     saved_config = saved.get("config", {k: v for k, v in saved.items() if not k.endswith("_fingerprint")})
     now = _flat_config(cfg)
     diffs, same_content = [], set()
@@ -221,9 +260,18 @@ def mark_latest(directory: str | Path, tag: str) -> None:
 
 
 def complete_tags(directory: str | Path) -> list[str]:
-    """Step dirs whose save finished, oldest first: run.json is written after every rank's files
-    (a kill during a save leaves a dir without it)."""
-    return sorted(p.name for p in Path(directory).glob("step*") if (p / RUN_FILE).is_file())
+    """Step dirs whose save finished, oldest first: run.json is written after every rank's files and
+    the manifest after it (a kill during a save leaves a dir without them)."""
+    def complete(path: Path) -> bool:
+        if not (path / RUN_FILE).is_file():
+            return False
+        try:
+            expects_manifest = json.loads((path / RUN_FILE).read_text()).get("manifest")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        return not expects_manifest or (path / MANIFEST).is_file()
+
+    return sorted(p.name for p in Path(directory).glob("step*") if complete(p))
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:

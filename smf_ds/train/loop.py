@@ -24,7 +24,8 @@ from ..sparse.background import BackgroundStats
 from ..sparse.step import SparseMemoryUpdater
 from .batches import GlobalBatchOrder, collate, examples_digest
 from .checkpoint import (check_run_identity, complete_tags, latest_tag, load_memory_checkpoint, mark_latest,
-                         prune_checkpoints, save_memory_checkpoint, save_run_identity, saved_run)
+                         prune_checkpoints, save_memory_checkpoint, save_run_identity, saved_run, verify_checkpoint,
+                         write_checkpoint_manifest)
 from .dense_state import load_dense_state, needs_dense_file, save_dense_state
 from .ds_config import build_ds_config
 from .engine import build_engine, release_engine
@@ -224,6 +225,7 @@ class Trainer:
                                self.updater.state_dict() if self.updater else None)
         save_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs, self.step,
                           self.layout.describe())
+        write_checkpoint_manifest(self.checkpoint_dir, tag)
         mark_latest(self.checkpoint_dir, tag)
         if self.rank == 0 and self.cfg.train.keep_checkpoints:  # only once the new one is complete
             prune_checkpoints(self.checkpoint_dir, self.cfg.train.keep_checkpoints)
@@ -234,6 +236,7 @@ class Trainer:
         if tag is None:
             log.info("resume: no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return False
+        verify_checkpoint(self.checkpoint_dir, tag)  # its files are what was written, or it is refused by name
         check_run_identity(self.checkpoint_dir, tag, self.cfg, self.memory, self.base, self.inputs,
                            self.examples_field, self.derived_keys)
         saved_world = saved_run(self.checkpoint_dir, tag).get("processes")
