@@ -43,3 +43,25 @@ def test_value_gradient_clip():
     assert math.isclose(float(clipped.norm()), norm / 4, rel_tol=1e-4)
     assert metrics["layer0/rows_selected"] == 5 and metrics["layer0/rows_accessed"] >= 5
     assert 0 < metrics["layer0/frac_ever_updated"] <= 5 / 64
+
+
+def test_a_uniform_output_or_exploded_values_are_flagged():
+    """Finite but useless: a loss that went to ln(vocab) (a uniform output), or value rows past the
+    bound; a loss that stayed near ln(vocab) from the start (a random model) is not flagged."""
+    import math
+
+    import torch
+
+    from smf_ds.memory.values import LocalValueTable
+    from smf_ds.train.health import VALUE_BOUND, flags
+
+    table = LocalValueTable(8, 4, init_std=0.1, generator=torch.Generator().manual_seed(0))
+    uniform = math.log(100)
+    assert flags([2.0, 3.5, uniform * 1.001], 100, [(3, table)])[0].startswith("the loss went from 2 to")
+    assert flags([uniform, uniform], 100, [(3, table)]) == []
+    assert flags([2.0, 1.5], 100, [(3, table)]) == []
+    table.weight[2, 1] = 5e27
+    (reason,) = flags([2.0, 1.5], 100, [(3, table)])
+    assert reason == f"memory layer 3's value rows reach 5e+27 (past {VALUE_BOUND:g}): exploded"
+    table.weight[2, 1] = float("nan")
+    assert flags([2.0, 1.5], 100, [(3, table)])  # NaN is not within the bound either

@@ -449,3 +449,40 @@ def test_a_checkpoint_whose_files_changed_is_refused_naming_the_file(tmp_path):
     message = damaged("no_run_json", lambda checkpoint: (checkpoint / "run.json").unlink())
     assert "run.json: missing (the save did not finish)" in message
     assert run_distributed(_resume_message, 1, str(tmp_path / "good"))[0] == "ok"
+
+
+def _unhealthy(rank, world, run_dir, case):
+    """The UnhealthyModelError message of a run that goes wrong, and which checkpoint is latest."""
+    from smf_ds.train.health import UnhealthyModelError
+
+    if case == "lr":  # full finetuning at lr 1e10: the weights after step 1 give a non-finite loss
+        cfg = _cfg(run_dir, world, extra=["train.method=full", "train.lr=1e10", "train.steps=3", "train.save_every=1"])
+        trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+    else:  # two healthy steps saved, then a NaN in a trained tensor
+        cfg = _cfg(run_dir, world, "local", "memory+scale", 2)
+        trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
+        trainer.fit()
+        with torch.no_grad():
+            next(p for p in trainer.model.parameters() if p.requires_grad).fill_(float("nan"))
+        trainer.step += 1
+    try:
+        trainer.fit() if case == "lr" else trainer.save()
+    except UnhealthyModelError as err:
+        message = str(err)
+    else:
+        message = "saved"
+    latest = trainer.checkpoint_dir / "latest_memory"
+    return message, latest.read_text() if latest.is_file() else None
+
+
+@pytest.mark.dist
+def test_an_unhealthy_model_is_never_saved_and_the_last_healthy_checkpoint_is_named(tmp_path):
+    message, latest = run_distributed(_unhealthy, 1, str(tmp_path / "lr"), "lr")[0]
+    assert message.startswith("train: the model is not healthy after step 1 (a forward pass with the new weights")
+    assert "train.lr=10000000000.0" in message and "last healthy checkpoint (every tensor finite, read back): none" in message
+    assert latest is None and not (tmp_path / "lr" / "checkpoints" / "step0000001").exists()
+
+    message, latest = run_distributed(_unhealthy, 1, str(tmp_path / "nan"), "nan")[0]
+    assert "not healthy after step 3 (non-finite values in model.layers.1.mlp" in message
+    assert f"read back): {tmp_path / 'nan' / 'checkpoints' / 'step0000002'}" in message
+    assert latest == "step0000002"

@@ -29,6 +29,7 @@ from .checkpoint import (check_run_identity, complete_tags, latest_tag, load_mem
 from .dense_state import load_dense_state, needs_dense_file, save_dense_state
 from .ds_config import build_ds_config
 from .engine import build_engine, release_engine
+from .health import UnhealthyModelError, flags, last_healthy_checkpoint, likely_cause, nonfinite_tensors
 from .methods import method_of
 from .stop import RunStopped, StopSignals
 
@@ -42,6 +43,7 @@ class TrainResult:
     metrics: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0  # non-padding input tokens over all ranks and micro-batches
+    health: list[str] = field(default_factory=list)  # why the finished model is not healthy ([] if it is)
 
 
 def trainable_parameters(model: nn.Module, cfg: SMFConfig) -> tuple[nn.Module, list[nn.Parameter]]:
@@ -213,7 +215,54 @@ class Trainer:
         for tag, value in perf.items():
             self.writer.add_scalar(tag, value, self.step)
 
+    def _probe_loss(self) -> float:
+        """The loss of the last step's first micro-batch under the weights as they are now (no
+        gradient; the reads it makes are not counted)."""
+        batch, _ = self._batch(self.step - 1, 0)
+        self.engine.module.eval()
+        with torch.no_grad():
+            loss = float(self.engine(**batch).loss)
+        self.engine.train()
+        for _, table in self.tables:
+            table.sink.clear()
+        return loss
+
+    def _healthy_checkpoint(self) -> str:
+        """The newest checkpoint whose tensors are all finite (read back), on every rank."""
+        from .checkpoint import complete_tags
+
+        found = last_healthy_checkpoint(self.checkpoint_dir, complete_tags) if self.rank == 0 else None
+        if is_distributed():
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        return str(found) if found else "none"
+
+    def check_health(self) -> None:
+        """Before anything is saved: trained tensors finite, and a finite loss under the new weights."""
+        bad = nonfinite_tensors(self.engine.module, self.tables, self.updater)
+        probe = self._probe_loss() if self.step > 0 else 0.0
+        n_bad, probe_sum = _sum_over_ranks(float(len(bad)), probe)
+        if n_bad == 0 and math.isfinite(probe_sum):
+            return
+        what = (f"non-finite values in {', '.join(bad[:4]) or 'another rank'}" if n_bad else
+                f"a forward pass with the new weights gives the loss {probe_sum / self.world}")
+        raise UnhealthyModelError(
+            f"train: the model is not healthy after step {self.step} ({what}); nothing was saved for it. Likely "
+            f"cause: {likely_cause(self.cfg)}. The last healthy checkpoint (every tensor finite, read back): "
+            f"{self._healthy_checkpoint()}")
+
+    def health_flags(self, losses: list[float]) -> list[str]:
+        """Reasons the finished run is not healthy though finite (the same on every rank)."""
+        reasons = flags(losses, getattr(getattr(self.engine.module, "config", None), "vocab_size", None), self.tables)
+        if is_distributed():  # a table part on another rank may be the exploded one
+            parts = [None] * self.world
+            dist.all_gather_object(parts, reasons)
+            reasons = list(dict.fromkeys(r for part in parts for r in part))
+        return reasons
+
     def save(self) -> None:
+        self.check_health()  # an unhealthy model raises here: nothing of it is written or marked latest
         tag = self.tag
         # Without the frozen parameters: resume reloads them from the base model and adapter (the
         # base and memory fingerprints check they are the same), so retrofit, LoRA and
@@ -278,11 +327,10 @@ class Trainer:
         result.tokens += step.tokens
         if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"train: the loss is {loss} at step {self.step}; stopped without saving this step "
-                f"(checkpoints so far are in {self.checkpoint_dir}). Common causes: no answer token "
-                f"left to learn from (train.max_length={self.cfg.train.max_length} cuts the answers off), "
-                f"a learning rate too large (train.lr={self.cfg.train.lr}, "
-                f"memory.value_lr={self.cfg.memory.value_lr})")
+                f"train: the loss is {loss} at step {self.step}; stopped without saving this step. Common causes: "
+                f"no answer token left to learn from (train.max_length={self.cfg.train.max_length} cuts the "
+                f"answers off), {likely_cause(self.cfg)}. The last healthy checkpoint (every tensor finite, read "
+                f"back): {self._healthy_checkpoint()}")
         if self.updater is not None and self.step % self.cfg.train.log_every == 0:
             metrics.update(self.updater.usage_metrics())
         result.losses.append(loss)
@@ -350,7 +398,13 @@ class Trainer:
             # this state; saving it again in place could leave it half-written if killed.
             if self.step > first_step or latest_tag(self.checkpoint_dir) is None:
                 self.save()
+        result.health = self.health_flags(result.losses)
+        if result.health:
+            log.warning("train: the run is not healthy: %s", "; ".join(result.health))
         if self.writer is not None:
+            self.writer.add_scalar("health/healthy", float(not result.health), self.step)
+            if result.health:
+                self.writer.add_text("health/reasons", "; ".join(result.health), self.step)
             self.writer.flush()
         result.steps, result.seconds = self.step, time.time() - start
         return result

@@ -204,7 +204,8 @@ def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool,
                "final_loss": result.losses[-1] if result.losses else None, "seconds": result.seconds,
                "tokens_per_second": result.tokens / result.seconds if result.seconds else None,
                "artifact": str(artifact), "world_size": get_world_size(), "interruptions": earlier,
-               "master_addr": os.environ.get("MASTER_ADDR") if get_world_size() > 1 else None, **extra}
+               "master_addr": os.environ.get("MASTER_ADDR") if get_world_size() > 1 else None,
+               "healthy": not result.health, "health": result.health, **extra}
     if get_rank() == 0:
         summary_file.write_text(json.dumps(summary, indent=2))
     return summary
