@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from .config import InputError, load_config
+from .owner import owning
 from .parallel.process_group import get_rank, launcher_env
 from .parallel.watchdog import PEER_LOST_EXIT_CODE
 from .train.stop import STOPPED_EXIT_CODE, RunStopped
@@ -29,7 +30,8 @@ def _cmd_train(args) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     init_process_group(timeout=cfg.cluster.collective_timeout)
-    return train_main(cfg, args.memory_adapter, resume=args.resume)
+    with owning(cfg.out_dir, "train"):
+        return train_main(cfg, args.memory_adapter, resume=args.resume)
 
 
 def _cmd_retrofit(args) -> dict:
@@ -38,7 +40,8 @@ def _cmd_retrofit(args) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     init_process_group(timeout=cfg.cluster.collective_timeout)
-    return retrofit_main(cfg, args.memory_adapter, resume=args.resume)
+    with owning(cfg.out_dir, "retrofit"):
+        return retrofit_main(cfg, args.memory_adapter, resume=args.resume)
 
 
 def _cmd_background(args) -> dict:
@@ -47,7 +50,10 @@ def _cmd_background(args) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     init_process_group(timeout=cfg.cluster.collective_timeout)
-    return {"background": str(background_main(cfg, args.memory_adapter, args.out))}
+    out = Path(args.out) if args.out else None
+    where = out if out is not None and out.is_dir() else (out.parent if out is not None else Path(cfg.out_dir))
+    with owning(where, "background", "--out" if out is not None else "out_dir"):
+        return {"background": str(background_main(cfg, args.memory_adapter, args.out))}
 
 
 def _cmd_eval(args) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -287,10 +288,16 @@ def run_eval(args: argparse.Namespace) -> dict:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    model, tokenizer = load_model_and_tokenizer(args.model, args.memory_adapter, args.dtype, args.device)
-    return run_tasks(model, tokenizer, tasks, settings, out_dir=args.out,
-                     progress=not args.no_progress and get_rank() == 0,
-                     meta={"model": args.model, "memory_adapter": args.memory_adapter}, overwrite=args.overwrite)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise EvalCLIError(f"--out {args.out}: is a file; expected a directory (created if missing)")
+    from ..owner import owning
+
+    # One evaluation writes into --out at a time; an unwritable --out fails before the model loads.
+    with owning(args.out, "eval", "--out") if args.out else contextlib.nullcontext():
+        model, tokenizer = load_model_and_tokenizer(args.model, args.memory_adapter, args.dtype, args.device)
+        return run_tasks(model, tokenizer, tasks, settings, out_dir=args.out,
+                         progress=not args.no_progress and get_rank() == 0,
+                         meta={"model": args.model, "memory_adapter": args.memory_adapter}, overwrite=args.overwrite)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

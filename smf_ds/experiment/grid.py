@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import ConfigError
+from ..owner import owning
 from ..parallel.process_group import barrier, get_rank, init_process_group
 from .outdir import claim
 from .report import results_table, write_report
@@ -164,6 +165,11 @@ def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] 
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds: expected distinct integers, got {seeds}")
     init_process_group()
+    with owning(out, "experiment", "--out"):  # one experiment writes into --out at a time
+        return _run_grid(out, setup, variants, seeds)
+
+
+def _run_grid(out: Path, setup, variants: list[str], seeds: list[int]) -> dict:
     claim(out, setup.fingerprint())
     setup.prepare()
     # Recorded before any run, so that `smf-ds report` can report the runs of a grid cut short,
