@@ -28,10 +28,16 @@ log = logging.getLogger(__name__)
 def _take(directory: Path, command: str):
     """(the open lock file, None), or (None, why not)."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        handle = open(directory / LOCK, "a+")
+        return _lock(directory, command)
     except OSError as err:
-        return None, f"{directory}: cannot write there ({err.strerror or err}); expected a directory this user may write"
+        from .files import reason_of
+
+        return None, f"{directory}: cannot write there ({reason_of(err)}); expected a directory this user may write"
+
+
+def _lock(directory: Path, command: str):
+    directory.mkdir(parents=True, exist_ok=True)
+    handle = open(directory / LOCK, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -7,7 +7,6 @@ file, row and field instead.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,10 +69,13 @@ class ValidationReport:
                          f"(all in <task>.malformed.jsonl, written with --out)")
         return "\n".join(lines)
 
+    def issue_records(self) -> list[dict]:
+        return [asdict(issue) for issue in self.issues]
+
     def write_jsonl(self, path: str | Path) -> None:
-        with Path(path).open("w", encoding="utf-8") as f:
-            for issue in self.issues:
-                f.write(json.dumps(asdict(issue)) + "\n")
+        from ..files import write_jsonl
+
+        write_jsonl(path, self.issue_records(), "")
 
 
 def new_report(rows: Rows, task: str, strict: bool = False) -> ValidationReport:

@@ -34,6 +34,7 @@ from ..data import wikitext as wikitext_data
 from ..data.loading import MissingSplitError, load_rows, take
 from ..data.medmcqa import MedMCQAPrompt
 from ..data.validation import ValidationReport
+from ..files import write_jsonl, write_text
 from ..parallel.process_group import barrier
 from .batching import resolve_shard
 from ..tokens import encode_starts
@@ -104,12 +105,6 @@ def check_tasks(tasks: Sequence[str]) -> list[str]:
     if bad or not tasks:
         raise ValueError(f"--tasks: expected a comma-separated subset of {','.join(TASKS)}, got {','.join(tasks) or '(none)'}")
     return list(dict.fromkeys(tasks))
-
-
-def _write_jsonl(path: Path, records: Sequence[dict]) -> None:
-    with path.open("w", encoding="utf-8") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def _data_fields(report: ValidationReport, n_available: int, n: int, limit, sample, unit: str = "examples") -> dict:
@@ -327,14 +322,14 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | N
                 result["predictions"] = str(out / f"{task}.predictions.jsonl")
                 result["malformed_report"] = str(out / f"{task}.malformed.jsonl")
                 if rank == 0:
-                    _write_jsonl(out / f"{task}.predictions.jsonl", records)
-                    report.write_jsonl(out / f"{task}.malformed.jsonl")
+                    write_jsonl(out / f"{task}.predictions.jsonl", records, "--out")
+                    write_jsonl(out / f"{task}.malformed.jsonl", report.issue_records(), "--out")
             results[task] = result
     finally:
         model.train(was_training)
     summary = {**(meta or {}), "tasks": results, "world_size": world_size, "settings": settings.to_dict()}
     if out is not None and rank == 0:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False), "--out")
     if rank == 0 and echo is not None:
         echo(format_summary(summary))
     return summary

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, MemoryConfig, from_dict
+from ..files import replace_dir
 from .adapter import (CONFIG_NAME, AdapterError, _barrier, _memory_config, _rank, _read_tensors, base_fingerprint,
                       gathered_parameters, load_memory_adapter, read_adapter_config)
 from .inject import decoder_layers, inject_memory, value_tables
@@ -109,18 +109,9 @@ def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, model_c
                 tokenizer.save_pretrained(partial)
             if model_card is not None:
                 (partial / MODEL_CARD).write_text(model_card)
-            _replace_dir(partial, directory)
+            replace_dir(partial, directory)
     _barrier()
     return directory
-
-
-def _replace_dir(new: Path, directory: Path) -> None:
-    old = directory.with_name(f".{directory.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if directory.exists():
-        os.replace(directory, old)
-    os.replace(new, directory)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _read_config(directory: Path) -> dict | None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import ConfigError, InputError, SMFConfig, save_config
+from ..files import naming_write_errors
 from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import value_tables
 from ..parallel.layout import MemoryLayout
@@ -208,6 +209,10 @@ class Trainer:
     def _log(self, loss: float, metrics: dict, perf: dict) -> None:
         if self.writer is None:
             return
+        with naming_write_errors("", self.run_dir / "tensorboard", self._intact()):
+            self._write_scalars(loss, metrics, perf)
+
+    def _write_scalars(self, loss: float, metrics: dict, perf: dict) -> None:
         self.writer.add_scalar("train/loss", loss, self.step)
         for key, value in metrics.items():
             if not math.isnan(value):
@@ -261,8 +266,20 @@ class Trainer:
             reasons = list(dict.fromkeys(r for part in parts for r in part))
         return reasons
 
+    def _intact(self) -> str:
+        """For a failed write: which checkpoint still holds the run."""
+        latest = latest_tag(self.checkpoint_dir)
+        return (f"; the latest complete checkpoint, {self.checkpoint_dir / latest if latest else 'none'}, is intact "
+                f"(resume from it with --resume auto once the cause is fixed)")
+
     def save(self) -> None:
         self.check_health()  # an unhealthy model raises here: nothing of it is written or marked latest
+        with naming_write_errors("", self.checkpoint_dir / self.tag,
+                                 f"; the checkpoint of step {self.step} is incomplete and will not be resumed from"
+                                 + self._intact()):
+            self._save()
+
+    def _save(self) -> None:
         tag = self.tag
         # Without the frozen parameters: resume reloads them from the base model and adapter (the
         # base and memory fingerprints check they are the same), so retrofit, LoRA and

@@ -5,6 +5,7 @@ import copy
 import json
 import logging
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ..config import (ConfigError, DataConfig, MemoryConfig, SMFConfig, SparseCo
 from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.loading import DataSourceError, missing_local_source
 from ..data.oasst import load_oasst_texts
+from ..files import naming_write_errors, replace_dir, write_text
 from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import value_tables
 from ..parallel.process_group import barrier, get_rank, get_world_size
@@ -176,7 +178,15 @@ def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
     """What a run leaves for evaluation: the memory adapter (smf), the LoRA adapter, or the model."""
     method = method_of(trainer.cfg)
     target = out_dir / method.artifact
-    method.save_artifact(trainer.model, tokenizer, target)
+    partial = out_dir / f".{method.artifact}.partial"  # renamed into place once whole: never half an artifact
+    with naming_write_errors("", partial,
+                             f"; nothing was saved as {target}, and the run's last checkpoint is intact"):
+        if get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        method.save_artifact(trainer.model, tokenizer, partial)
+        barrier()
+        if get_rank() == 0:
+            replace_dir(partial, target)
     barrier()  # no rank reads the artifact (the demo, the experiment) before rank 0 has written it
     return target
 
@@ -194,8 +204,8 @@ def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool,
         trainer.close()
         interruptions = [*earlier, {"signal": stop.signal_name, "step": stop.step, "checkpoint": stop.checkpoint}]
         if get_rank() == 0:
-            summary_file.write_text(json.dumps({"finished": False, "steps": stop.step, "interruptions": interruptions,
-                                                "world_size": get_world_size(), **extra}, indent=2))
+            write_text(summary_file, json.dumps({"finished": False, "steps": stop.step, "interruptions": interruptions,
+                                                 "world_size": get_world_size(), **extra}, indent=2), "")
         raise
     artifact = save_trained(trainer, tokenizer, out_dir)
     trainer.close()
@@ -207,7 +217,7 @@ def fit_and_save(trainer: Trainer, tokenizer, summary_name: str, progress: bool,
                "master_addr": os.environ.get("MASTER_ADDR") if get_world_size() > 1 else None,
                "healthy": not result.health, "health": result.health, **extra}
     if get_rank() == 0:
-        summary_file.write_text(json.dumps(summary, indent=2))
+        write_text(summary_file, json.dumps(summary, indent=2), "")
     return summary
 
 
