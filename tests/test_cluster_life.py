@@ -92,6 +92,10 @@ def test_a_stop_signal_saves_and_resume_auto_continues_exactly(world, tmp_path):
             else:
                 os.kill(_ranks(proc)[1], signal.SIGUSR1)
             assert proc.wait(timeout=300) == STOPPED_EXIT_CODE, (tmp_path / f"{name}.log").read_text()[-3000:]
+            stopped = time.time()  # nothing of the run is left: no orphaned launcher or rank
+            while subprocess.run(["pgrep", "-f", f"out_dir={run}"], capture_output=True).returncode == 0:
+                assert time.time() - stopped < 10, "a process of the stopped run is still alive"
+                time.sleep(0.2)
         summary = json.loads((run / "train_summary.json").read_text())
         assert summary["finished"] is False
         (stopped,) = summary["interruptions"]

@@ -7,7 +7,7 @@ from fixtures_eval import deprecation_notices
 from smf_ds.data.medmcqa import MedMCQAPrompt, load_medmcqa
 from smf_ds.eval.medmcqa import MODES, evaluate_medmcqa, summarize_medmcqa
 from smf_ds.eval.reference import loglikelihood, medmcqa_one_by_one
-from smf_ds.eval.scoring import _cache_kwarg, build_rows, score_requests, score_shared_context
+from smf_ds.eval.scoring import NonFiniteModelError, _cache_kwarg, build_rows, score_requests, score_shared_context
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,12 @@ def test_non_finite_logits_fail_naming_the_example(tiny_lm, examples):
     old = model.lm_head.weight.data.clone()
     try:
         model.lm_head.weight.data[:] = float("nan")
-        with pytest.raises(FloatingPointError, match="medmcqa: example 0 has a non-finite log-likelihood"):
+        with pytest.raises(NonFiniteModelError, match="medmcqa: example 0 has a non-finite log-likelihood"):
             evaluate_medmcqa(model, tok, examples[:2])
+        # The evaluation as a whole stops before any task, every task (TriviaQA would decode NaN logits).
+        from smf_ds.eval.runner import EvalSettings, run_tasks
+
+        with pytest.raises(NonFiniteModelError, match="NaN/inf logits on a short probe text: .*nothing was evaluated"):
+            run_tasks(model, tok, ["triviaqa"], EvalSettings(triviaqa="unused"), echo=None)
     finally:
         model.lm_head.weight.data.copy_(old)

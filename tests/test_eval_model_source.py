@@ -88,3 +88,26 @@ def test_a_model_dir_without_tokenizer_files_is_named(eval_world, tmp_path):
 
     with pytest.raises(InputError, match=r"model.name_or_path='.*weights_only': "):
         load_tokenizer_and_model(load_config(overrides=[f"model.name_or_path={bare}"]))
+
+
+def test_a_run_dir_or_a_memory_adapter_as_model_says_what_to_pass(eval_world, tmp_path):
+    """`--model RUN_DIR` or `--model RUN_DIR/memory_adapter` is not a model: the error gives the
+    command that evaluates it, with the base model read from the run's config.yaml."""
+    from smf_ds.config import MemoryConfig, SMFConfig, save_config
+    from smf_ds.eval.cli import EvalCLIError, load_model_and_tokenizer
+    from smf_ds.memory.adapter import save_memory_adapter
+    from smf_ds.memory.inject import inject_memory
+    from fixtures_eval import load_tiny
+
+    model, _ = load_tiny(eval_world.model_dir)
+    run = tmp_path / "run"
+    save_memory_adapter(inject_memory(model, MemoryConfig(layers=[0], n_keys=4, heads=1, knn=2, k_dim=4)),
+                        run / "memory_adapter")
+    cfg = SMFConfig()
+    cfg.model.name_or_path = str(eval_world.model_dir)
+    save_config(cfg, run / "config.yaml")
+    for given in (run, run / "memory_adapter"):
+        with pytest.raises(EvalCLIError, match=rf"--model {given}: a (run directory|memory adapter), not a model; "
+                                               rf"evaluate it with --model {eval_world.model_dir} "
+                                               rf"--memory-adapter {run / 'memory_adapter'}$"):
+            load_model_and_tokenizer(str(given), dtype="float32", device="cpu")

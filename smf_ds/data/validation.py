@@ -60,13 +60,14 @@ class ValidationReport:
         return {"source": self.source, "n_rows": self.n_rows, "n_malformed": self.n_malformed,
                 "n_filtered": self.n_filtered, "filtered_reason": self.filtered_reason}
 
-    def format(self, max_issues: int = 20) -> str:
+    def format(self, max_issues: int = 20, all_listed_in: str | None = None) -> str:
+        """The report for a log; `all_listed_in` says where the whole list is written, if anywhere."""
         head = (f"{self.task}: {self.source}: {self.n_rows} rows read, {self.n_malformed} malformed "
                 f"(skipped)" + (f", {self.n_filtered} left out ({self.filtered_reason})" if self.n_filtered else ""))
         lines = [head] + [f"  {issue}" for issue in self.issues[:max_issues]]
         if len(self.issues) > max_issues:
-            lines.append(f"  ... and {len(self.issues) - max_issues} more problems "
-                         f"(all in <task>.malformed.jsonl, written with --out)")
+            where = f" (all in {all_listed_in})" if all_listed_in else ""
+            lines.append(f"  ... and {len(self.issues) - max_issues} more problems{where}")
         return "\n".join(lines)
 
     def issue_records(self) -> list[dict]:

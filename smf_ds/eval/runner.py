@@ -39,6 +39,7 @@ from ..parallel.process_group import barrier
 from .batching import resolve_shard
 from ..tokens import encode_starts
 from .medmcqa import KIND, MODES, check_modes, evaluate_medmcqa, summarize_medmcqa, tokenize_medmcqa
+from .scoring import check_model_finite
 from .triviaqa import evaluate_triviaqa, summarize_triviaqa
 from .wikitext import evaluate_perplexity, summarize_perplexity, tokenize_text
 
@@ -282,6 +283,7 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | N
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         prepare_out_dir(out, overwrite, rank, world_size)
+    check_model_finite(model, tokenizer)
     # Load and check every task's data first: a wrong file fails in seconds, not after the other tasks ran.
     loaded = {}
     for task in tasks:
@@ -292,7 +294,7 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | N
             if rank == 0 and report_path is not None:
                 report.write_jsonl(report_path)
             if rank == 0 and echo is not None:
-                echo(report.format())
+                echo(report.format(all_listed_in=f"{task}.malformed.jsonl, written with --out"))
             raise _no_usable_rows(task, report, report_path)
         extra = {}
         if task == "wikitext":
@@ -315,7 +317,7 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], settings: EvalSettings | N
             result["source"] = report.source
             result["seconds"] = round(load_seconds + time.perf_counter() - start, 3)
             if rank == 0 and echo is not None and (report.n_malformed or report.n_filtered or result["warnings"]):
-                echo(report.format())
+                echo(report.format(all_listed_in=f"{task}.malformed.jsonl, written with --out"))
                 for w in result["warnings"]:
                     echo(f"{task}: warning: {w}")
             if out is not None:

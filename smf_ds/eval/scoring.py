@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import InputError
+
 from .batching import gather_objects, left_pad, model_device, my_batches, plan_batches, progress_bar, resolve_shard
 
 CE_CHUNK = 2048  # positions per cross-entropy call (bounds the float32 copy of the logits)
@@ -113,13 +115,30 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
     return out
 
 
+class NonFiniteModelError(InputError):
+    """The model gives NaN/inf log-likelihoods: its weights are broken (or a dtype overflows)."""
+
+
+@torch.no_grad()
+def check_model_finite(model, tokenizer) -> None:
+    """Before any task: a short text's logits must be finite (NaN weights would otherwise give
+    TriviaQA answers decoded from NaN logits, and scores that mean nothing)."""
+    ids = tokenizer("The answer is", return_tensors="pt")["input_ids"].to(model_device(model))
+    logits = model(input_ids=ids).logits
+    if not torch.isfinite(logits).all():
+        raise NonFiniteModelError("the model gives NaN/inf logits on a short probe text: its weights are broken "
+                                  "(e.g. trained with too large a learning rate) or its dtype overflows "
+                                  "(--dtype float16); nothing was evaluated")
+
+
 def _check_finite(values, desc: str) -> None:
     """A NaN/inf log-likelihood means NaN/inf logits; fail naming the example instead of reporting NaN."""
     for i, v in enumerate(values):
         for x in (v if isinstance(v, list) else [v]):
             if not math.isfinite(x):
-                raise FloatingPointError(f"{desc}: example {i} has a non-finite log-likelihood ({x}); the model "
-                                         f"produced NaN/inf logits (dtype overflow, or broken weights?)")
+                raise NonFiniteModelError(f"{desc}: example {i} has a non-finite log-likelihood ({x}); the model "
+                                          f"produced NaN/inf logits (broken weights, e.g. a run trained with too "
+                                          f"large a learning rate, or --dtype float16 overflowing)")
 
 
 # ---------------------------------------------------------------------------------------------
