@@ -191,15 +191,5 @@ def export_main(model: str, memory_adapter: str | None, out: str, dtype: str = "
     memory = {**loaded.smf_memory_config.__dict__, "v_dim": loaded.smf_memory_config.v_dim or loaded.config.hidden_size}
     card = model_card(model, memory, run, kind, _eval_summary(eval_dir, adapter), out_path.name)
     save_merged(loaded, out_path, tokenizer=tokenizer, model_card=card)
-    _drop_local_files_only(out_path)
     return out_path
 
-
-def _drop_local_files_only(directory: Path) -> None:
-    """transformers writes the offline flag it was loaded with into tokenizer_config.json; a
-    model going to the hub must not carry it."""
-    file = directory / "tokenizer_config.json"
-    if file.is_file():
-        config = json.loads(file.read_text())
-        if config.pop("local_files_only", None) is not None:
-            file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")

@@ -303,8 +303,13 @@ def test_a_merged_directory_missing_a_weight_is_refused_by_name(tmp_path):
     for key in ("model.layers.1.mlp.up_proj.weight", "model.layers.2.mlp.memory.values.weight"):
         broken = {k: v for k, v in state.items() if k != key}
         save_file(broken, str(out / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(ConfigError, match=r"its files are not what was written: .*model\.safetensors: \d+ bytes"):
+            load_merged(out)  # the directory's manifest says so first
+        manifest = (out / "manifest.json").read_text()
+        (out / "manifest.json").unlink()  # as a directory edited by hand would have none
         with pytest.raises(ConfigError, match=rf"model\.safetensors: .*{key.replace('.', '[.]')}"):
             load_merged(out)
+        (out / "manifest.json").write_text(manifest)
 
 
 @pytest.mark.parametrize("mode", ["additive", "replacement"])
@@ -468,3 +473,21 @@ def test_weights_that_do_not_fit_leave_the_model_as_it_was(base_dir, tmp_path):
         assert getattr(target, "smf_memory_config", None) is None and not target._forward_pre_hooks
         assert torch.equal(logits(target), before)
         inject_memory(target, mem_cfg())  # can still be injected
+
+
+def test_an_adapter_whose_files_changed_is_refused_naming_the_file(base_dir, tmp_path):
+    """A run's artifact carries a manifest (smf_ds.manifest); a cut or changed file is refused on
+    loading instead of loaded. An adapter without one (older, or hand-made) loads unchecked."""
+    from smf_ds.manifest import write_manifest
+
+    model = inject_memory(fresh(base_dir), mem_cfg())
+    scramble_memory(model)
+    save_memory_adapter(model, tmp_path / "a")
+    write_manifest(tmp_path / "a")
+    assert torch.equal(logits(load_memory_adapter(fresh(base_dir), tmp_path / "a")), logits(model))
+    weights = tmp_path / "a" / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(ConfigError, match=rf"adapter's files are not what was written: {weights}: its content differs"):
+        load_memory_adapter(fresh(base_dir), tmp_path / "a")
+    (tmp_path / "a" / "manifest.json").unlink()
+    load_memory_adapter(fresh(base_dir), tmp_path / "a")

@@ -212,6 +212,7 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
         raise EvalCLIError(f"{what} holds a merged model (base weights and memory); evaluate it "
                            f"without --memory-adapter, or give its base model with --memory-adapter {memory_adapter}")
     _refuse_memory_adapter_as_model(source, what)
+    check_written_files(source, what)
     try:
         if merged == 2:  # its config.json names the SMF model type: give the tokenizer the base's
             tokenizer = AutoTokenizer.from_pretrained(source, config=read_merged_config(source)[1])
@@ -255,6 +256,16 @@ def _refuse_memory_adapter_as_model(source: str, what: str) -> None:
             pass
     raise EvalCLIError(f"{what}: {'a memory adapter' if adapter == path else 'a run directory'}, not a model; "
                        f"evaluate it with --model {base} --memory-adapter {adapter}")
+
+
+def check_written_files(source: str, what: str) -> None:
+    """A model directory a run wrote (full finetuning's `model`) holds what its manifest says."""
+    from ..manifest import MANIFEST, verify_manifest
+
+    if Path(source).is_dir() and (Path(source) / MANIFEST).is_file():
+        problems = verify_manifest(source)
+        if problems:
+            raise EvalCLIError(f"{what}: its files are not what was written: {'; '.join(problems[:4])}")
 
 
 def _check_adapter_dir(directory: str) -> Path:

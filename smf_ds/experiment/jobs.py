@@ -21,7 +21,7 @@ from ..data.medmcqa import MedMCQAPrompt
 from ..data.synthetic_world import WorldSpec, build_world, check_world, world_files
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
 from ..data.wikitext import join_docs, load_wikitext
-from ..eval.cli import load_model_and_tokenizer
+from ..eval.cli import check_written_files, load_model_and_tokenizer
 from ..memory.adapter import CONFIG_NAME as MEMORY_ADAPTER_CONFIG
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from ..eval.wikitext import tokenize_text as wikitext_tokens
@@ -165,6 +165,7 @@ def load_for_eval(base: Path | str, artifact: Path | None, base_named_by: str | 
     if artifact is not None and (artifact / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        check_written_files(str(artifact), f"LoRA adapter {artifact}")
         model, tokenizer = load_model_and_tokenizer(str(base), named_by=base_named_by)
         # The LoRA layers go into the model in place: keep the plain transformers model.
         return PeftModel.from_pretrained(model, str(artifact)).base_model.model.eval(), tokenizer

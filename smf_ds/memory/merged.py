@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import ConfigError, MemoryConfig, from_dict
 from ..files import replace_dir
+from ..manifest import MANIFEST, verify_manifest, write_manifest
 from .adapter import (CONFIG_NAME, AdapterError, _barrier, _memory_config, _rank, _read_tensors, base_fingerprint,
                       gathered_parameters, load_memory_adapter, read_adapter_config)
 from .inject import decoder_layers, inject_memory, value_tables
@@ -107,8 +108,10 @@ def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, model_c
                 shutil.copyfile(PORTABLE_DIR / name, partial / name)
             if tokenizer is not None:
                 tokenizer.save_pretrained(partial)
+                _drop_local_files_only(partial)
             if model_card is not None:
                 (partial / MODEL_CARD).write_text(model_card)
+            write_manifest(partial)
             replace_dir(partial, directory)
     _barrier()
     return directory
@@ -167,6 +170,25 @@ def read_merged_config(directory: str | Path):
     return cfg, AutoConfig.for_model(base_type, **base_fields), smf
 
 
+def _drop_local_files_only(directory: Path) -> None:
+    """transformers writes the offline flag it was loaded with into tokenizer_config.json; a model
+    going to the hub must not carry it."""
+    file = directory / "tokenizer_config.json"
+    if file.is_file():
+        config = json.loads(file.read_text())
+        if config.pop("local_files_only", None) is not None:
+            file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def check_manifest(directory: Path) -> None:
+    """A directory smf-ds wrote holds what its manifest says (one without a manifest is not checked:
+    written before manifests, or re-saved by another tool)."""
+    if (directory / MANIFEST).is_file():
+        problems = verify_manifest(directory)
+        if problems:
+            raise AdapterError(f"{directory}: its files are not what was written: {'; '.join(problems[:4])}")
+
+
 def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """Every tensor of model.safetensors (or of its shards), and the file to name in errors."""
     index = directory / "model.safetensors.index.json"
@@ -198,6 +220,7 @@ def load_merged(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     from transformers import AutoModelForCausalLM
 
     cfg, base_config, _ = read_merged_config(directory)
+    check_manifest(directory)
     state, file = _read_weights(directory)
     model = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
     inject_memory(model, cfg)

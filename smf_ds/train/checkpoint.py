@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError, flatten_dotted, to_dict
 from ..memory.values import ValueTable
 from ..parallel.process_group import barrier, get_rank, get_world_size
-from .manifest import MANIFEST, verify_manifest, write_manifest
+from ..manifest import MANIFEST, verify_manifest, write_manifest
 
 
 def _layout(tables: list[tuple[int, ValueTable]]) -> dict:

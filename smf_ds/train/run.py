@@ -17,6 +17,7 @@ from ..data.medmcqa import MedMCQAPrompt, load_medmcqa
 from ..data.loading import DataSourceError, missing_local_source
 from ..data.oasst import load_oasst_texts
 from ..files import naming_write_errors, replace_dir, write_text
+from ..manifest import write_manifest
 from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import value_tables
 from ..parallel.process_group import barrier, get_rank, get_world_size
@@ -186,6 +187,7 @@ def save_trained(trainer: Trainer, tokenizer, out_dir: Path) -> Path:
         method.save_artifact(trainer.model, tokenizer, partial)
         barrier()
         if get_rank() == 0:
+            write_manifest(partial)  # what loading it checks
             replace_dir(partial, target)
     barrier()  # no rank reads the artifact (the demo, the experiment) before rank 0 has written it
     return target
