@@ -111,19 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="finetune with SMF, LoRA or full finetuning")
-    _add_run_arguments(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from the latest checkpoint in out_dir, or start when it has none (also spelled "
-                        "--resume auto: the same command line serves a first run and every requeued one)")
-    p.set_defaults(func=_cmd_train)
-
-    p = sub.add_parser("retrofit", help="dense warm-up of fresh memory on general text (before background + train)")
-    _add_run_arguments(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue a retrofit cut short from its latest checkpoint, or start when there is none "
-                        "(also spelled --resume auto)")
-    p.set_defaults(func=_cmd_retrofit)
+    for name, func, what in (("train", _cmd_train, "finetune with SMF, LoRA or full finetuning"),
+                             ("retrofit", _cmd_retrofit,
+                              "dense warm-up of fresh memory on general text (before background + train)")):
+        p = sub.add_parser(name, help=what)
+        _add_run_arguments(p)
+        p.add_argument("--resume", action="store_true",
+                       help="continue from the latest checkpoint in out_dir, or start when it has none (also "
+                            "spelled --resume auto: the same command line serves a first run and every requeued one)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("background", help="background access statistics for the tfidf / kl rules")
     _add_run_arguments(p)

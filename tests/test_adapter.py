@@ -18,14 +18,6 @@ from smf_ds.memory.inject import inject_memory, memory_layers, value_tables
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls on a busy 2-core machine are 10-100x faster single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # transformers is imported inside the functions that use it (see _TinyLM).
 

@@ -13,13 +13,6 @@ from smf_ds.memory.portable.product_keys import MemoryMLP
 VOCAB = 80
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(arch="qwen2", layers=4, seed=0):
     torch.manual_seed(seed)

@@ -10,13 +10,6 @@ from smf_ds.memory.layer import build_memory
 from smf_ds.memory.values import LocalValueTable
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 HIDDEN = 12
 
