@@ -13,6 +13,7 @@ from smf_ds.config import ConfigError, MemoryConfig
 from smf_ds.memory.adapter import (CONFIG_NAME, WEIGHTS_NAME, base_fingerprint, load_memory_adapter,
                                    save_memory_adapter)
 from smf_ds.memory.merged import load_merged, save_merged
+from smf_ds.parallel.collective import process_collective
 from smf_ds.memory.inject import inject_memory, memory_layers, value_tables
 
 VOCAB = 96
@@ -386,11 +387,11 @@ def _sharded_save_worker(out_dir):
         shard_memory(model, None, strategy)
         for _, table in value_tables(model):
             assert tuple(table.local_weight.shape) != (table.num_rows, table.dim)  # really sharded
-        save_memory_adapter(model, Path(out_dir) / strategy)  # every rank: gathering is a collective
+        save_memory_adapter(model, Path(out_dir) / strategy, process_collective())  # every rank: a collective
         # Every rank loads the whole file back into its own shard.
         other = inject_memory(_TinyLM(), mem_cfg(seed=3))
         shard_memory(other, None, strategy)
-        load_memory_adapter(other, Path(out_dir) / strategy)
+        load_memory_adapter(other, Path(out_dir) / strategy, process_collective())
         same_shards[strategy] = all(torch.equal(a.local_weight, b.local_weight)
                                     for (_, a), (_, b) in zip(value_tables(model), value_tables(other)))
     return same_shards
@@ -409,9 +410,10 @@ def _zero3_worker(out_dir):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=set_train_scope(model, "memory+scale"),
                                       config=config)
     partitioned = all(p.numel() == 0 for _, mlp in memory_layers(engine.module) for p in mlp.memory.parameters())
-    save_memory_adapter(engine.module, Path(out_dir) / "zero3_saved")  # gathers the partitioned params
-    load_memory_adapter(engine.module, Path(out_dir) / "other")  # writes into partitioned params
-    save_memory_adapter(engine.module, Path(out_dir) / "zero3_reloaded")
+    collective = process_collective()
+    save_memory_adapter(engine.module, Path(out_dir) / "zero3_saved", collective)  # gathers the partitioned params
+    load_memory_adapter(engine.module, Path(out_dir) / "other", collective)  # writes into partitioned params
+    save_memory_adapter(engine.module, Path(out_dir) / "zero3_reloaded", collective)
     return partitioned
 
 

@@ -8,7 +8,7 @@ import torch
 
 from distributed import run_distributed
 from smf_ds.config import ConfigError, load_config
-from smf_ds.memory.adapter import gathered_parameters
+from smf_ds.parallel.collective import gathered_parameters
 from smf_ds.memory.inject import inject_memory, value_tables
 from smf_ds.parallel.layout import MemoryLayout
 from smf_ds.train.checkpoint import fit_global_batch

@@ -4,7 +4,7 @@ import torch
 
 from distributed import run_distributed
 from smf_ds.config import load_config
-from smf_ds.memory.adapter import gathered_parameters
+from smf_ds.parallel.collective import gathered_parameters
 from smf_ds.memory.inject import inject_memory, value_tables
 from smf_ds.parallel.shard import shard_memory
 from smf_ds.train.loop import Trainer

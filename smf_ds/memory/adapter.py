@@ -15,22 +15,25 @@ Adapter directory (`save_memory_adapter` / `load_memory_adapter`):
 Merged directories (the base model and its memory in one) are merged.py's.
 
 Distributed: value tables may be sharded, and `gather_full_weight()` is then a collective. Call the
-save functions on every rank; value tables are gathered to rank 0 (the others only send their parts)
-and files written by rank 0 only, followed by a barrier. Loading reads the files on every rank,
-each keeping its own part.
+save functions on every rank with the process's `Collective` (smf_ds.parallel.collective): value
+tables are gathered to rank 0 (the others only send their parts), ZeRO-3 partitioned parameters
+gathered, and files written by the main process only, followed by a barrier. Loading reads the
+files on every rank, each keeping its own part. This module imports nothing distributed.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -61,23 +64,17 @@ class AdapterError(ConfigError):
 # helpers
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+@dataclass(frozen=True)
+class Collective:
+    """How the calling process takes part in a save or load (see the module doc). The default is
+    a process on its own: it writes, gathers nothing, waits for nobody."""
+
+    is_main_process: bool = True
+    gather: Callable[..., contextlib.AbstractContextManager] = lambda params, modifier_rank=None: contextlib.nullcontext()
+    barrier: Callable[[], None] = lambda: None
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def gathered_parameters(params, modifier_rank: int | None = None):
-    """Whole parameters inside the block even if ZeRO-3 partitioned them (a collective then)."""
-    partitioned = [p for p in params if hasattr(p, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed  # only reached when DeepSpeed ZeRO-3 is in use
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank)
+ALONE = Collective()
 
 
 def _memory_config(model: nn.Module) -> MemoryConfig:
@@ -168,24 +165,24 @@ def _atomic_write(path: Path, write) -> None:
 # adapter
 
 
-def save_memory_adapter(model: nn.Module, directory: str | Path) -> Path:
+def save_memory_adapter(model: nn.Module, directory: str | Path, collective: Collective = ALONE) -> Path:
     """Write memory_config.json and memory_adapter.safetensors into `directory`.
 
-    Call on every rank when value tables are sharded (gathering them is a collective); only
-    rank 0 writes. Returns the directory.
+    Call on every rank when value tables are sharded (gathering them is a collective); only the
+    main process writes. Returns the directory.
     """
     cfg = _memory_config(model)
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     for i, mlp in memory_layers(model):
-        with gathered_parameters(list(mlp.memory.parameters()) + ([mlp.scale] if mlp.scale is not None else [])):
+        with collective.gather(list(mlp.memory.parameters()) + ([mlp.scale] if mlp.scale is not None else [])):
             for key, tensor in _memory_state(mlp).items():
                 tensors[f"layers.{i}.{key}"] = tensor.detach().cpu().clone().contiguous()
         full = mlp.memory.values.gather_full_weight(dst=0)  # every rank: a collective for sharded tables
-        if _rank() == 0:  # the only writer: no other rank keeps a copy of the table
+        if collective.is_main_process:  # the only writer: no other rank keeps a copy of the table
             tensors[f"layers.{i}.values"] = full.contiguous()
 
-    if _rank() == 0:
+    if collective.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         meta = {
             "format": FORMAT_NAME,
@@ -196,7 +193,7 @@ def save_memory_adapter(model: nn.Module, directory: str | Path) -> Path:
         _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(
             tensors, str(p), metadata={"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}))
         _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"))
-    _barrier()
+    collective.barrier()
     return directory
 
 
@@ -264,7 +261,7 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise AdapterError(f"{file}: cannot be read as safetensors ({type(err).__name__}: {err})") from None
 
 
-def load_memory_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+def load_memory_adapter(model: nn.Module, directory: str | Path, collective: Collective = ALONE) -> nn.Module:
     """Load an adapter into `model` (injecting the memory first if the model has none).
 
     The base model must match (model_type, hidden_size, num_hidden_layers); memory that is
@@ -281,14 +278,14 @@ def load_memory_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     _check_base_model(model, base, config_file)
     if getattr(model, "smf_memory_config", None) is not None:
         _check_same_memory(model, cfg, config_file)
-        _load_tensors(model, _read_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME)
+        _load_tensors(model, _read_tensors(directory / WEIGHTS_NAME), directory / WEIGHTS_NAME, collective)
         _warn_if_other_base(model, base.get("fingerprint"), config_file)
         return model
     tensors = _read_tensors(directory / WEIGHTS_NAME)  # before injecting: an unreadable file changes nothing
     originals = {i: layer.mlp for i, layer in enumerate(decoder_layers(model)) if i in cfg.layers}
     inject_memory(model, cfg)
     try:
-        _load_tensors(model, tensors, directory / WEIGHTS_NAME)
+        _load_tensors(model, tensors, directory / WEIGHTS_NAME, collective)
     except BaseException:
         _undo_injection(model, originals)  # a file that does not fit leaves the model as it was
         raise
@@ -306,7 +303,8 @@ def _undo_injection(model: nn.Module, originals: dict[int, nn.Module]) -> None:
             delattr(model, attr)
 
 
-def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path) -> None:
+def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_file: Path,
+                  collective: Collective) -> None:
     """Check the adapter tensors against the injected memory, then copy them in."""
     targets: dict[str, torch.Tensor] = {}
     for i, mlp in memory_layers(model):
@@ -329,7 +327,7 @@ def _load_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], weights_fi
 
     with torch.no_grad():
         params = [t for t in targets.values() if isinstance(t, nn.Parameter)]
-        with gathered_parameters(params, modifier_rank=0):
+        with collective.gather(params, modifier_rank=0):
             for name, target in targets.items():
                 target.copy_(tensors[name])
         for i, table in tables.items():

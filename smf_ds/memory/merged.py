@@ -19,8 +19,8 @@ memory_config.json + memory_adapter.safetensors. Plain transformers loads that a
 silently; `load_merged` still reads it, with a warning, and `smf-ds export --model DIR --out NEW`
 rewrites it in this format.
 
-Distributed: call `save_merged` on every rank (sharded tables are gathered: a collective); rank 0
-writes.
+Distributed: call `save_merged` on every rank with the process's Collective (sharded tables are
+gathered: a collective); the main process writes.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from torch import nn
 from ..config import ConfigError, MemoryConfig, from_dict
 from ..files import replace_dir
 from ..manifest import MANIFEST, verify_manifest, write_manifest
-from .adapter import (CONFIG_NAME, AdapterError, _barrier, _memory_config, _rank, _read_tensors, base_fingerprint,
-                      gathered_parameters, load_memory_adapter, read_adapter_config)
+from .adapter import (ALONE, CONFIG_NAME, AdapterError, Collective, _memory_config, _read_tensors, base_fingerprint,
+                      load_memory_adapter, read_adapter_config)
 from .inject import decoder_layers, inject_memory, value_tables
 
 FORMAT_NAME = "smf-ds-merged"
@@ -84,7 +84,7 @@ def smf_config(model: nn.Module):
 
 
 def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, model_card: str | None = None,
-                **save_pretrained_kwargs) -> Path:
+                collective: Collective = ALONE, **save_pretrained_kwargs) -> Path:
     """Write `model` (a base model with memory injected) as one self-describing model directory.
 
     The directory is built beside `directory` and renamed into place, so a failed save leaves
@@ -97,8 +97,8 @@ def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, model_c
         raise ConfigError(f"model: no SMF model class for model_type {model.config.model_type!r}; "
                           f"expected one of {sorted(SMF_CLASSES)}")
     tables = {values_key(model, i): table.gather_full_weight(dst=0) for i, table in value_tables(model)}
-    with gathered_parameters(list(model.parameters())):
-        if _rank() == 0:
+    with collective.gather(list(model.parameters())):
+        if collective.is_main_process:
             partial = directory.with_name(f".{directory.name}.partial")
             shutil.rmtree(partial, ignore_errors=True)
             state = {**model.state_dict(), **tables}  # tables are non-persistent buffers: not in state_dict()
@@ -113,7 +113,7 @@ def save_merged(model: nn.Module, directory: str | Path, tokenizer=None, model_c
                 (partial / MODEL_CARD).write_text(model_card)
             write_manifest(partial)
             replace_dir(partial, directory)
-    _barrier()
+    collective.barrier()
     return directory
 
 

@@ -116,7 +116,7 @@ def load_dense_state(engine, checkpoint: Path, grad_accum: int) -> None:
     """Write the whole state saved in `checkpoint` into this engine's partitions (every rank)."""
     from safetensors import safe_open
 
-    from ..memory.adapter import gathered_parameters
+    from ..parallel.collective import gathered_parameters
 
     file = checkpoint / FILE
     if not file.is_file():

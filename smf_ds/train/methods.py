@@ -28,7 +28,7 @@ class Method:
 
     def save_artifact(self, model: nn.Module, tokenizer, target: Path) -> None:
         """Every rank calls it (gathers are collectives); rank 0 writes."""
-        from ..memory.adapter import gathered_parameters
+        from ..parallel.collective import gathered_parameters
         from ..parallel.process_group import get_rank
 
         with gathered_parameters(list(model.parameters())):  # whole, even if ZeRO-3 partitioned them
@@ -45,10 +45,11 @@ class SMF(Method):
 
     def save_artifact(self, model, tokenizer, target):
         from ..memory.adapter import save_memory_adapter
+        from ..parallel.collective import process_collective
 
         # It gathers its own ZeRO-3 parameters (DeepSpeed refuses nested gathers); a collective for
         # sharded tables; rank 0 writes.
-        save_memory_adapter(model, target)
+        save_memory_adapter(model, target, process_collective())
 
 
 class LoRA(Method):
