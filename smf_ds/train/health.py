@@ -47,9 +47,11 @@ def nonfinite_tensors(model, tables, updater) -> list[str]:
 
 
 def likely_cause(cfg) -> str:
-    t = cfg.train
-    settings = [f"memory.value_lr={cfg.memory.value_lr}"] if t.method == "smf" else []
-    if t.method != "smf" or t.scope != "values":
+    from .methods import method_of
+
+    t, memory = cfg.train, method_of(cfg).uses_memory
+    settings = [f"memory.value_lr={cfg.memory.value_lr}"] if memory else []
+    if not memory or t.scope != "values":  # dense parameters train too
         settings.insert(0, f"train.lr={t.lr}")
     return f"a learning rate too large ({' or '.join(settings)})"
 
