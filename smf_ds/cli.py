@@ -36,7 +36,7 @@ def _cmd_train(args) -> dict:
 
 def _cmd_retrofit(args) -> dict:
     from .parallel.process_group import init_process_group
-    from .train.run import retrofit_main
+    from .train.retrofit import retrofit_main
 
     cfg = load_config(args.config, args.overrides)
     init_process_group(timeout=cfg.cluster.collective_timeout)
@@ -46,7 +46,7 @@ def _cmd_retrofit(args) -> dict:
 
 def _cmd_background(args) -> dict:
     from .parallel.process_group import init_process_group
-    from .train.run import background_main
+    from .train.background import background_main
 
     cfg = load_config(args.config, args.overrides)
     init_process_group(timeout=cfg.cluster.collective_timeout)

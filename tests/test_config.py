@@ -210,7 +210,7 @@ def test_yaml_file_with_a_number_for_a_string_names_the_key(tmp_path):
 
 
 def test_bad_answer_continuation_names_the_field():
-    from smf_ds.train.run import task_examples
+    from smf_ds.train.inputs import task_examples
 
     cfg = load_config(overrides=["data.train=unused.jsonl", "data.answer_continuation={answer}"])
     with pytest.raises(ConfigError, match=r"data.answer_continuation='\{answer\}'.*unknown placeholder"):
@@ -228,7 +228,7 @@ class _CharTokenizer:
 @pytest.mark.parametrize("with_exp", [True, False])
 def test_train_explanation_switches_the_explanation_in_the_answer(tmp_path, with_exp):
     from smf_ds.data import samples
-    from smf_ds.train.run import task_examples
+    from smf_ds.train.inputs import task_examples
 
     rows = samples.medmcqa_rows(4, seed=0)
     has_exp = [bool(row.get("exp")) for row in rows]
@@ -245,7 +245,7 @@ def test_training_reads_the_train_split_not_the_evaluated_one(tmp_path):
     import datasets
 
     from smf_ds.data import samples
-    from smf_ds.train.run import task_examples
+    from smf_ds.train.inputs import task_examples
 
     rows = samples.medmcqa_rows(6, seed=1)
     splits = {"train": rows[:4], "validation": rows[4:]}
@@ -268,9 +268,21 @@ def test_cli_takes_overrides_before_and_after_flags():
 
 def test_training_file_in_another_schema_names_the_field_and_counts(tmp_path):
     from smf_ds.data import samples
-    from smf_ds.train.run import task_examples
+    from smf_ds.train.inputs import task_examples
 
     path = samples.write_rows(samples.oasst_rows(5, seed=0), tmp_path / "oasst.jsonl")
     cfg = load_config(overrides=[f"data.train={path}"])
     with pytest.raises(ConfigError, match=rf"data\.train={path}: no usable MedMCQA row .*\(\d+ rows read, \d+ malformed"):
         task_examples(cfg, _CharTokenizer())
+
+
+def test_a_retrofits_derived_settings_are_found_not_listed():
+    """The settings a retrofit sets from retrofit.* (a resume's refusal names the retrofit.* one):
+    derived by changing each input, and every one a real setting."""
+    from smf_ds.config import flatten_dotted, to_dict
+    from smf_ds.train.retrofit import derived_keys
+
+    keys = derived_keys()
+    assert set(keys) == {"train.method", "train.scope", "train.steps", "train.lr", "memory.value_lr", "sparse.scoring",
+                         "sparse.optimizer", "sparse.weight_decay", "data.background"}
+    assert set(keys) <= set(flatten_dotted(to_dict(load_config())))

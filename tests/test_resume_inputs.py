@@ -8,7 +8,8 @@ import pytest
 
 from smf_ds.config import load_config
 from smf_ds.data import samples
-from smf_ds.train.run import background_main, train_main
+from smf_ds.train.background import background_main
+from smf_ds.train.run import train_main
 
 from distributed import run_distributed
 from test_train_loop import _config_error_of

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from smf_ds.config import ConfigError, load_config
 from smf_ds.data import samples
-from smf_ds.train.run import background_main, retrofit_main, retrofit_run_config, train_main
+from smf_ds.train.background import background_main
+from smf_ds.train.retrofit import retrofit_main, retrofit_run_config
+from smf_ds.train.run import train_main
 
 from distributed import run_distributed
 
@@ -100,7 +102,7 @@ def test_adapter_memory_shape_replaces_the_run_configs(world, tmp_path, caplog):
     from smf_ds.memory.adapter import save_memory_adapter
     from smf_ds.memory.inject import inject_memory
     from smf_ds.train.build import load_tokenizer_and_model
-    from smf_ds.train.run import adopt_adapter_memory
+    from smf_ds.train.inputs import adopt_adapter_memory
 
     cfg = load_config(overrides=_overrides(world, tmp_path))
     _, model = load_tokenizer_and_model(cfg)

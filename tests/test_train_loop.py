@@ -201,7 +201,9 @@ def test_lora_targets_that_match_nothing_name_the_field(tmp_path):
 
 def test_training_into_a_used_out_dir_needs_resume(tmp_path):
     from smf_ds.config import ConfigError
-    from smf_ds.train.run import background_main, retrofit_main, train_main
+    from smf_ds.train.background import background_main
+    from smf_ds.train.retrofit import retrofit_main
+    from smf_ds.train.run import train_main
 
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "latest_memory").write_text("step0000100")
@@ -231,7 +233,9 @@ def test_mistyped_data_paths_fail_before_the_model_loads(tmp_path):
     """A typo in a data path is named by its field, before any model is loaded (the model path
     here does not exist either: reaching it would be another error)."""
     from smf_ds.config import ConfigError
-    from smf_ds.train.run import background_main, retrofit_main, train_main
+    from smf_ds.train.background import background_main
+    from smf_ds.train.retrofit import retrofit_main
+    from smf_ds.train.run import train_main
 
     cfg = _cfg(tmp_path, 1, extra=["model.name_or_path=/nowhere/model", "data.train=./medmcqa_trian.jsonl",
                                    "data.background=oasst.jsonl"])

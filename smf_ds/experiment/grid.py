@@ -48,7 +48,7 @@ def run_one(setup, out: Path, variant: str, seed: int) -> Path:
     if (eval_dir / SUMMARY).is_file():
         log.info("%s seed %d: evaluated already, kept", variant, seed)
         return eval_dir
-    from ..train.run import TRAIN_SUMMARY, read_run_summary, run_finished
+    from ..train.rundir import read_run_summary, run_finished, TRAIN_SUMMARY
 
     summary_path = directory / TRAIN_SUMMARY
     if run_finished(summary_path):

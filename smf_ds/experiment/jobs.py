@@ -122,7 +122,9 @@ def background_then_train(make_config, run_dir: Path, adapter: str | None = None
     """`smf-ds background` (when the run's scoring rule needs it), then `smf-ds train`; the train
     summary. make_config(extra overrides) builds the run config; adapter: memory to start from."""
     from ..train.checkpoint import latest_tag
-    from ..train.run import background_main, default_background_path, train_main
+    from ..train.background import background_main
+    from ..train.rundir import default_background_path
+    from ..train.run import train_main
 
     cfg = make_config([])
     if method_of(cfg).needs_background(cfg):

@@ -120,7 +120,8 @@ class ConfigSetup:
         return load_config(self.exp.run, [*overrides, f"train.seed={seed}", f"memory.seed={seed}", f"out_dir={run_dir}"])
 
     def _retrofit(self, seed: int) -> Path:
-        from ..train.run import RETROFIT_SUMMARY, read_run_summary, retrofit_main, run_finished
+        from ..train.rundir import read_run_summary, RETROFIT_SUMMARY, run_finished
+        from ..train.retrofit import retrofit_main
 
         run_dir = self.out / "retrofit" / f"seed{seed}"
         summary = run_dir / RETROFIT_SUMMARY
@@ -198,7 +199,7 @@ def _check_eval_sources(settings: EvalSettings, config_dir: Path) -> None:
     """A mistyped local eval file fails now, by its key, not after the base model has loaded.
     Relative paths are from the working directory (as in run configs); only `run:` is looked up
     next to the experiment config."""
-    from ..train.run import check_data_paths
+    from ..train.inputs import check_data_paths
 
     for task in TASKS:
         source = getattr(settings, task)

@@ -270,7 +270,7 @@ def load_memory_adapter(model: nn.Module, directory: str | Path, collective: Col
     """
     directory = Path(directory)
     cfg, base = read_adapter_config(directory)
-    if (directory / MANIFEST).is_file():  # written by a run (smf_ds.train.run.save_trained)
+    if (directory / MANIFEST).is_file():  # written by a run (smf_ds.train.artifacts.save_trained)
         problems = verify_manifest(directory)
         if problems:
             raise AdapterError(f"{directory}: the adapter's files are not what was written: {'; '.join(problems[:4])}")
