@@ -167,7 +167,7 @@ def _check_out(out: str, overwrite: bool, inputs: list[tuple[str, str]]) -> Path
 def export_main(model: str, memory_adapter: str | None, out: str, dtype: str = "float32",
                 eval_dir: str | None = None, overwrite: bool = False) -> Path:
     """Load BASE (+ adapter) as `smf-ds eval` does, and write it as a merged directory at `out`."""
-    from .eval.cli import load_model_and_tokenizer
+    from .models import load_model_and_tokenizer
     from .memory.adapter import CONFIG_NAME
     from .memory.merged import merged_format, save_merged
 

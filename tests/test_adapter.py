@@ -277,7 +277,7 @@ def test_merged_round_trip(tmp_path, mode, tie):
     # The injected model itself is unchanged by saving.
     assert torch.equal(logits(model), expected)
     # `smf-ds eval --model <merged dir>` loads the memory too (not the bare base weights).
-    from smf_ds.eval.cli import load_model_and_tokenizer
+    from smf_ds.models import load_model_and_tokenizer
 
     evaluated, _ = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")
     assert torch.equal(logits(evaluated), expected)
@@ -312,7 +312,7 @@ def test_first_format_merged_directories_still_load_with_a_warning(tmp_path, mod
     out = tmp_path / "old"
     save_first_format(model, out)
     _tiny_tokenizer().save_pretrained(out)
-    from smf_ds.eval.cli import load_model_and_tokenizer
+    from smf_ds.models import load_model_and_tokenizer
 
     with caplog.at_level(logging.WARNING, logger="smf_ds.memory.merged"):
         evaluated, _ = load_model_and_tokenizer(str(out), dtype="float32", device="cpu")

@@ -4,6 +4,7 @@ import pytest
 
 
 from smf_ds.config import ConfigError, InputError, load_config
+from smf_ds import models
 from smf_ds.eval import cli
 from smf_ds.model_source import looks_local, missing_dir_note, model_source
 
@@ -62,8 +63,8 @@ def test_memory_adapter_is_checked_before_the_model_is_loaded(monkeypatch):
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_load)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
-    with pytest.raises(cli.EvalCLIError, match="--memory-adapter /nonexistent/adapter: no such directory"):
-        cli.load_model_and_tokenizer("Qwen/Qwen2.5-0.5B-Instruct", memory_adapter="/nonexistent/adapter")
+    with pytest.raises(models.ModelLoadError, match="--memory-adapter /nonexistent/adapter: no such directory"):
+        models.load_model_and_tokenizer("Qwen/Qwen2.5-0.5B-Instruct", memory_adapter="/nonexistent/adapter")
 
 
 def test_train_names_the_field(tmp_path):
@@ -83,7 +84,7 @@ def test_a_model_dir_without_tokenizer_files_is_named(eval_world, tmp_path):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(eval_world.model_dir / name, bare / name)
     with pytest.raises(InputError, match=rf"--model {bare}: its tokenizer encodes text to no tokens"):
-        cli.load_model_and_tokenizer(str(bare))
+        models.load_model_and_tokenizer(str(bare))
     from smf_ds.train.build import load_tokenizer_and_model
 
     with pytest.raises(InputError, match=r"model.name_or_path='.*weights_only': "):
@@ -94,7 +95,7 @@ def test_a_run_dir_or_a_memory_adapter_as_model_says_what_to_pass(eval_world, tm
     """`--model RUN_DIR` or `--model RUN_DIR/memory_adapter` is not a model: the error gives the
     command that evaluates it, with the base model read from the run's config.yaml."""
     from smf_ds.config import MemoryConfig, SMFConfig, save_config
-    from smf_ds.eval.cli import EvalCLIError, load_model_and_tokenizer
+    from smf_ds.models import ModelLoadError, load_model_and_tokenizer
     from smf_ds.memory.adapter import save_memory_adapter
     from smf_ds.memory.inject import inject_memory
     from fixtures_eval import load_tiny
@@ -107,7 +108,7 @@ def test_a_run_dir_or_a_memory_adapter_as_model_says_what_to_pass(eval_world, tm
     cfg.model.name_or_path = str(eval_world.model_dir)
     save_config(cfg, run / "config.yaml")
     for given in (run, run / "memory_adapter"):
-        with pytest.raises(EvalCLIError, match=rf"--model {given}: a (run directory|memory adapter), not a model; "
+        with pytest.raises(ModelLoadError, match=rf"--model {given}: a (run directory|memory adapter), not a model; "
                                                rf"evaluate it with --model {eval_world.model_dir} "
                                                rf"--memory-adapter {run / 'memory_adapter'}$"):
             load_model_and_tokenizer(str(given), dtype="float32", device="cpu")

@@ -16,7 +16,6 @@ import argparse
 import codecs
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 from ..config import InputError
@@ -25,7 +24,7 @@ from ..data import triviaqa as triviaqa_data
 from ..data import wikitext as wikitext_data
 from ..data.medmcqa import MedMCQAPrompt
 from .medmcqa import MODES, check_modes
-from ..model_source import check_tokenizer, missing_dir_note, model_source
+from ..models import load_model_and_tokenizer
 from .runner import TASKS, EvalSettings, check_tasks, run_tasks
 
 log = logging.getLogger(__name__)
@@ -167,122 +166,6 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         triviaqa_template=tqa_template, max_new_tokens=args.max_new_tokens, max_length=args.max_length,
         stride=args.stride, batch_size=args.batch_size, gen_batch_size=args.gen_batch_size,
         ppl_batch_size=args.ppl_batch_size, n_boot=args.n_boot)
-
-
-def _device(requested: str | None):
-    import torch
-
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError as err:
-            raise EvalCLIError(f"--device {requested}: {err}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise EvalCLIError(f"--device {requested}: CUDA is not available (this torch is "
-                               f"{'a CPU build' if torch.version.cuda is None else 'built with CUDA, but sees no GPU'})")
-        return device
-    if torch.cuda.is_available():
-        from ..parallel.process_group import local_cuda_index
-
-        return torch.device("cuda", local_cuda_index(int(os.environ.get("LOCAL_RANK", "0"))))
-    return torch.device("cpu")
-
-
-def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, dtype: str = "auto",
-                             device: str | None = None, named_by: str | None = None):
-    """(model, tokenizer) ready to evaluate: eval mode, on `device`, memory adapter loaded if given.
-    Errors name the model as `named_by` (default: eval's flag, "--model ID")."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    what = named_by or f"--model {model_id}"
-    try:
-        source = model_source(model_id)
-    except OSError as err:
-        raise EvalCLIError(f"{what}: {err}") from None
-    if memory_adapter:  # checked before the (possibly slow) model load
-        _check_adapter_dir(memory_adapter)
-    dev = _device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if dev.type == "cuda" else "float32"
-    from ..memory.merged import load_merged, merged_format, read_merged_config
-
-    merged = merged_format(source)  # a merged SMF model: base weights and memory in one directory
-    if merged and memory_adapter:  # its own memory would be dropped for the adapter's
-        raise EvalCLIError(f"{what} holds a merged model (base weights and memory); evaluate it "
-                           f"without --memory-adapter, or give its base model with --memory-adapter {memory_adapter}")
-    _refuse_memory_adapter_as_model(source, what)
-    check_written_files(source, what)
-    try:
-        if merged == 2:  # its config.json names the SMF model type: give the tokenizer the base's
-            tokenizer = AutoTokenizer.from_pretrained(source, config=read_merged_config(source)[1])
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        if merged:
-            model = load_merged(source, dtype=getattr(torch, dtype))
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as err:
-        if isinstance(err, InputError):
-            raise
-        raise EvalCLIError(f"{what}: could not load a tokenizer and causal LM from it "
-                           f"({err}){missing_dir_note(model_id)}") from None
-    check_tokenizer(tokenizer, what)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if memory_adapter:
-        model = _load_memory_adapter(model, memory_adapter)
-    model.to(dev)
-    model.eval()
-    return model, tokenizer
-
-
-def _refuse_memory_adapter_as_model(source: str, what: str) -> None:
-    """A memory adapter (or the run dir holding one) is not a model: say what to pass instead."""
-    from ..memory.adapter import CONFIG_NAME
-
-    path = Path(source)
-    adapter = next((d for d in (path, path / "memory_adapter") if (d / CONFIG_NAME).is_file()), None)
-    if adapter is None or (path / "config.json").is_file():
-        return
-    base = "BASE"
-    run_config = adapter.parent / "config.yaml"
-    if run_config.is_file():
-        try:
-            from ..config import load_config
-
-            base = load_config(run_config).model.name_or_path or base
-        except InputError:
-            pass
-    raise EvalCLIError(f"{what}: {'a memory adapter' if adapter == path else 'a run directory'}, not a model; "
-                       f"evaluate it with --model {base} --memory-adapter {adapter}")
-
-
-def check_written_files(source: str, what: str) -> None:
-    """A model directory a run wrote (full finetuning's `model`) holds what its manifest says."""
-    from ..manifest import MANIFEST, verify_manifest
-
-    if Path(source).is_dir() and (Path(source) / MANIFEST).is_file():
-        problems = verify_manifest(source)
-        if problems:
-            raise EvalCLIError(f"{what}: its files are not what was written: {'; '.join(problems[:4])}")
-
-
-def _check_adapter_dir(directory: str) -> Path:
-    path = Path(directory).expanduser()
-    if not path.exists():
-        raise EvalCLIError(f"--memory-adapter {directory}: no such directory (expected a directory written by "
-                           f"save_memory_adapter)")
-    if not path.is_dir():
-        raise EvalCLIError(f"--memory-adapter {directory}: not a directory (expected a directory written by "
-                           f"save_memory_adapter)")
-    return path
-
-
-def _load_memory_adapter(model, directory: str):
-    from ..memory.adapter import load_memory_adapter
-
-    return load_memory_adapter(model, _check_adapter_dir(directory))
 
 
 def run_eval(args: argparse.Namespace) -> dict:

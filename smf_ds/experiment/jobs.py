@@ -21,7 +21,7 @@ from ..data.medmcqa import MedMCQAPrompt
 from ..data.synthetic_world import WorldSpec, build_world, check_world, world_files
 from ..data.tiny import build_tiny_model, build_tiny_tokenizer
 from ..data.wikitext import join_docs, load_wikitext
-from ..eval.cli import check_written_files, load_model_and_tokenizer
+from ..models import check_written_files, load_model_and_tokenizer
 from ..memory.adapter import CONFIG_NAME as MEMORY_ADAPTER_CONFIG
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from ..eval.wikitext import tokenize_text as wikitext_tokens

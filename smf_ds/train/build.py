@@ -6,7 +6,7 @@ import logging
 import torch
 
 from ..config import ConfigError, SMFConfig
-from ..model_source import check_tokenizer, missing_dir_note, model_source
+from ..model_source import model_source
 from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import check_memory_config, inject_memory, value_tables
 from ..parallel.layout import MemoryLayout
@@ -19,7 +19,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_tokenizer_and_model(cfg: SMFConfig):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """The run's tokenizer and base model (smf_ds.models), the memory's fit checked before the weights load."""
+    from ..memory.merged import merged_format
+    from ..models import load_tokenizer_and_model as load
 
     source = cfg.model.name_or_path
     if not source:
@@ -28,31 +30,12 @@ def load_tokenizer_and_model(cfg: SMFConfig):
         path = model_source(source)  # a mistyped local path fails here, not as a malformed hub id
     except OSError as err:
         raise ConfigError(f"model.name_or_path={source!r}: {err}") from None
-
-    from ..memory.merged import merged_format
-
+    what = f"model.name_or_path={source!r}"
     if merged_format(path):
-        raise ConfigError(f"model.name_or_path={source!r}: a merged SMF model (base weights and memory in one); "
-                          f"train from its base model, with --memory-adapter DIR for the memory to start from")
-
-    def unloadable(err: Exception) -> ConfigError:
-        return ConfigError(f"model.name_or_path={source!r}: could not load a tokenizer and causal LM "
-                           f"from it ({err}){missing_dir_note(source)}")
-
-    try:
-        tokenizer, config = AutoTokenizer.from_pretrained(path), AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise unloadable(err) from None
-    check_tokenizer(tokenizer, f"model.name_or_path={source!r}")
-    if method_of(cfg).uses_memory:  # a memory that cannot fit fails before the weights load
-        check_memory_config(config, cfg.memory, f"model.name_or_path={source!r}")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[cfg.model.dtype])
-    except (OSError, ValueError) as err:
-        raise unloadable(err) from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer, model
+        raise ConfigError(f"{what}: a merged SMF model (base weights and memory in one); train from its base model, "
+                          f"with --memory-adapter DIR for the memory to start from")
+    fits = (lambda config: check_memory_config(config, cfg.memory, what)) if method_of(cfg).uses_memory else None
+    return load(source, path, what, DTYPES[cfg.model.dtype], check_config=fits)
 
 
 def load_run_model(cfg: SMFConfig, adapter_dir: str | None = None):
