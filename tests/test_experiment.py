@@ -314,9 +314,11 @@ def test_an_output_directory_keeps_one_setup(tmp_path):
     (tmp_path / SETUP_FILE).write_text(json.dumps({**recorded, "processes": 2}))
     with pytest.raises(ConfigError, match="processes: 2 there, 1 now"):
         claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}}})
-    del recorded["processes"]  # a directory from before the count was recorded: not checked
-    (tmp_path / SETUP_FILE).write_text(json.dumps(recorded))
-    claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}}})
+    # A directory of another format (an older smf-ds recorded no count) is refused by name, not guessed at.
+    del recorded["processes"]
+    (tmp_path / SETUP_FILE).write_text(json.dumps({**recorded, "format_version": 1}))
+    with pytest.raises(ConfigError, match=r"setup\.json: format_version 1, expected 2 \(made by another smf-ds version\)"):
+        claim(tmp_path, {**setup, "run": {"model": {"name_or_path": "/abs/model"}}})
 
 
 @pytest.mark.e2e
@@ -401,7 +403,9 @@ def test_a_config_experiment_records_the_content_of_its_data_files(tmp_path):
     train.write_text('{"question": "another"}\n')
     with pytest.raises(ConfigError, match=r"data_digests\.run\.data\.train: '[0-9a-f]{16}' there, '[0-9a-f]{16}' now"):
         claim(out, setup.fingerprint())
+    # A directory recorded before digests were (format 1): refused by name rather than left unchecked.
     setup_file = json.loads((out / SETUP_FILE).read_text())
-    del setup_file["data_digests"]  # a directory from before digests were recorded: not checked
-    (out / SETUP_FILE).write_text(json.dumps(setup_file))
-    claim(out, setup.fingerprint())
+    del setup_file["data_digests"]
+    (out / SETUP_FILE).write_text(json.dumps({**setup_file, "format_version": 1}))
+    with pytest.raises(ConfigError, match=r"format_version 1, expected 2"):
+        claim(out, setup.fingerprint())

@@ -227,7 +227,8 @@ def test_rule_needing_background_without_it_is_an_error():
 
 def test_background_of_another_table_shape_is_an_error(tmp_path):
     mem = make_memory()
-    stats = BackgroundStats(3, {0: torch.zeros(ROWS * 4, dtype=torch.long)}, {0: torch.zeros(ROWS * 4, dtype=torch.long)})
+    stats = BackgroundStats(3, {0: torch.zeros(ROWS * 4, dtype=torch.long)}, {0: torch.zeros(ROWS * 4, dtype=torch.long)},
+                            "memoryprint", "baseprint")
     stats.save(tmp_path / "bg.safetensors")
     loaded = BackgroundStats.load(tmp_path / "bg.safetensors")
     with pytest.raises(ConfigError, match=f"{ROWS * 4} rows.*{ROWS} rows"):
@@ -239,7 +240,7 @@ def test_background_of_another_table_shape_is_an_error(tmp_path):
         BackgroundStats.load(tmp_path / "junk.safetensors")
 
 
-def test_background_read_through_another_memory_is_an_error(tmp_path, caplog):
+def test_background_read_through_another_memory_is_an_error(tmp_path):
     """Stats record the memory and base weights they were read through (memory_fingerprint,
     base_fingerprint); training from another memory (another seed, a forgotten --memory-adapter)
     or another base refuses them."""
@@ -269,9 +270,10 @@ def test_background_read_through_another_memory_is_an_error(tmp_path, caplog):
     with pytest.raises(ConfigError, match="bg: these stats were read through other base model weights"):
         loaded.check_against(value_tables(other_base), "bg", memory_fingerprint(other_base),
                              base_fingerprint(other_base))
-    # Stats from before fingerprints: accepted, with a warning that they cannot be checked.
-    BackgroundStats(2, loaded.df, loaded.counts).save(tmp_path / "old.safetensors")
-    with caplog.at_level("WARNING"):
-        BackgroundStats.load(tmp_path / "old.safetensors").check_against(value_tables(other), "old",
-                                                                          memory_fingerprint(other))
-    assert "cannot check" in caplog.text
+    # Stats of another format (an older smf-ds wrote them without fingerprints): refused by name.
+    from safetensors.torch import save_file
+
+    save_file({"layers.1.df": loaded.df[1], "layers.1.counts": loaded.counts[1]}, str(tmp_path / "old.safetensors"),
+              metadata={"format_version": "1", "num_batches": "2", "layers": "[1]"})
+    with pytest.raises(ConfigError, match=r"old\.safetensors: format_version '1', expected 2 .*`smf-ds background`"):
+        BackgroundStats.load(tmp_path / "old.safetensors")

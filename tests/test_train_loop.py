@@ -353,11 +353,16 @@ def test_resume_on_another_number_of_processes_with_another_global_batch_is_refu
     expected = ("the global batch: 2 x 1 x 2 processes = 4 there, 2 x 1 x 1 now "
                 "(train.micro_batch_size x train.grad_accum x processes)")
     assert expected in run_distributed(_train_or_resume_with, 1, str(tmp_path), 2, True)[0]
-    run_json = tmp_path / "checkpoints" / "step0000002" / "run.json"  # as written before it held the count
+    # A run.json of another format (an older smf-ds) is refused by name, not read with guesses.
+    run_json = tmp_path / "checkpoints" / "step0000002" / "run.json"
     identity = json.loads(run_json.read_text())
-    del identity["processes"]
+    identity["format_version"] = 1
     run_json.write_text(json.dumps(identity))
-    assert expected in run_distributed(_train_or_resume_with, 1, str(tmp_path), 2, True)[0]
+    from smf_ds.manifest import write_manifest
+
+    write_manifest(run_json.parent)  # the edit is not what the manifest catches here
+    message = run_distributed(_train_or_resume_with, 1, str(tmp_path), 2, True)[0]
+    assert f"resume: {run_json}: format_version 1, expected 2 (written by another smf-ds version)" in message
 
 
 def _train_keeping(rank, world, run_dir, steps, keep):

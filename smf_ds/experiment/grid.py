@@ -96,19 +96,14 @@ def _planned_runs(out: Path) -> list[str]:
 
 
 def _recorded_report_settings(out: Path) -> tuple[dict, list[str]]:
-    """(settings, variant order) that `smf-ds experiment` recorded for its report: in
-    report_settings.json, or (older dirs) in results.json."""
-    for name in (REPORT_SETTINGS, "results.json"):
-        try:
-            recorded = json.loads((out / name).read_text())
-        except (OSError, ValueError):
-            continue
-        if "settings" in recorded:
-            order = recorded.get("order", list(recorded.get("variants", {})))
-            return recorded["settings"], order
-    raise ConfigError(f"--out {out}: no readable {REPORT_SETTINGS} or results.json to tell how the experiment "
-                      f"evaluates (MedMCQA mode, steps, data); run `smf-ds experiment` with this --out again, "
-                      f"which reuses the finished runs and writes the report")
+    """(settings, variant order) that `smf-ds experiment` recorded for its report (report_settings.json)."""
+    try:
+        recorded = json.loads((out / REPORT_SETTINGS).read_text())
+        return recorded["settings"], recorded["order"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"--out {out}: no readable {REPORT_SETTINGS} to tell how the experiment evaluates (MedMCQA "
+                          f"mode, steps, data); run `smf-ds experiment` with this --out again, which reuses the "
+                          f"finished runs and writes the report") from None
 
 
 def build_report(out: str | Path, settings: dict | None = None, order: Sequence[str] = (),

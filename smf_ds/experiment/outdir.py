@@ -18,6 +18,7 @@ from ..config import ConfigError, flatten_dotted
 from ..parallel.process_group import barrier, get_rank, get_world_size
 
 SETUP_FILE = "setup.json"
+SETUP_FORMAT_VERSION = 2  # 2: the process count and the data files' digests are recorded
 log = logging.getLogger(__name__)
 
 
@@ -44,11 +45,11 @@ def claim(out: Path, settings: dict, flag: str = "--out") -> None:
     Every rank checks; rank 0 writes (atomically: a peer may be reading) and all meet after.
     """
     path = Path(out) / SETUP_FILE
-    now = json.loads(json.dumps({**settings, "processes": get_world_size()}))  # tuples -> lists, as they read back
+    now = json.loads(json.dumps({**settings, "processes": get_world_size(), "format_version": SETUP_FORMAT_VERSION}))
     recorded = json.loads(path.read_text()) if path.is_file() else {}
-    for key in ("processes", "data_digests"):  # recorded before these were: not known, not checked
-        if recorded and key in now and key not in recorded:
-            recorded[key] = now[key]
+    if recorded and recorded.get("format_version") != SETUP_FORMAT_VERSION and _holds_results(Path(out)):
+        raise ConfigError(f"{flag} {out}: {path}: format_version {recorded.get('format_version')!r}, expected "
+                          f"{SETUP_FORMAT_VERSION} (made by another smf-ds version); use another {flag}")
     if recorded:
         diffs = _differences(recorded, now)
         if diffs and not _holds_results(Path(out)):  # e.g. the last call failed on a bad path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,9 +22,8 @@ from ..config import ConfigError
 from ..memory.values import ValueTable
 from .stats import step_access, sum_over_row_owners
 
-log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the memory and base fingerprints are recorded
 
 
 @dataclass
@@ -79,9 +77,6 @@ class BackgroundStats:
             raise ConfigError(f"{source}: these stats were read through other base model weights (fingerprint "
                               f"{self.base}) than this run's model.name_or_path holds ({base}); compute them with "
                               f"`smf-ds background` and the same model as training")
-        if memory is not None and self.memory is None:
-            log.warning("%s: written before stats recorded their memory: cannot check that they were read "
-                        "through this run's memory", source)
         if self.num_batches <= 0:
             raise ConfigError(f"{source}: num_batches is {self.num_batches}; expected at least one batch")
 
@@ -101,6 +96,8 @@ class BackgroundStats:
         return self.df[layer][start:stop].to(device), self.counts[layer][start:stop].to(device)
 
     def save(self, path: str | Path) -> None:
+        if self.memory is None or self.base is None:  # a file that resume could not check
+            raise ValueError("background stats: set memory and base (the fingerprints they were read through) to save")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
@@ -108,11 +105,7 @@ class BackgroundStats:
             tensors[f"layers.{layer}.df"] = self.df[layer].contiguous()
             tensors[f"layers.{layer}.counts"] = self.counts[layer].contiguous()
         meta = {"format_version": str(FORMAT_VERSION), "num_batches": str(self.num_batches),
-                "layers": json.dumps(sorted(self.df))}
-        if self.memory is not None:
-            meta["memory_fingerprint"] = self.memory
-        if self.base is not None:
-            meta["base_fingerprint"] = self.base
+                "layers": json.dumps(sorted(self.df)), "memory_fingerprint": self.memory, "base_fingerprint": self.base}
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
@@ -123,11 +116,15 @@ class BackgroundStats:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+                if meta.get("format_version") != str(FORMAT_VERSION):
+                    raise ConfigError(f"sparse.background: {path}: format_version {meta.get('format_version')!r}, "
+                                      f"expected {FORMAT_VERSION} (written by another smf-ds version): compute the "
+                                      f"stats again with `smf-ds background`")
                 layers = json.loads(meta["layers"])
                 stats = cls(int(meta["num_batches"]),
                             {i: f.get_tensor(f"layers.{i}.df") for i in layers},
                             {i: f.get_tensor(f"layers.{i}.counts") for i in layers},
-                            meta.get("memory_fingerprint"), meta.get("base_fingerprint"))
+                            meta["memory_fingerprint"], meta["base_fingerprint"])
         except (KeyError, ValueError, OSError, SafetensorError) as err:
             raise ConfigError(f"sparse.background: {path} is not a background stats file "
                               f"written by `smf-ds background` ({err})") from None

@@ -61,6 +61,9 @@ MAY_CHANGE_ON_RESUME = ("train.steps", "retrofit.steps", "train.save_every", "tr
 # (micro_batch_size x grad_accum x processes) stays what it was.
 GLOBAL_BATCH_KEYS = ("train.micro_batch_size", "train.grad_accum")
 RUN_FILE = "run.json"
+# 2: run.json holds the inputs, process count, step and layout; memory files their row and column
+# ranges; a manifest is written last. A checkpoint of another version is refused by name.
+RUN_FORMAT_VERSION = 2
 
 
 def _flat_config(cfg) -> dict:
@@ -76,9 +79,9 @@ def save_run_identity(directory: str | Path, tag: str, cfg, memory: str | None =
     if get_rank() == 0:
         path = Path(directory) / tag
         path.mkdir(parents=True, exist_ok=True)
-        identity = {"config": _flat_config(cfg), "memory_fingerprint": memory, "base_fingerprint": base,
-                    "processes": get_world_size(), "step": step, "layout": layout, "inputs": inputs or {},
-                    "manifest": True}  # written next, last (write_checkpoint_manifest)
+        identity = {"format_version": RUN_FORMAT_VERSION, "config": _flat_config(cfg), "memory_fingerprint": memory,
+                    "base_fingerprint": base,
+                    "processes": get_world_size(), "step": step, "layout": layout, "inputs": inputs or {}}
         tmp = path / f".{RUN_FILE}.tmp"
         tmp.write_text(json.dumps(identity, indent=2))
         os.replace(tmp, path / RUN_FILE)
@@ -100,7 +103,7 @@ def verify_checkpoint(directory: str | Path, tag: str) -> None:
     if get_rank() == 0:
         if not (checkpoint / RUN_FILE).is_file():
             problems = [f"{checkpoint / RUN_FILE}: missing (the save did not finish)"]
-        elif saved_run(directory, tag).get("manifest"):
+        else:
             problems = verify_manifest(checkpoint)
     if get_world_size() > 1:
         import torch.distributed as dist
@@ -153,22 +156,24 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
         saved = json.loads(file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"resume: {file}: not valid JSON ({err}); the checkpoint is damaged") from None
-    saved_config = saved.get("config", {k: v for k, v in saved.items() if not k.endswith("_fingerprint")})
+    if not isinstance(saved, dict) or saved.get("format_version") != RUN_FORMAT_VERSION:
+        version = saved.get("format_version") if isinstance(saved, dict) else None
+        raise ConfigError(f"resume: {file}: format_version {version!r}, expected {RUN_FORMAT_VERSION} (written by "
+                          f"another smf-ds version); resume it with that version, or start again in another out_dir")
+    saved_config = saved["config"]
     now = _flat_config(cfg)
     diffs, same_content = [], set()
-    saved_inputs, inputs = saved.get("inputs", {}), inputs or {}
+    saved_inputs, inputs = saved["inputs"], inputs or {}
     by_content = {examples_field if name == "examples" else key: name for key, name in CHECKED_BY_CONTENT.items()}
     for key, name in by_content.items():
-        if name not in saved_inputs:  # recorded before run.json held its inputs: the path decides
-            continue
-        if saved_inputs[name] != inputs.get(name):
+        if saved_inputs.get(name) != inputs.get(name):
             diffs.append(f"{key}: other {'training examples' if name == 'examples' else 'background stats'} "
                          f"({_input_text(name, saved_inputs[name])} there, {_input_text(name, inputs.get(name))} now)")
         same_content.add(key)
     if saved.get("base_fingerprint") is not None and saved["base_fingerprint"] == base:
         same_content.add("model.name_or_path")
-    processes = saved["processes"] if "processes" in saved else _memory_world_size(Path(directory) / tag)
-    elastic = processes not in (None, get_world_size())
+    processes = saved["processes"]
+    elastic = processes != get_world_size()
     for key in sorted(saved_config):
         there = _relocated(saved_config[key], saved_config.get("out_dir"), cfg.out_dir)
         if key in (*MAY_CHANGE_ON_RESUME, *derived_keys) or key in same_content or (elastic and key in GLOBAL_BATCH_KEYS):
@@ -241,14 +246,6 @@ def _memory_metadata(file: Path) -> dict:
         return f.metadata() or {}
 
 
-def _memory_world_size(checkpoint: Path) -> int | None:
-    """The process count in rank 0's memory checkpoint metadata (for run.json from before it
-    recorded the count), or None."""
-    file = checkpoint / f"memory_rank{0:05d}.safetensors"
-    world = _memory_metadata(file).get("world_size") if file.is_file() else None
-    return int(world) if world is not None else None
-
-
 def mark_latest(directory: str | Path, tag: str) -> None:
     """Point <dir>/latest_memory at `tag` once every rank's files are written."""
     barrier()
@@ -262,16 +259,7 @@ def mark_latest(directory: str | Path, tag: str) -> None:
 def complete_tags(directory: str | Path) -> list[str]:
     """Step dirs whose save finished, oldest first: run.json is written after every rank's files and
     the manifest after it (a kill during a save leaves a dir without them)."""
-    def complete(path: Path) -> bool:
-        if not (path / RUN_FILE).is_file():
-            return False
-        try:
-            expects_manifest = json.loads((path / RUN_FILE).read_text()).get("manifest")
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return False
-        return not expects_manifest or (path / MANIFEST).is_file()
-
-    return sorted(p.name for p in Path(directory).glob("step*") if complete(p))
+    return sorted(p.name for p in Path(directory).glob("step*") if (p / RUN_FILE).is_file() and (p / MANIFEST).is_file())
 
 
 def prune_checkpoints(directory: str | Path, keep: int) -> list[Path]:
@@ -322,17 +310,7 @@ def _saved_parts(checkpoint: Path) -> list[tuple[Path, dict]]:
     if len(files) != world:
         raise ConfigError(f"resume: {checkpoint}: {len(files)} memory files, but it was written by {world} ranks; "
                           f"the checkpoint is incomplete")
-    parts, col_offset = [], {}
-    for file in files:
-        layout = json.loads(_memory_metadata(file).get("layout", "{}"))
-        for layer, part in layout.items():
-            if "owned_cols" not in part:  # written before it was recorded: column parts follow in rank order
-                width = part["local_shape"][1]
-                start = col_offset.get(layer, 0) if part["class"] == "ColumnShardedValueTable" else 0
-                part["owned_cols"] = [start, start + width]
-                col_offset[layer] = (start + width) % part["dim"]
-        parts.append((file, layout))
-    return parts
+    return [(file, json.loads(_memory_metadata(file).get("layout", "{}"))) for file in files]
 
 
 def _row_indexed(key: str) -> bool:
