@@ -195,8 +195,10 @@ def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(
         assert time.time() < deadline and _slurm_job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
         time.sleep(0.2)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    requeued = _wait_for_state(job, ("PENDING", "COMPLETED", "FAILED"), 300)
-    assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", requeued
+    deadline = time.time() + 300  # the requeue takes effect as the allocation ends (COMPLETING, REQUEUED...)
+    while (requeued := _slurm_job(job))["Restarts"] != "1" or requeued["JobState"] != "PENDING":
+        assert requeued["JobState"] not in ("FAILED", "CANCELLED", "COMPLETED") and time.time() < deadline, requeued
+        time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # slurm's requeue delay
     assert _wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 300)["JobState"] == "COMPLETED"
 
