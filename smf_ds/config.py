@@ -25,6 +25,18 @@ class ConfigError(InputError):
     """A config value is wrong; the message names the dotted key and what was expected."""
 
 
+_DEPRECATIONS_SAID: set[str] = set()
+
+
+def _deprecated(message: str) -> None:
+    """Say a deprecation once per process (configs are built many times)."""
+    if message not in _DEPRECATIONS_SAID:
+        _DEPRECATIONS_SAID.add(message)
+        import logging
+
+        logging.getLogger(__name__).warning("deprecated: %s", message)
+
+
 # NaN fails every comparison, so `x <= 0` lets it through: test what is wanted, finite included.
 def _positive(x: float) -> bool:
     return math.isfinite(x) and x > 0
@@ -50,9 +62,15 @@ class MemoryConfig:
     query_batchnorm: bool = False
     value_init_std: float | None = None  # None = v_dim ** -0.5
     value_lr: float = 2.0  # values have their own learning rate (SGD, Lin et al.)
-    sharding: Literal["local", "row", "column"] = "local"  # how value tables live across ranks
+    # How value tables live across ranks: whole on every rank (replicated), or split by rows or columns.
+    sharding: Literal["replicated", "row", "column", "local"] = "replicated"
     parallel_size: int = 0  # ranks a row/column-sharded table is split over (replicated across groups); 0 = all
     seed: int = 0  # memory params are initialised from this seed, identically on every rank
+
+    def __post_init__(self) -> None:
+        if self.sharding == "local":  # the first spelling: "local" read as "this rank's part" to some
+            _deprecated("memory.sharding='local' is now spelled 'replicated' (a whole table on every rank)")
+            self.sharding = "replicated"
 
     @property
     def slots(self) -> int:
@@ -75,7 +93,7 @@ class MemoryConfig:
         need(_positive(self.value_lr), "value_lr", "a positive learning rate", self.value_lr)
         need(math.isfinite(self.scale_init), "scale_init", "a finite number", self.scale_init)
         need(self.mode in ("additive", "replacement"), "mode", "'additive' or 'replacement'", self.mode)
-        need(self.sharding in ("local", "row", "column"), "sharding", "'local', 'row' or 'column'",
+        need(self.sharding in ("replicated", "row", "column"), "sharding", "'replicated', 'row' or 'column'",
              self.sharding)
         need(self.parallel_size >= 0, "parallel_size", "0 (all ranks) or a positive number of ranks",
              self.parallel_size)

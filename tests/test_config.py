@@ -286,3 +286,16 @@ def test_a_retrofits_derived_settings_are_found_not_listed():
     assert set(keys) == {"train.method", "train.scope", "train.steps", "train.lr", "memory.value_lr", "sparse.scoring",
                          "sparse.optimizer", "sparse.weight_decay", "data.background"}
     assert set(keys) <= set(flatten_dotted(to_dict(load_config())))
+
+
+def test_the_first_spelling_of_replicated_tables_still_reads(caplog):
+    """memory.sharding='local' (a whole table on every rank) is now 'replicated': the old spelling
+    reads as the new one, with one deprecation message."""
+    with caplog.at_level("WARNING"):
+        old = load_config(overrides=["memory.sharding=local"])
+        load_config(overrides=["memory.sharding=local"])
+    assert old.memory.sharding == "replicated" == load_config().memory.sharding
+    assert [r.getMessage() for r in caplog.records].count(
+        "deprecated: memory.sharding='local' is now spelled 'replicated' (a whole table on every rank)") <= 1
+    with pytest.raises(ConfigError, match=r"memory\.sharding: expected one of \['replicated', 'row', 'column'.*got 'rows'"):
+        load_config(overrides=["memory.sharding=rows"])

@@ -17,7 +17,7 @@ from smf_ds.train.loop import Trainer
 pytestmark = pytest.mark.dist
 
 VOCAB, STEPS, FIRST = 64, 4, 2
-CASES = [(strategy, stage) for strategy in ("local", "row", "column") for stage in (0, 1, 2, 3)]
+CASES = [(strategy, stage) for strategy in ("replicated", "row", "column") for stage in (0, 1, 2, 3)]
 # LoRA and full finetuning: no value table, the dense state alone (their checkpoints are DeepSpeed's and
 # dense_full's); run in the 2 -> 1 direction.
 DENSE_CASES = [("lora", 2), ("full", 3)]
@@ -97,7 +97,7 @@ def _phase(rank, world, root, phase, written_by=None):
             trainer, selected = _trainer(cfg)
             assert trainer.resume() and trainer.step == FIRST
         elif phase == "two_groups":  # tables split over groups of 2 ranks, replicated across the groups
-            if strategy == "local" or stage not in (0, 3):
+            if strategy == "replicated" or stage not in (0, 3):
                 continue
             trainer, selected = _trainer(_config(f"{root}/p2w{world}/{strategy}-z{stage}", world, strategy, stage, 2))
             assert trainer.layout.replicas == world // 2

@@ -177,4 +177,4 @@ def test_sharded_memory_layer_equals_local(strategy, world):
 
 
 def test_strategies_named():
-    assert STRATEGIES == ("local", "row", "column")
+    assert STRATEGIES == ("replicated", "row", "column")

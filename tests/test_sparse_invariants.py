@@ -23,7 +23,7 @@ def _my_slice(rank, world, n=SEQS):
 
 def _shard(mem, world, strategy):
     from smf_ds.parallel.sharded_values import ColumnShardedValueTable, RowShardedValueTable
-    if world == 1 or strategy == "local":
+    if world == 1 or strategy == "replicated":
         if world > 1:
             mem.values.replica_group = dist.group.WORLD
         return mem
@@ -115,7 +115,7 @@ def _brute_force(rule):
 
 @pytest.fixture(scope="module")
 def single_process():
-    return {opt: {rule: _train(0, 1, "local", rule, opt) for rule in SCORING_RULES}
+    return {opt: {rule: _train(0, 1, "replicated", rule, opt) for rule in SCORING_RULES}
             for opt in ("sgd", "adamw")}
 
 
@@ -142,7 +142,7 @@ def test_single_process_matches_brute_force(single_process, optimizer):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("strategy,optimizer", [("local", "sgd"), ("row", "sgd"), ("column", "sgd"),
+@pytest.mark.parametrize("strategy,optimizer", [("replicated", "sgd"), ("row", "sgd"), ("column", "sgd"),
                                                 ("row", "adamw")])
 def test_two_ranks_equal_one_rank(single_process, strategy, optimizer):
     per_rank = run_distributed(_train_all_rules, 2, strategy, optimizer)
@@ -161,7 +161,7 @@ def test_two_ranks_equal_one_rank(single_process, strategy, optimizer):
 def test_micro_batches_give_the_same_step(single_process):
     for rule in ("tfidf", "kl", "dense-accessed"):
         one = single_process["sgd"][rule]
-        four = _train(0, 1, "local", rule, "sgd", micro_batches=4)
+        four = _train(0, 1, "replicated", rule, "sgd", micro_batches=4)
         assert four["selections"] == one["selections"], rule
         for a, b in zip(four["tables"], one["tables"]):
             assert (a - b).abs().max() <= 1e-6, rule

@@ -30,7 +30,7 @@ def _examples(n=24):
     return out
 
 
-def _cfg(run_dir, world, strategy="local", scope="values", steps=3, save_every=0, extra=()):
+def _cfg(run_dir, world, strategy="replicated", scope="values", steps=3, save_every=0, extra=()):
     accum = 2 // world
     return load_config(overrides=[
         "memory.layers=[1]", "memory.n_keys=8", "memory.knn=4", "memory.k_dim=8", "memory.scale_init=1.0",
@@ -64,7 +64,7 @@ def _config_error_of(action) -> str:
 
 
 def _resume_error(rank, world, run_dir, scope="values", extra=(), base_seed=0):
-    cfg = _cfg(run_dir, world, "local", scope, 4, extra=extra)
+    cfg = _cfg(run_dir, world, "replicated", scope, 4, extra=extra)
     model = _model(cfg.memory, base_seed)
     if base_seed:  # other base weights, the same memory
         model.load_state_dict({k: v for k, v in _model(cfg.memory).state_dict().items() if ".memory." in k},
@@ -74,8 +74,8 @@ def _resume_error(rank, world, run_dir, scope="values", extra=(), base_seed=0):
 
 @pytest.mark.dist
 def test_two_ranks_equal_one_rank(tmp_path):
-    ref = run_distributed(_run, 1, str(tmp_path / "w1"), "local", "values", 3)[0]
-    for strategy in ("local", "row", "column"):
+    ref = run_distributed(_run, 1, str(tmp_path / "w1"), "replicated", "values", 3)[0]
+    for strategy in ("replicated", "row", "column"):
         r0, r1 = run_distributed(_run, 2, str(tmp_path / f"w2{strategy}"), strategy, "values", 3)
         assert torch.equal(r0["table"], r1["table"])
         assert (r0["table"] - ref["table"]).abs().max() <= 1e-6, strategy
@@ -86,9 +86,9 @@ def test_two_ranks_equal_one_rank(tmp_path):
 @pytest.mark.dist
 def test_resume_is_exact(tmp_path):
     """4 steps straight == 2 steps, stop, resume, 2 more (memory scope: DeepSpeed + sparse state)."""
-    straight = run_distributed(_run, 1, str(tmp_path / "a"), "local", "memory+scale", 4)[0]
-    run_distributed(_run, 1, str(tmp_path / "b"), "local", "memory+scale", 2)
-    resumed = run_distributed(_run, 1, str(tmp_path / "b"), "local", "memory+scale", 4, 0, True)[0]
+    straight = run_distributed(_run, 1, str(tmp_path / "a"), "replicated", "memory+scale", 4)[0]
+    run_distributed(_run, 1, str(tmp_path / "b"), "replicated", "memory+scale", 2)
+    resumed = run_distributed(_run, 1, str(tmp_path / "b"), "replicated", "memory+scale", 4, 0, True)[0]
     assert torch.equal(straight["table"], resumed["table"])
     for name, value in straight["dense"].items():
         assert torch.equal(value, resumed["dense"][name]), name
@@ -118,7 +118,7 @@ def test_resume_is_exact(tmp_path):
 def _run_dense(rank, world, run_dir, extra, steps, resume=False):
     """Train `steps` (or resume to them); the trained dense parameters, losses and the names the
     engine checkpoint's module state holds."""
-    cfg = _cfg(run_dir, world, "local", "memory+scale", steps, extra=extra)
+    cfg = _cfg(run_dir, world, "replicated", "memory+scale", steps, extra=extra)
     trainer = Trainer(cfg, _model(cfg.memory, tie=True), _examples(), pad_id=0)  # lm_head: a frozen alias
     if resume:
         assert trainer.resume()
@@ -156,7 +156,7 @@ def _crash_and_resume(rank, world, run_dir):
 
     from smf_ds.train.checkpoint import mark_latest
 
-    cfg = _cfg(run_dir, world, "local", "values", 4, save_every=2, extra=["train.log_every=1"])
+    cfg = _cfg(run_dir, world, "replicated", "values", 4, save_every=2, extra=["train.log_every=1"])
     Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0).fit(steps=3)
     mark_latest(f"{run_dir}/checkpoints", "step0000002")
     time.sleep(1.1)  # event files are named by the second: the resumed run's must sort after
@@ -169,7 +169,7 @@ def _crash_and_resume(rank, world, run_dir):
 def test_resumed_run_logs_each_step_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    straight = run_distributed(_run, 1, str(tmp_path / "a"), "local", "values", 4)[0]["losses"]
+    straight = run_distributed(_run, 1, str(tmp_path / "a"), "replicated", "values", 4)[0]["losses"]
     resumed = run_distributed(_crash_and_resume, 1, str(tmp_path / "b"))[0]
     assert resumed == straight[2:]
     events = EventAccumulator(str(tmp_path / "b" / "tensorboard"))
@@ -256,7 +256,7 @@ def _model_freed_after_close(rank, world, run_dir, extra):
     import gc
     import weakref
 
-    cfg = _cfg(run_dir, world, "local", "memory+scale", 1, extra=extra)
+    cfg = _cfg(run_dir, world, "replicated", "memory+scale", 1, extra=extra)
     trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
     trainer.fit()
     dense = getattr(trainer.engine.optimizer, "optimizer", trainer.engine.optimizer)
@@ -287,8 +287,8 @@ def _logged(rank, world, run_dir, extra):
     """Train 3 steps, logging each; rank 0's TensorBoard scalars by tag."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = _cfg(run_dir, world, "local", "memory+scale", 3, extra=["train.log_every=1", *extra])
-    trainer = Trainer(cfg, shard_memory(_model(cfg.memory), None, "local"), _examples(), pad_id=0)
+    cfg = _cfg(run_dir, world, "replicated", "memory+scale", 3, extra=["train.log_every=1", *extra])
+    trainer = Trainer(cfg, shard_memory(_model(cfg.memory), None, "replicated"), _examples(), pad_id=0)
     trainer.fit()
     trainer.close()
     if rank != 0:
@@ -323,7 +323,7 @@ def test_tensorboard_logs_tokens_throughput_memory_and_grad_norm(tmp_path):
 
 
 def _unsharded_at_two_ranks(rank, world, run_dir):
-    cfg = _cfg(run_dir, world, "local", "values", 1)
+    cfg = _cfg(run_dir, world, "replicated", "values", 1)
     return _config_error_of(lambda: Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0))
 
 
@@ -337,8 +337,8 @@ def test_tables_not_laid_out_over_the_ranks_are_refused(tmp_path):
 def _train_or_resume_with(rank, world, run_dir, config_world, resume):
     """Train 2 steps (memory scope: DeepSpeed state), or resume with the config written for
     `config_world` processes; the refusal's message, or "ok"."""
-    cfg = _cfg(run_dir, config_world, "local", "memory+scale", 2)
-    trainer = Trainer(cfg, shard_memory(_model(cfg.memory), None, "local"), _examples(), pad_id=0)
+    cfg = _cfg(run_dir, config_world, "replicated", "memory+scale", 2)
+    trainer = Trainer(cfg, shard_memory(_model(cfg.memory), None, "replicated"), _examples(), pad_id=0)
     return _config_error_of(trainer.resume if resume else trainer.fit)
 
 
@@ -366,7 +366,7 @@ def test_resume_on_another_number_of_processes_with_another_global_batch_is_refu
 
 
 def _train_keeping(rank, world, run_dir, steps, keep):
-    cfg = _cfg(run_dir, world, "local", "memory+scale", steps, save_every=1,
+    cfg = _cfg(run_dir, world, "replicated", "memory+scale", steps, save_every=1,
                extra=[f"train.keep_checkpoints={keep}"])
     trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
     message = _config_error_of(trainer.resume)
@@ -417,7 +417,7 @@ def test_a_micro_batch_larger_than_the_data_is_refused_naming_both(tmp_path):
 
 
 def _resume_message(rank, world, run_dir):
-    cfg = _cfg(run_dir, world, "local", "memory+scale", 4)
+    cfg = _cfg(run_dir, world, "replicated", "memory+scale", 4)
     return _config_error_of(Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0).resume)
 
 
@@ -429,7 +429,7 @@ def test_a_checkpoint_whose_files_changed_is_refused_naming_the_file(tmp_path):
     name, never resumed from silently."""
     import shutil
 
-    run_distributed(_run, 1, str(tmp_path / "good"), "local", "memory+scale", 2)
+    run_distributed(_run, 1, str(tmp_path / "good"), "replicated", "memory+scale", 2)
     tag = tmp_path / "good" / "checkpoints" / "step0000002"
     assert (tag / "manifest.json").is_file()
 
@@ -468,7 +468,7 @@ def _unhealthy(rank, world, run_dir, case):
         cfg = _cfg(run_dir, world, extra=["train.method=full", "train.lr=1e10", "train.steps=3", "train.save_every=1"])
         trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
     else:  # two healthy steps saved, then a NaN in a trained tensor
-        cfg = _cfg(run_dir, world, "local", "memory+scale", 2)
+        cfg = _cfg(run_dir, world, "replicated", "memory+scale", 2)
         trainer = Trainer(cfg, _model(cfg.memory), _examples(), pad_id=0)
         trainer.fit()
         with torch.no_grad():

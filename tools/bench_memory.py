@@ -93,7 +93,7 @@ from row_read_floor import floor_ratio, row_read_floor_ms  # tools/, next to thi
 
 FULL_SIZES = [16_384, 262_144, 1_048_576]
 QUICK_SIZES = [1_024, 4_096, 16_384]  # perfect squares: the layer runs too (n_keys 32, 64, 128)
-STRATEGIES = ("local", "row", "column")
+STRATEGIES = ("replicated", "row", "column")
 DRAWS = ("uniform", "hot")
 GOAL_FLAT_RATIO = 1.2
 MMAP_THRESHOLD = 65536
@@ -143,7 +143,7 @@ def shard(weight, strategy: str, world: int):
     import torch.distributed as dist
     from smf_ds.memory.values import LocalValueTable
     from smf_ds.parallel.sharded_values import ColumnShardedValueTable, RowShardedValueTable
-    if strategy == "local":
+    if strategy == "replicated":
         table = LocalValueTable(weight.shape[0], weight.shape[1], weight=weight)
         if world > 1:  # as shard_memory does: replicas, whose selected rows' grads are all-reduced
             table.replica_group = dist.group.WORLD
@@ -191,7 +191,7 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
 
             info = {"unique_rows": int(torch.unique(idx).numel()),
                     "local_weight_shape": list(table.local_weight.shape)}
-            if strategy == "local":  # the whole table here: the least time to read its rows once
+            if strategy == "replicated":  # the whole table here: the least time to read its rows once
                 info["row_read_floor_ms"] = row_read_floor_ms(weight, idx, a.steps)
             if world > 1:
                 all_idx = [torch.empty_like(idx) for _ in range(world)]

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--launcher", choices=("none", "deepspeed", "mpirun"), default="none")
     parser.add_argument("--procs", type=int, default=2, help="processes under the launcher (default 2)")
-    parser.add_argument("--sharding", choices=("local", "row", "column"), default="local")
+    parser.add_argument("--sharding", choices=("replicated", "row", "column"), default="replicated")
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0)
     parser.add_argument("--steps", type=int, default=3, help="retrofit and train steps, background batches")
     parser.add_argument("--micro-batch", type=int, default=2)

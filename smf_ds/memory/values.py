@@ -264,7 +264,8 @@ class ValueTable(nn.Module, metaclass=abc.ABCMeta):
 
     @abc.abstractmethod
     def full_weight(self) -> torch.Tensor:
-        """The whole num_rows x dim table (gathered when sharded; collective)."""
+        """A copy of the whole num_rows x dim table (gathered when sharded: a collective); writing to
+        it changes nothing (load_full_weight does)."""
         ...
 
     def gather_full_weight(self, dst: int = 0) -> torch.Tensor | None:
@@ -302,7 +303,7 @@ class LocalValueTable(ValueTable):
         return self.bag_lookup(self.weight, indices_NK, weights_NK)
 
     def full_weight(self):
-        return self.weight
+        return self.weight.detach().clone()
 
     def load_full_weight(self, weight):
         if tuple(weight.shape) != (self.num_rows, self.dim):

@@ -5,7 +5,7 @@ Data parallelism spans every rank (the global batch is micro_batch_size x grad_a
 A table is split over a memory group of `memory.parallel_size` consecutive ranks (rows or columns,
 `memory.sharding`; 0 = every rank) and replicated across the world / parallel_size such groups,
 as Meta's memory-parallel mesh axis does: with 8 ranks per node, parallel_size 8 shards within a
-node over its fast links and replicates across nodes. `local` tables are whole on every rank.
+node over its fast links and replicates across nodes. `replicated` tables are whole on every rank.
 
 Row gradients arrive summed over the data-parallel ranks whatever the layout, so the SMF step
 divides them by `dp_size`, as the engine averages dense gradients.
@@ -23,9 +23,9 @@ from .process_group import get_rank, get_world_size
 
 @dataclass
 class MemoryLayout:
-    strategy: str  # "local", "row" or "column"
+    strategy: str  # "replicated", "row" or "column"
     world: int  # data-parallel ranks: all of them
-    parallel_size: int  # ranks one table is split over (1 for local tables)
+    parallel_size: int  # ranks one table is split over (1 for replicated tables)
     rank: int = 0
     shard_group: object = None  # this rank's memory group (None: the whole world, or no split)
     replica_group: object = None  # the ranks holding the same part as this one (None: none other)
@@ -43,8 +43,8 @@ class MemoryLayout:
         """The layout for this world; creates the process groups (every rank must call it)."""
         world = get_world_size() if world is None else world
         rank = get_rank() if rank is None else rank
-        size = 1 if cfg.sharding == "local" else (cfg.parallel_size or world)
-        if cfg.sharding != "local" and (size < 1 or world % size):
+        size = 1 if cfg.sharding == "replicated" else (cfg.parallel_size or world)
+        if cfg.sharding != "replicated" and (size < 1 or world % size):
             raise ConfigError(f"memory.parallel_size: expected a divisor of the number of processes ({world}) or 0 "
                               f"(all of them), got {cfg.parallel_size}")
         layout = cls(cfg.sharding, world, size, rank)
@@ -73,10 +73,10 @@ class MemoryLayout:
         """Swap every memory layer's local table for this layout's (every rank must call it)."""
         from .shard import shard_memory
 
-        if self.world == 1 and self.strategy == "local":
+        if self.world == 1 and self.strategy == "replicated":
             return model
-        if self.strategy == "local":
-            return shard_memory(model, None, "local")
+        if self.strategy == "replicated":
+            return shard_memory(model, None, "replicated")
         shard_memory(model, self.shard_group, self.strategy)
         if self.replica_group is not None:
             from ..memory.inject import value_tables

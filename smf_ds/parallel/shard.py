@@ -14,14 +14,14 @@ from ..memory.inject import memory_layers
 from ..memory.values import LocalValueTable
 from .sharded_values import ColumnShardedValueTable, RowShardedValueTable
 
-STRATEGIES = ("local", "row", "column")
+STRATEGIES = ("replicated", "row", "column")
 
 
 def shard_memory(model: nn.Module, group=None, strategy: str = "row", sizes: list[int] | None = None) -> nn.Module:
-    """strategy: 'local' (no change), 'row' or 'column'; sizes: optional uneven split per rank."""
+    """strategy: 'replicated' (a whole table on every rank), 'row' or 'column'; sizes: optional uneven split per rank."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"memory.sharding: expected one of {list(STRATEGIES)}, got {strategy!r}")
-    if strategy == "local":
+    if strategy == "replicated":
         # Each rank keeps a whole copy; with several ranks the copies' reads and gradients are
         # summed at each optimizer step (smf_ds.sparse.stats), so the copies stay identical.
         if dist.is_initialized() and dist.get_world_size(group) > 1:

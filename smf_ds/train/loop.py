@@ -196,12 +196,12 @@ class Trainer:
             return None
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
-    def _perf_metrics(self, step: StepResult, seconds: float) -> dict:
+    def _perf_metrics(self, outcome: StepResult, seconds: float) -> dict:
         """Throughput, step time, the dense gradients' norm and peak memory."""
-        perf = {"train/tokens": step.tokens, "perf/step_seconds": seconds,
-                "perf/tokens_per_second": step.tokens / seconds}
-        if step.grad_norm is not None:
-            perf["train/grad_norm"] = step.grad_norm
+        perf = {"train/tokens": outcome.tokens, "perf/step_seconds": seconds,
+                "perf/tokens_per_second": outcome.tokens / seconds}
+        if outcome.grad_norm is not None:
+            perf["train/grad_norm"] = outcome.grad_norm
         tag, gib = _peak_memory(next(self.model.parameters()).device)
         perf[tag] = gib
         return perf
@@ -338,10 +338,10 @@ class Trainer:
     def _fit_step(self, result: TrainResult, total: int, save_every: int) -> StepResult:
         """One optimizer step of fit: train, check the loss, log, save when due."""
         step_start = time.perf_counter()
-        step = self.train_step(log=(self.step + 1) % self.cfg.train.log_every == 0)
-        loss, metrics = step.loss, step.smf
+        outcome = self.train_step(log=(self.step + 1) % self.cfg.train.log_every == 0)
+        loss, metrics = outcome.loss, outcome.smf
         seconds = time.perf_counter() - step_start
-        result.tokens += step.tokens
+        result.tokens += outcome.tokens
         if not math.isfinite(loss):
             raise NonFiniteLossError(
                 f"train: the loss is {loss} at step {self.step}; stopped without saving this step. Common causes: "
@@ -353,10 +353,10 @@ class Trainer:
         result.losses.append(loss)
         result.metrics.append(metrics)
         if self.step % self.cfg.train.log_every == 0:
-            self._log(loss, metrics, self._perf_metrics(step, seconds))
+            self._log(loss, metrics, self._perf_metrics(outcome, seconds))
         if save_every and self.step % save_every == 0 and self.step < total:
             self.save()
-        return step
+        return outcome
 
     def _stop_saved(self) -> None:
         """On an agreed stop: the checkpoint of this step (unless just written), a record in
@@ -401,11 +401,11 @@ class Trainer:
         save_every = self.cfg.train.save_every
         with self.stop:
             while self.step < total:
-                step = self._fit_step(result, total, save_every)
+                outcome = self._fit_step(result, total, save_every)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{step.loss:.4f}")
-                if step.stop and self.step < total:
+                    bar.set_postfix(loss=f"{outcome.loss:.4f}")
+                if outcome.stop and self.step < total:
                     if bar is not None:
                         bar.close()
                     self._stop_saved()
