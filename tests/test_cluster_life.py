@@ -37,9 +37,12 @@ def world(tmp_path_factory):
 def _launch(nproc, command, config, out_dir, *extra, wait=False, log=None):
     argv = [str(REPO / "launch" / "deepspeed.sh"), str(nproc), command, "--config", str(config),
             f"out_dir={out_dir}", *extra]
+    from smf_ds.parallel.process_group import free_port
+
+    env = dict(ENV, MASTER_PORT=str(free_port()))  # not deepspeed's 29500, which another job may hold
     if wait:
-        return subprocess.run(argv, env=ENV, capture_output=True, text=True, timeout=600)
-    return subprocess.Popen(argv, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def _train_argv(stats):
