@@ -66,3 +66,16 @@ def test_rehearse_qwen_shape_quick(tmp_path):
         assert stage["seconds"] > 0 and stage["peak_rss_gib"] > 0, stage
     assert stages[3]["seconds_per_step"] > 0 and "train --resume" in printed
     assert all(size > 0 for key, size in stages[-1].items() if key != "stage"), stages[-1]
+
+
+def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
+    """tools/gpu_check.sh --dry-run: every part of the GPU check on the CPU (the script is known to
+    work before a GPU is at hand), each ok, with its JSON and markdown summary."""
+    done = subprocess.run([str(REPO / "tools" / "gpu_check.sh"), str(tmp_path), "--dry-run"],
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["dry_run"] and set(result["parts"]) == {"env", "merged", "stop", "elastic", "bench"}
+    assert all(part["ok"] for part in result["parts"].values())
+    assert result["parts"]["stop"]["stop_exit"] == 75 and result["parts"]["stop"]["bitwise_equal"]
+    assert "| merged | True |" in (tmp_path / "gpu_check.md").read_text()
