@@ -36,7 +36,7 @@ rank_pids() {
 run_forwarding_signals() {
   "$@" &
   child=$!
-  for sig in TERM USR1 USR2 INT HUP; do
+  for sig in TERM USR1; do   # the default cluster.stop_signals: others are the ranks' own business
     # shellcheck disable=SC2064
     trap "echo \"$0: SIG$sig: asking the ranks to stop after their current step\" >&2; forward_to $child $sig" "$sig"
   done

@@ -8,8 +8,8 @@
 # DS_ACCELERATOR defaults to the machine's (launch/accelerator.sh: cuda when torch sees a GPU, else cpu).
 #
 # COMMAND is an smf-ds command that runs distributed: retrofit, train, background, eval or experiment.
-# SIGTERM, SIGUSR1 (and USR2, INT, HUP) sent to this script reach the ranks, which stop after the
-# current optimizer step with a checkpoint and exit 75 (this script then exits 75 too).
+# SIGTERM and SIGUSR1 sent to this script reach the ranks (train, retrofit, experiment), which stop
+# after the current optimizer step with a checkpoint and exit 75 (this script then exits 75 too).
 # MASTER_PORT (default 29500) picks the rendezvous port; DEEPSPEED the launcher (default: the
 # repository's .venv/bin/deepspeed when present, else deepspeed on PATH); the ranks run under the
 # Python that launcher belongs to (PYTHON is not read here).

@@ -21,8 +21,8 @@ flags=()
 for var in MASTER_ADDR MASTER_PORT DS_ACCELERATOR PYTHONPATH OMP_NUM_THREADS HF_HUB_OFFLINE HF_DATASETS_OFFLINE; do
   [[ -n ${!var:-} ]] && flags+=(-x "$var")   # forward only what is set (mpirun warns otherwise)
 done
-# mpirun answers SIGTERM by killing the job, but forwards SIGUSR1 and SIGUSR2 to every rank: a
-# stop signal reaches the ranks as SIGUSR1 (or USR2), and they save and exit 75.
-forward_to() { if [[ $2 == USR2 ]]; then kill -s USR2 "$1"; else kill -s USR1 "$1"; fi 2>/dev/null || true; }
+# mpirun answers SIGTERM by killing the job, but forwards SIGUSR1 to every rank: a stop signal
+# reaches the ranks as SIGUSR1, and they save and exit 75.
+forward_to() { kill -s USR1 "$1" 2>/dev/null || true; }
 # shellcheck disable=SC2086
 run_forwarding_signals mpirun -np "$nproc" "${flags[@]}" ${MPIRUN_ARGS:-} "$python" -m smf_ds.cli "$@"

@@ -12,6 +12,7 @@ from .config import InputError, load_config
 from .owner import owning
 from .parallel.process_group import get_rank, launcher_env
 from .parallel.watchdog import PEER_LOST_EXIT_CODE
+from .train import stop
 from .train.stop import STOPPED_EXIT_CODE, RunStopped
 
 log = logging.getLogger("smf_ds.cli")
@@ -29,6 +30,7 @@ def _cmd_train(args) -> dict:
     from .train.run import train_main
 
     cfg = load_config(args.config, args.overrides)
+    stop.listen(cfg.cluster.stop_signals)  # from here on a stop signal stops the run with a checkpoint
     init_process_group(timeout=cfg.cluster.collective_timeout)
     with owning(cfg.out_dir, "train"):
         return train_main(cfg, args.memory_adapter, resume=args.resume)
@@ -39,6 +41,7 @@ def _cmd_retrofit(args) -> dict:
     from .train.retrofit import retrofit_main
 
     cfg = load_config(args.config, args.overrides)
+    stop.listen(cfg.cluster.stop_signals)
     init_process_group(timeout=cfg.cluster.collective_timeout)
     with owning(cfg.out_dir, "retrofit"):
         return retrofit_main(cfg, args.memory_adapter, resume=args.resume)
@@ -88,8 +91,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def _cmd_experiment(args) -> dict:
+    from .config import ClusterConfig
     from .experiment.grid import run_experiment
 
+    stop.listen(ClusterConfig().stop_signals)  # a run stopped mid-grid is resumed by the next call
     methods = args.methods.split(",") if args.methods else None
     run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config, world_seed=args.world_seed)
     return _written_to(*(Path(args.out) / name for name in ("results.json", "report.md", "tradeoff.png")))
@@ -177,13 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _leave_process_group(all_done: bool, deliberate: bool) -> None:
+def _leave_process_group(all_done: bool) -> None:
     """Leave the process group before the interpreter's teardown. Gloo's worker threads can hold
     work objects whose tensors reference Python; destroyed during finalization they abort a rank
     ("terminate called without an active exception") after its work is done. When every rank
-    finished, they meet at a barrier first, so none tears down while a peer still talks to it.
-    A rank that leaves deliberately (done, a user error, a stop) tells its peers' watchdogs so;
-    one that crashed does not, and they end on noticing it gone."""
+    finished, they meet at a barrier first, so none tears down while a peer still talks to it; their
+    watchdogs stop before it (a peer that leaves first is then no news). A rank that leaves
+    otherwise (a crash, or an error that its peers may not share) leaves its watchdog's peers to
+    notice it gone, and end."""
     import gc
 
     import torch.distributed as dist
@@ -193,9 +199,8 @@ def _leave_process_group(all_done: bool, deliberate: bool) -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     if all_done:
-        dist.barrier()
-    if deliberate:
         watchdog.stop()
+        dist.barrier()
     gc.collect()  # drop cycles that still hold tensors a pending work object may reference
     dist.destroy_process_group()
 
@@ -249,17 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_other_ranks()
     args = parse_args(build_parser(), argv)
-    done, deliberate, rank = False, False, 0
+    done, rank = False, 0
     try:
         result = args.func(args)
-        done = deliberate = True
+        done = True
         rank = get_rank()
     except InputError as err:
-        deliberate = True
         print(f"smf-ds {args.command}: {err}", file=sys.stderr)
         return 2
     except RunStopped as stop:  # every rank stopped at the same step, after saving
-        done = deliberate = True
+        done = True
         if get_rank() == 0:
             print(f"smf-ds {args.command}: {stop}", file=sys.stderr)
         return STOPPED_EXIT_CODE
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             return PEER_LOST_EXIT_CODE
         raise
     finally:
-        _leave_process_group(all_done=done, deliberate=deliberate)
+        _leave_process_group(all_done=done)
     if result is not None and rank == 0:  # once, not once per rank
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -19,6 +19,10 @@ class WriteError(InputError):
     """A file could not be written; the message names it and why."""
 
 
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [repr(err)])[0][:200]
+
+
 def reason_of(err: BaseException) -> str:
     code = getattr(err, "errno", None)
     text = str(err)
@@ -28,7 +32,7 @@ def reason_of(err: BaseException) -> str:
         return "a read-only file system"
     if code in (errno.EACCES, errno.EPERM):
         return "permission denied"
-    return getattr(err, "strerror", None) or text.splitlines()[0][:200]
+    return getattr(err, "strerror", None) or _first_line(err)
 
 
 def _write_failures() -> tuple[type[BaseException], ...]:
@@ -42,7 +46,7 @@ def is_write_failure(err: BaseException) -> bool:
     RuntimeError): a reason that is the disk's, not the program's."""
     if isinstance(err, OSError):
         return True
-    return isinstance(err, _write_failures()) and reason_of(err) != str(err).splitlines()[0][:200]
+    return isinstance(err, _write_failures()) and reason_of(err) != _first_line(err)
 
 
 @contextlib.contextmanager

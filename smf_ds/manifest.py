@@ -57,3 +57,12 @@ def verify_manifest(directory: str | Path) -> list[str]:
         elif _sha256(path) != want["sha256"]:
             problems.append(f"{path}: its content differs from what was written (sha256)")
     return problems
+
+
+def check_written(directory: str | Path, error: type[Exception], what: str) -> None:
+    """Raise `error` naming `what` when `directory` has a manifest and its files differ from it (a
+    directory without one is not checked: written before manifests, or re-saved by another tool)."""
+    if (Path(directory) / MANIFEST).is_file():
+        problems = verify_manifest(directory)
+        if problems:
+            raise error(f"{what}: its files are not what was written: {'; '.join(problems[:4])}")

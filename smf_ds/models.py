@@ -86,7 +86,8 @@ def load_model_and_tokenizer(model_id: str, memory_adapter: str | None = None, d
         raise ModelLoadError(f"{what} holds a merged model (base weights and memory); evaluate it "
                              f"without --memory-adapter, or give its base model with --memory-adapter {memory_adapter}")
     _refuse_memory_adapter_as_model(source, what)
-    check_written_files(source, what)
+    if not merged:  # load_merged checks its own
+        check_written_files(source, what)
     tokenizer, model = load_tokenizer_and_model(model_id, source, what, getattr(torch, dtype), merged=merged)
     if memory_adapter:
         model = _load_memory_adapter(model, memory_adapter)
@@ -118,12 +119,10 @@ def _refuse_memory_adapter_as_model(source: str, what: str) -> None:
 
 def check_written_files(source: str, what: str) -> None:
     """A model directory a run wrote (full finetuning's `model`) holds what its manifest says."""
-    from .manifest import MANIFEST, verify_manifest
+    from .manifest import check_written
 
-    if Path(source).is_dir() and (Path(source) / MANIFEST).is_file():
-        problems = verify_manifest(source)
-        if problems:
-            raise ModelLoadError(f"{what}: its files are not what was written: {'; '.join(problems[:4])}")
+    if Path(source).is_dir():
+        check_written(source, ModelLoadError, what)
 
 
 def _check_adapter_dir(directory: str) -> Path:

@@ -10,6 +10,7 @@ lock file is created at once, so a read-only or unwritable directory fails here,
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -50,6 +51,12 @@ def _lock(directory: Path, command: str):
         except (ValueError, KeyError, TypeError):
             holder = "another process"
         return None, f"{directory}: in use by {holder}; wait for it to finish, or use another directory"
+    except OSError as err:
+        if err.errno not in (errno.ENOSYS, errno.ENOTSUP, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise
+        # Some network file systems do not lock: the run goes on, unguarded, and says so.
+        log.warning("%s: the file system cannot lock %s (%s): a second run in this directory "
+                    "would not be refused", directory, LOCK, err.strerror)
     handle.seek(0)
     left = handle.read().strip()
     if left:

@@ -481,7 +481,7 @@ def test_an_adapter_whose_files_changed_is_refused_naming_the_file(base_dir, tmp
     assert torch.equal(logits(load_memory_adapter(fresh(base_dir), tmp_path / "a")), logits(model))
     weights = tmp_path / "a" / WEIGHTS_NAME
     weights.write_bytes(weights.read_bytes()[:-8] + bytes(8))
-    with pytest.raises(ConfigError, match=rf"adapter's files are not what was written: {weights}: its content differs"):
+    with pytest.raises(ConfigError, match=rf"memory adapter\): its files are not what was written: {weights}: its content differs"):
         load_memory_adapter(fresh(base_dir), tmp_path / "a")
     (tmp_path / "a" / "manifest.json").unlink()
     load_memory_adapter(fresh(base_dir), tmp_path / "a")

@@ -40,9 +40,9 @@ def test_bench_memory_quick(tmp_path):
                     "--no-layer", "--draws", "uniform", "--out", str(out))
     result = json.loads(out.read_text())
     rows = result["results"]
-    assert {(r["strategy"], r["procs"]) for r in rows} == {(s, p) for s in ("local", "row", "column") for p in (1, 2)}
+    assert {(r["strategy"], r["procs"]) for r in rows} == {(s, p) for s in ("replicated", "row", "column") for p in (1, 2)}
     assert all(r["bytes_sent_max_rank"] == 0 for r in rows if r["procs"] == 1)  # one process sends nothing
-    assert all(r["bytes_sent_max_rank"] > 0 for r in rows if r["procs"] == 2 and r["strategy"] != "local")
+    assert all(r["bytes_sent_max_rank"] > 0 for r in rows if r["procs"] == 2 and r["strategy"] != "replicated")
     assert "were all but reading the rows flat" in printed
 
 

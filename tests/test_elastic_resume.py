@@ -165,3 +165,32 @@ def test_a_global_batch_that_cannot_be_kept_is_refused_by_name(tmp_path):
     run_distributed(_phase, 2, root, "first")
     message = run_distributed(_refused_global_batch, 1, root)[0]
     assert "global batch of 2 x 2 x 2 processes = 8" in message and "train.micro_batch_size" in message
+
+
+def _dense_state_in_parts(rank, world, root, phase):
+    from smf_ds.train import dense_state
+
+    dense_state.PART_BYTES = 1  # every parameter's state its own part, as a model of many GiB would have
+    run_dir = f"{root}/{'ref' if phase == 'ref' else 'parts'}"
+    cfg = _config(run_dir, 1 if phase == "ref" else 2, "full", 3)  # "resume": the run's own config, as on a requeue
+    if phase == "resume":
+        fit_global_batch(cfg, f"{run_dir}/checkpoints")
+    trainer, selected = _trainer(cfg)
+    if phase == "resume":
+        assert trainer.resume() and trainer.step == FIRST
+    result = trainer.fit(steps=FIRST if phase == "first" else STEPS)
+    parts = sorted(p.name for p in (trainer.checkpoint_dir / trainer.tag).glob("dense_full-*.safetensors"))
+    state = _state(trainer, selected, result.losses)
+    trainer.close()
+    return {"state": state, "parts": parts}
+
+
+def test_a_dense_state_written_in_parts_resumes_on_another_number_of_processes(tmp_path):
+    root = str(tmp_path)
+    first = run_distributed(_dense_state_in_parts, 2, root, "first")[0]
+    trainable = len(first["state"]["dense"])
+    assert len(first["parts"]) == trainable > 1, first["parts"]  # one part per parameter, none left behind
+    resumed = run_distributed(_dense_state_in_parts, 1, root, "resume")[0]
+    ref = run_distributed(_dense_state_in_parts, 1, root, "ref")[0]
+    _close(resumed["state"], ref["state"], "2 -> 1 from parts")
+    assert max(abs(a - b) for a, b in zip(resumed["state"]["losses"], ref["state"]["losses"][FIRST:])) <= 1e-5

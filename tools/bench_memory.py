@@ -25,7 +25,7 @@ What runs (one "step" = forward + backward + gradients of t rows + sink.clear())
           T x H x 2 x n_keys), so it is not expected to be flat; sizes that are not perfect
           squares (or with sqrt(N) < knn) skip it.
 
-Strategies: local (the whole table; with 2 processes each rank holds a replica and does its own
+Strategies: replicated (the whole table; with 2 processes each rank holds a replica and does its own
 lookups; only the t rows' gradients are all-reduced), row
 (`RowShardedValueTable.from_full`), column (`ColumnShardedValueTable.from_full`), each at 1
 process (a gloo group of one: sharded code paths run, nothing leaves the rank) and 2 processes
@@ -473,7 +473,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case (default 10, quick 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps per case first (default 3, quick 1)")
     ap.add_argument("--strategies", type=lambda s: s.split(","), default=list(STRATEGIES),
-                    help="comma-separated, of local,row,column (default all)")
+                    help="comma-separated, of replicated,row,column (default all)")
     ap.add_argument("--procs", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2],
                     help="comma-separated process counts (default 1,2)")
     ap.add_argument("--draws", type=lambda s: s.split(","), default=list(DRAWS),

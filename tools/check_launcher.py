@@ -28,6 +28,7 @@ import json
 import os
 import shlex
 import subprocess
+import time
 import sys
 import tempfile
 from pathlib import Path
@@ -128,12 +129,20 @@ def run_smf_ds(launcher: str | None, procs: int, args: list[str], log_dir: Path,
     env = launcher_env(netns and launcher is not None, procs)
     if launcher == "slurm":
         env.pop("MASTER_ADDR", None)
-    running = [subprocess.Popen(cmd, env=env, cwd=log_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for cmd in launch_commands(launcher, procs, args, log_dir, sbatch_args, netns and launcher is not None)]
-    outputs = [p.communicate(timeout=timeout) for p in running]
+    # Each node's output goes to files: pipes read one node after another would let the second
+    # node block on a full pipe while the first waits on it in a collective.
+    commands = launch_commands(launcher, procs, args, log_dir, sbatch_args, netns and launcher is not None)
+    logs = [(log_dir / f"node{i}.out", log_dir / f"node{i}.err") for i in range(len(commands))]
+    running = []
+    for cmd, (out, err) in zip(commands, logs):
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            running.append(subprocess.Popen(cmd, env=env, cwd=log_dir, stdout=stdout, stderr=stderr, text=True))
+    deadline = time.monotonic() + timeout
+    for p in running:
+        p.wait(timeout=max(1.0, deadline - time.monotonic()))
     code = next((p.returncode for p in running if p.returncode), 0)
-    done = subprocess.CompletedProcess(running[0].args, code, "".join(o for o, _ in outputs),
-                                       "".join(e for _, e in outputs))
+    done = subprocess.CompletedProcess(running[0].args, code, "".join(out.read_text() for out, _ in logs),
+                                       "".join(err.read_text() for _, err in logs))
     if launcher == "slurm":  # the job's own output is in its log file, not sbatch's
         done.stdout += "".join(p.read_text() for p in sorted(log_dir.glob("slurm-*.out")))
     return done

@@ -126,7 +126,8 @@ def _train(work: Path, device: str, out: Path, *extra: str, wait: bool = True):
     env = dict(_env(device), MASTER_PORT=str(free_port()))
     if wait:
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
-    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = open(out.parent / f"{out.name}.log", "w")  # a file, not a pipe: nobody reads it while it runs
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
 def _adapter(run: Path) -> dict:
@@ -207,12 +208,17 @@ def main(argv=None) -> int:
     for part in args.parts.split(","):
         start = time.time()
         child = [sys.executable, __file__, str(args.out), "--part", part] + (["--dry-run"] if args.dry_run else [])
+        # Its own session, so that a part out of budget is stopped with the launchers and ranks it started.
+        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(device),
+                                start_new_session=True)
         try:
-            done = subprocess.run(child, capture_output=True, text=True, timeout=BUDGET[part], env=_env(device))
-            lines = done.stdout.strip().splitlines()
-            results[part] = json.loads(lines[-1]) if done.returncode == 0 and lines else \
-                {"ok": False, "error": done.stderr[-2000:]}
+            stdout, stderr = proc.communicate(timeout=BUDGET[part])
+            lines = stdout.strip().splitlines()
+            results[part] = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
+                {"ok": False, "error": stderr[-2000:]}
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             results[part] = {"ok": False, "error": f"out of its {BUDGET[part]} s budget"}
         results[part]["seconds"] = round(time.time() - start, 1)
         print(f"{part}: {'ok' if results[part].get('ok', True) else 'FAILED'} ({results[part]['seconds']} s)", flush=True)

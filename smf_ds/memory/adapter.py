@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..config import ConfigError, MemoryConfig, from_dict
-from ..manifest import MANIFEST, verify_manifest
+from ..manifest import check_written
 from .inject import decoder_layers, inject_memory, memory_layers, value_tables
 from .portable.product_keys import MemoryMLP
 
@@ -270,10 +270,7 @@ def load_memory_adapter(model: nn.Module, directory: str | Path, collective: Col
     """
     directory = Path(directory)
     cfg, base = read_adapter_config(directory)
-    if (directory / MANIFEST).is_file():  # written by a run (smf_ds.train.artifacts.save_trained)
-        problems = verify_manifest(directory)
-        if problems:
-            raise AdapterError(f"{directory}: the adapter's files are not what was written: {'; '.join(problems[:4])}")
+    check_written(directory, AdapterError, f"{directory} (memory adapter)")
     config_file = directory / CONFIG_NAME
     _check_base_model(model, base, config_file)
     if getattr(model, "smf_memory_config", None) is not None:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import ConfigError, MemoryConfig, from_dict
 from ..files import replace_dir
-from ..manifest import MANIFEST, verify_manifest, write_manifest
+from ..manifest import check_written, write_manifest
 from .adapter import (ALONE, CONFIG_NAME, AdapterError, Collective, _memory_config, _read_tensors, base_fingerprint,
                       load_memory_adapter, read_adapter_config)
 from .inject import decoder_layers, inject_memory, value_tables
@@ -180,15 +180,6 @@ def _drop_local_files_only(directory: Path) -> None:
             file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-def check_manifest(directory: Path) -> None:
-    """A directory smf-ds wrote holds what its manifest says (one without a manifest is not checked:
-    written before manifests, or re-saved by another tool)."""
-    if (directory / MANIFEST).is_file():
-        problems = verify_manifest(directory)
-        if problems:
-            raise AdapterError(f"{directory}: its files are not what was written: {'; '.join(problems[:4])}")
-
-
 def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """Every tensor of model.safetensors (or of its shards), and the file to name in errors."""
     index = directory / "model.safetensors.index.json"
@@ -220,7 +211,7 @@ def load_merged(directory: str | Path, dtype: torch.dtype = torch.float32) -> nn
     from transformers import AutoModelForCausalLM
 
     cfg, base_config, _ = read_merged_config(directory)
-    check_manifest(directory)
+    check_written(directory, AdapterError, str(directory))
     state, file = _read_weights(directory)
     model = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
     inject_memory(model, cfg)

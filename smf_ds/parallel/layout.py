@@ -47,6 +47,9 @@ class MemoryLayout:
         if cfg.sharding != "replicated" and (size < 1 or world % size):
             raise ConfigError(f"memory.parallel_size: expected a divisor of the number of processes ({world}) or 0 "
                               f"(all of them), got {cfg.parallel_size}")
+        if cfg.sharding != "replicated" and size == 1 and world > 1:
+            raise ConfigError(f"memory.parallel_size=1 with memory.sharding={cfg.sharding!r}: a table split over "
+                              f"one rank is not split; use memory.sharding=replicated, or a parallel_size of 2 or more")
         layout = cls(cfg.sharding, world, size, rank)
         if world > 1:
             layout._make_groups()

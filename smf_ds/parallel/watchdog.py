@@ -3,10 +3,13 @@
 Collectives wait for every rank, and a rank that was killed (kill -9, the OOM killer) or stopped
 (SIGSTOP, a node that froze) would keep the others waiting until torch's collective timeout. Each
 rank therefore beats a heartbeat counter in the rendezvous store (from a thread, so a rank that
-computes or writes a checkpoint for a long time still beats) and watches the others': a peer whose
-counter has not moved for `cluster.collective_timeout` seconds, or that left without saying
-goodbye, is lost. The first rank to see it logs which rank (host, pid, and on the same host
-whether it exited or is stopped) and exits PEER_LOST_EXIT_CODE; the launcher then ends the job.
+computes or writes a checkpoint for a long time still beats). Rank 0 watches every counter, and
+every other rank watches rank 0's (O(ranks) store requests per interval in all): a peer whose
+counter has not moved for `cluster.collective_timeout` seconds, or that is gone from this host
+without saying goodbye, is lost. Rank 0 posts the verdict in the store, every rank reads it, logs
+which rank was lost (host, pid, and on the same host whether it exited or is stopped) and exits
+PEER_LOST_EXIT_CODE; the launcher then ends the job. A rank finds rank 0 lost when its counter
+stands still or the store (rank 0's) cannot be reached.
 The process group's own timeout is the same number of seconds, for a peer that is alive but
 stuck inside a collective.
 """
@@ -27,6 +30,17 @@ log = logging.getLogger(__name__)
 
 PEER_LOST_EXIT_CODE = 69  # EX_UNAVAILABLE (sysexits.h): a peer the job needs is gone
 _PREFIX = "smf_ds/peers"
+_LOST = f"{_PREFIX}/lost"
+
+
+def _machine() -> str:
+    """This boot of this machine and its PID namespace: two ranks with the same value can read each
+    other's /proc (the same hostname alone is not enough, in containers)."""
+    try:
+        boot = open("/proc/sys/kernel/random/boot_id").read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return f"{socket.gethostname()}/unknown"
 
 
 def _process_state(pid: int) -> str | None:
@@ -48,7 +62,9 @@ class PeerWatch:
         self.store = dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=max(timeout, 30)),
                                    wait_for_workers=False)
         self.hostname = socket.gethostname()
-        self.store.set(f"{_PREFIX}/who/{rank}", json.dumps({"host": self.hostname, "pid": os.getpid()}))
+        self.machine = _machine()
+        self.store.set(f"{_PREFIX}/who/{rank}", json.dumps({"host": self.hostname, "pid": os.getpid(),
+                                                           "machine": self.machine}))
         self._seen: dict[int, tuple[int, float]] = {}  # rank -> (last count, when it last moved)
         self._who: dict[int, dict] = {}
         self._stopping = threading.Event()
@@ -63,10 +79,11 @@ class PeerWatch:
             self._who[rank] = json.loads(self.store.get(f"{_PREFIX}/who/{rank}"))
         return self._who.get(rank, {})
 
-    def lost_peers(self) -> list[str]:
-        """What is wrong with each lost peer, as a phrase naming it; [] when all answer."""
+    def lost_peers(self, ranks=None) -> list[str]:
+        """What is wrong with each lost peer of `ranks` (default: all), as a phrase naming it; [] when
+        all answer."""
         now, lost = time.monotonic(), []
-        for rank in range(self.world):
+        for rank in range(self.world) if ranks is None else ranks:
             if rank == self.rank or self.store.check([f"{_PREFIX}/bye/{rank}"]):
                 continue
             key = f"{_PREFIX}/beat/{rank}"
@@ -77,7 +94,8 @@ class PeerWatch:
                 moved = now
             who = self._whois(rank)
             where = f"rank {rank} (pid {who.get('pid', '?')} on {who.get('host', '?')})"
-            state = _process_state(who["pid"]) if who.get("host") == self.hostname and "pid" in who else None
+            # /proc answers only for a process of this machine's PID namespace (not merely this hostname).
+            state = _process_state(who["pid"]) if who.get("machine") == self.machine and "pid" in who else None
             if state == "exited":
                 lost.append(f"{where} exited")
             elif now - moved > self.timeout:
@@ -89,7 +107,14 @@ class PeerWatch:
         while not self._stopping.wait(self.interval):
             try:
                 self._beat()
-                lost = self.lost_peers()
+                if self.store.check([_LOST]):  # rank 0's verdict
+                    lost = [self.store.get(_LOST).decode()]
+                elif self.rank == 0:
+                    lost = self.lost_peers()
+                    if lost:
+                        self.store.set(_LOST, "; ".join(lost))
+                else:
+                    lost = self.lost_peers([0])
             except Exception as err:  # noqa: BLE001 - the store is rank 0's: it went with it
                 if self._stopping.is_set():
                     return

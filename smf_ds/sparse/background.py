@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +107,9 @@ class BackgroundStats:
             tensors[f"layers.{layer}.counts"] = self.counts[layer].contiguous()
         meta = {"format_version": str(FORMAT_VERSION), "num_batches": str(self.num_batches),
                 "layers": json.dumps(sorted(self.df)), "memory_fingerprint": self.memory, "base_fingerprint": self.base}
-        save_file(tensors, str(path), metadata=meta)
+        tmp = path.with_name(f".{path.name}.tmp")  # a reader never sees half a file
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: str | Path) -> "BackgroundStats":

@@ -10,7 +10,7 @@ import torch
 from ..config import ConfigError, SMFConfig, save_config
 from ..memory.adapter import base_fingerprint, memory_fingerprint
 from ..memory.inject import value_tables
-from ..parallel.process_group import get_rank, get_world_size
+from ..parallel.process_group import barrier, get_rank, get_world_size
 from ..sparse.background import collect_background
 from .batches import GlobalBatchOrder, collate
 from .build import load_run_model
@@ -78,4 +78,5 @@ def background_main(cfg: SMFConfig, adapter_dir: str | None = None, out: str | N
     compute_background(cfg, model, tokenizer, out_path, texts=texts)
     if get_rank() == 0:  # the config that produced the stats, next to them
         save_config(cfg, out_path.with_suffix(".config.yaml"))
+    barrier()  # no rank reads the stats (train, in an experiment) before rank 0 has written them
     return out_path

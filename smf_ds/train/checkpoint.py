@@ -147,7 +147,7 @@ def check_run_identity(directory: str | Path, tag: str, cfg, memory: str | None 
     examples or background stats, naming what differs. Paths inside the run dir follow it when it
     moves; data.train, sparse.background and model.name_or_path may name another place holding the
     same content. examples_field names the setting the examples come from; derived_keys (settings
-    that follow from others that are compared) are left out of the message."""
+    that follow from others that are compared) are not compared."""
     file = Path(directory) / tag / RUN_FILE
     if not file.is_file():  # never skip the checks: a checkpoint without run.json did not finish saving
         raise ConfigError(f"resume: {file}: missing; the checkpoint did not finish saving (complete: "

@@ -16,12 +16,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..config import ConfigError
 from ..parallel.process_group import barrier, get_rank
 
-FILE = "dense_full.safetensors"
+FILE = "dense_full.safetensors"  # dense_full.safetensors, or dense_full-NNNNN.safetensors parts when large
+PART_BYTES = 2 << 30  # rank 0 holds at most this much of the gathered state before writing a part
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -95,6 +96,7 @@ def save_dense_state(engine, checkpoint: Path) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     tensors: dict[str, torch.Tensor] = {}
+    parts, held = 0, 0
     for name, param in _trainable(engine):  # the same order on every rank: ZeRO-3 gathers are collectives
         value = safe_get_full_fp32_param(param)
         moments = {key: safe_get_full_optimizer_state(param, key) for key in MOMENTS}
@@ -102,14 +104,39 @@ def save_dense_state(engine, checkpoint: Path) -> None:
             tensors[f"param.{name}"] = value.detach().float().cpu().contiguous()
             for key, moment in moments.items():
                 tensors[f"{key}.{name}"] = moment.detach().float().cpu().contiguous()
+            held += 3 * value.numel() * 4
+            if held >= PART_BYTES:  # a large model's state goes out in parts, not all in rank 0's memory
+                _write_part(checkpoint, parts, tensors)
+                tensors, held, parts = {}, 0, parts + 1
     if get_rank() == 0:
         steps = {float(st["step"]) for st in _base_optimizer_states(engine)}
         meta = {"optimizer_step": str(int(max(steps, default=0))), "global_steps": str(engine.global_steps),
                 "global_samples": str(engine.global_samples)}
-        tmp = checkpoint / f".{FILE}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
+        if parts and tensors:
+            _write_part(checkpoint, parts, tensors)
+            tensors, parts = {}, parts + 1
+        tmp = checkpoint / f".{FILE}.tmp"  # the whole state, or (parts written) the metadata alone
+        save_file(tensors, str(tmp), metadata={**meta, "parts": str(parts)})
         os.replace(tmp, checkpoint / FILE)
     barrier()
+
+
+def _write_part(checkpoint: Path, index: int, tensors: dict[str, torch.Tensor]) -> None:
+    name = f"{FILE[:-len('.safetensors')]}-{index:05d}.safetensors"
+    save_file(tensors, str(checkpoint / f".{name}.tmp"))
+    os.replace(checkpoint / f".{name}.tmp", checkpoint / name)
+
+
+def _saved_tensors(checkpoint: Path) -> dict[str, tuple[Path, str]]:
+    """Every saved tensor's name -> (file, key), over the state file or its parts (read lazily)."""
+    from safetensors import safe_open
+
+    files = sorted(checkpoint.glob(f"{FILE[:-len('.safetensors')]}-*.safetensors")) or [checkpoint / FILE]
+    where = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            where.update({key: (file, key) for key in f.keys()})
+    return where
 
 
 def load_dense_state(engine, checkpoint: Path, grad_accum: int) -> None:
@@ -124,17 +151,23 @@ def load_dense_state(engine, checkpoint: Path, grad_accum: int) -> None:
                           f"that wrote it (run.json: processes)")
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
-    tensors = load_file(str(file))
+    where = _saved_tensors(checkpoint)
     _materialize_optimizer_state(engine)
     trainable = _trainable(engine)
-    missing = [name for name, _ in trainable if f"param.{name}" not in tensors]
+    missing = [name for name, _ in trainable if f"param.{name}" not in where]
     if missing:
         raise ConfigError(f"resume: {file}: no saved state for {missing[:4]}; the model's trainable parameters differ")
+
+    def saved(key: str) -> torch.Tensor:  # one tensor at a time: no rank holds the whole state
+        path, name = where[key]
+        with safe_open(str(path), framework="pt") as f:
+            return f.get_tensor(name)
+
     for name, param in trainable:
-        value = tensors[f"param.{name}"]
+        value = saved(f"param.{name}")
         _set_full(param, value, None)
         for key in MOMENTS:
-            _set_full(param, tensors[f"{key}.{name}"], key)
+            _set_full(param, saved(f"{key}.{name}"), key)
         with torch.no_grad(), gathered_parameters([param], modifier_rank=0):  # the module's own copy
             if not hasattr(param, "ds_id") or get_rank() == 0:
                 param.data.copy_(value.to(param.dtype).view_as(param.data))

@@ -32,7 +32,8 @@ from .ds_config import build_ds_config
 from .engine import build_engine, release_engine
 from .health import UnhealthyModelError, flags, last_healthy_checkpoint, likely_cause, nonfinite_tensors
 from .methods import method_of
-from .stop import RunStopped, StopSignals
+from . import stop
+from .stop import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,9 @@ class Trainer:
         if self.world > 1:
             check_tables_span_ranks(self.tables, self.world)
         self.updater = None
-        # Where the tables live (smf_ds.parallel.layout); a model sharded by hand has the default.
-        self.layout = getattr(model, "smf_layout", None) or MemoryLayout(cfg.memory.sharding, self.world, 1)
+        # Where the tables live (smf_ds.parallel.layout); a model sharded by hand: split over every rank.
+        split_over = 1 if cfg.memory.sharding == "replicated" else self.world
+        self.layout = getattr(model, "smf_layout", None) or MemoryLayout(cfg.memory.sharding, self.world, split_over)
         if self.tables:
             self.updater = SparseMemoryUpdater(self.tables, cfg.sparse, cfg.memory.value_lr, background,
                                                grad_divisor=self.layout.dp_size)
@@ -135,7 +137,8 @@ class Trainer:
                                       self.world, cfg.train.seed)
         self.step = 0
         self.writer = None
-        self.stop = StopSignals(cfg.cluster.stop_signals)
+        stop.listen(cfg.cluster.stop_signals)
+        self.saved_step: int | None = None  # the step of the checkpoint this trainer last wrote or resumed from
 
     def _open_run_record(self) -> None:
         """Rank 0: config.yaml and the TensorBoard writer, once the run is sure to go on (after a
@@ -184,7 +187,7 @@ class Trainer:
         self.step += 1
         # The stop flag rides on the step's one all-reduce: every rank learns of any rank's signal
         # at the same step boundary.
-        loss_sum, tokens, stops = _sum_over_ranks(sum(losses) / len(losses), tokens, float(self.stop.requested))
+        loss_sum, tokens, stops = _sum_over_ranks(sum(losses) / len(losses), tokens, float(stop.requested() is not None))
         return StepResult(loss_sum / self.world, int(tokens), metrics,
                           None if grad_norm is None else float(grad_norm), stop=stops > 0)
 
@@ -232,15 +235,18 @@ class Trainer:
             table.sink.clear()
         return loss
 
+    def _agreed(self, value):
+        """Rank 0's `value`, on every rank: what decides which collectives run must be the same
+        everywhere (each rank reading a file itself can see a stale directory listing)."""
+        if not is_distributed():
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _healthy_checkpoint(self) -> str:
         """The newest checkpoint whose tensors are all finite (read back), on every rank."""
-        from .checkpoint import complete_tags
-
-        found = last_healthy_checkpoint(self.checkpoint_dir, complete_tags) if self.rank == 0 else None
-        if is_distributed():
-            box = [found]
-            dist.broadcast_object_list(box, src=0)
-            found = box[0]
+        found = self._agreed(last_healthy_checkpoint(self.checkpoint_dir, complete_tags) if self.rank == 0 else None)
         return str(found) if found else "none"
 
     def check_health(self) -> None:
@@ -281,6 +287,13 @@ class Trainer:
 
     def _save(self) -> None:
         tag = self.tag
+        stale = self.checkpoint_dir / tag  # left by a save cut off earlier: its files must not mix with these
+        if self.rank == 0 and stale.exists():
+            import shutil
+
+            shutil.rmtree(stale)
+        if is_distributed():
+            dist.barrier()
         # Without the frozen parameters: resume reloads them from the base model and adapter (the
         # base and memory fingerprints check they are the same), so retrofit, LoRA and
         # memory-scope runs do not write a copy of the backbone at every save.
@@ -293,12 +306,13 @@ class Trainer:
                           self.layout.describe())
         write_checkpoint_manifest(self.checkpoint_dir, tag)
         mark_latest(self.checkpoint_dir, tag)
+        self.saved_step = self.step
         if self.rank == 0 and self.cfg.train.keep_checkpoints:  # only once the new one is complete
             prune_checkpoints(self.checkpoint_dir, self.cfg.train.keep_checkpoints)
 
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint in the run dir; False when there is none."""
-        tag = latest_tag(self.checkpoint_dir)
+        tag = self._agreed(latest_tag(self.checkpoint_dir))  # rank 0's view: a stale listing must not split ranks
         if tag is None:
             log.info("resume: no checkpoint in %s: starting from step 0", self.checkpoint_dir)
             return False
@@ -312,7 +326,7 @@ class Trainer:
                 load_dense_state(self.engine, self.checkpoint_dir / tag, self.cfg.train.grad_accum)
                 step = int(saved_run(self.checkpoint_dir, tag).get("step") or tag[len("step"):])
             else:
-                # Non-strict: the frozen parameters are absent by design (older checkpoints still hold them).
+                # Non-strict: the frozen parameters are absent by design.
                 _, client_state = self.engine.load_checkpoint(str(self.checkpoint_dir), tag, load_module_strict=False)
                 if client_state is None:  # DeepSpeed's way of saying it found no files
                     raise FileNotFoundError("the engine's files are missing")
@@ -327,7 +341,7 @@ class Trainer:
                               f"{self.checkpoint_dir / 'latest_memory'} (complete: {', '.join(others) or 'none'})") from err
         if self.updater is not None:
             self.updater.load_state_dict(state)
-        self.step = step
+        self.step = self.saved_step = step
         if saved_world not in (None, self.world):
             log.info("resumed from %s at step %d on %d processes (written by %d)", tag, self.step, self.world,
                      saved_world)
@@ -361,7 +375,7 @@ class Trainer:
     def _stop_saved(self) -> None:
         """On an agreed stop: the checkpoint of this step (unless just written), a record in
         TensorBoard, then RunStopped on every rank."""
-        if latest_tag(self.checkpoint_dir) != self.tag:
+        if self.saved_step != self.step:
             self.save()
         name = self._agreed_signal()
         if self.writer is not None:
@@ -375,7 +389,7 @@ class Trainer:
         """The signal that stopped the run, the same on every rank (some may have got none)."""
         import signal
 
-        number = signal.Signals[self.stop.signal_name].value if self.stop.requested else 0
+        number = signal.Signals[stop.requested()].value if stop.requested() else 0
         if is_distributed():
             t = torch.tensor([number], dtype=torch.int64, device=collective_device())
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -399,22 +413,21 @@ class Trainer:
 
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step")
         save_every = self.cfg.train.save_every
-        with self.stop:
-            while self.step < total:
-                outcome = self._fit_step(result, total, save_every)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{outcome.loss:.4f}")
-                if outcome.stop and self.step < total:
-                    if bar is not None:
-                        bar.close()
-                    self._stop_saved()
+        while self.step < total:
+            outcome = self._fit_step(result, total, save_every)
             if bar is not None:
-                bar.close()
-            # Nothing trained (a resume at or past train.steps): the checkpoint it resumed from is
-            # this state; saving it again in place could leave it half-written if killed.
-            if self.step > first_step or latest_tag(self.checkpoint_dir) is None:
-                self.save()
+                bar.update(1)
+                bar.set_postfix(loss=f"{outcome.loss:.4f}")
+            if outcome.stop and self.step < total:
+                if bar is not None:
+                    bar.close()
+                self._stop_saved()
+        if bar is not None:
+            bar.close()
+        # Nothing trained (a resume at or past train.steps): the checkpoint it resumed from is
+        # this state; saving it again in place could leave it half-written if killed.
+        if self.step > first_step or self.saved_step is None:
+            self.save()
         result.health = self.health_flags(result.losses)
         if result.health:
             log.warning("train: the run is not healthy: %s", "; ".join(result.health))

@@ -1,11 +1,14 @@
 """Stopping a run cleanly on a signal: a scheduler's time limit, a preemption, a user's kill.
 
-Any of `cluster.stop_signals` (SIGTERM and SIGUSR1 by default) on any rank sets a flag. The
-ranks agree at the next optimizer-step boundary (the flag travels in the all-reduce of the step's
-loss, so no rank stops or saves alone), write a complete checkpoint and exit with
-STOPPED_EXIT_CODE: run the same command with `--resume auto` to continue. A further signal during
-the save is noted and ignored; a SIGKILL then cannot leave an incomplete checkpoint marked latest
-(latest_memory is written last, smf_ds.train.checkpoint).
+From the moment a command knows its config (`listen`), any of `cluster.stop_signals` (SIGTERM and
+SIGUSR1 by default) sets a flag instead of killing the process, whatever it is doing: loading,
+training, saving, evaluating. Training reads it at every optimizer-step boundary: the ranks agree
+there (the flag travels in the all-reduce of the step's loss, so no rank stops or saves alone),
+write a complete checkpoint and exit with STOPPED_EXIT_CODE; run the same command with
+`--resume auto` to continue. A stop asked during the model load stops after the first step. A
+further signal is noted and ignored; a SIGKILL then cannot leave an incomplete checkpoint marked
+latest (latest_memory is written last, smf_ds.train.checkpoint). Commands that do not train
+(eval, background) finish what they do.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ log = logging.getLogger(__name__)
 # EX_TEMPFAIL (sysexits.h): "temporary failure, the user is invited to retry".
 STOPPED_EXIT_CODE = 75
 
+_requested: str | None = None  # the first stop signal this process got
+_listening: set[int] = set()
+
 
 class RunStopped(Exception):
     """Every rank stopped after saving a checkpoint, on a signal; the CLI exits STOPPED_EXIT_CODE."""
@@ -28,36 +34,28 @@ class RunStopped(Exception):
         self.step, self.signal_name, self.checkpoint = step, signal_name, checkpoint
 
 
-class StopSignals:
-    """Catches `names` while a run trains (a context manager); `requested` says one came. Outside
-    the main thread (where Python cannot install handlers) it catches nothing."""
+def _handle(signum, frame) -> None:
+    global _requested
+    name = signal.Signals(signum).name
+    if _requested is None:
+        _requested = name
+        log.warning("%s received: stopping after the current optimizer step, with a checkpoint", name)
+    else:
+        log.warning("%s received: already stopping on %s", name, _requested)
 
-    def __init__(self, names: list[str]) -> None:
-        self.names = list(names)
-        self.signal_name: str | None = None
-        self._previous: dict[int, object] = {}
 
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
+def listen(names: list[str]) -> None:
+    """From now on, these signals ask this process to stop (main thread only: Python installs signal
+    handlers there; elsewhere, as in a worker thread, nothing is installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in names:
+        signum = signal.Signals[name]
+        if signum not in _listening:
+            signal.signal(signum, _handle)
+            _listening.add(signum)
 
-    def _handle(self, signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signal_name is None:
-            self.signal_name = name
-            log.warning("%s received: stopping after this optimizer step, with a checkpoint", name)
-        else:
-            log.warning("%s received: already stopping on %s; the checkpoint is being written", name,
-                        self.signal_name)
 
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for name in self.names:
-                signum = signal.Signals[name]
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
+def requested() -> str | None:
+    """The stop signal this process got, or None."""
+    return _requested
