@@ -141,10 +141,12 @@ def run_smf_ds(launcher: str | None, procs: int, args: list[str], log_dir: Path,
     for p in running:
         p.wait(timeout=max(1.0, deadline - time.monotonic()))
     code = next((p.returncode for p in running if p.returncode), 0)
-    done = subprocess.CompletedProcess(running[0].args, code, "".join(out.read_text() for out, _ in logs),
-                                       "".join(err.read_text() for _, err in logs))
+    # Ranks, launchers and batch scripts share these files; one write can cut into another's character.
+    read = lambda path: path.read_text(errors="replace")  # noqa: E731
+    done = subprocess.CompletedProcess(running[0].args, code, "".join(read(out) for out, _ in logs),
+                                       "".join(read(err) for _, err in logs))
     if launcher == "slurm":  # the job's own output is in its log file, not sbatch's
-        done.stdout += "".join(p.read_text() for p in sorted(log_dir.glob("slurm-*.out")))
+        done.stdout += "".join(read(p) for p in sorted(log_dir.glob("slurm-*.out")))
     return done
 
 
