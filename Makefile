@@ -42,8 +42,11 @@ experiment: $(STAMP)
 
 # Everything (the README's and CI's command), with what the launcher and cluster tests need
 # installed first (root Debian machines); a skipped test fails it. The 15 slowest are listed.
+# TEST_WORKERS pytest processes share the tests (many of them wait on launchers and timeouts);
+# the tests of the one test cluster run in one of them (xdist group "cluster").
+TEST_WORKERS ?= 2
 test: $(STAMP) test-deps
-	SMF_NO_SKIPS=1 $(PY) -m pytest -q --durations=15 tests
+	SMF_NO_SKIPS=1 $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup tests
 
 # OpenMPI, slurm-wlm + munge, iproute2 from Debian (needs root; says what is missing otherwise).
 test-deps:

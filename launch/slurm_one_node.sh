@@ -61,6 +61,9 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
+# sbatch --wait checks on its job every 2 s only with a MinJobAge this small; at the default
+# (300 s) its checks grow to 8 s and then 32 s apart, and a 12 s job takes 42 s to return.
+MinJobAge=4
 $node State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF

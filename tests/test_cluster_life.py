@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launchers import CLUSTER, launcher_missing
 from smf_ds.train.stop import STOPPED_EXIT_CODE
 
 pytestmark = pytest.mark.e2e
@@ -179,13 +180,14 @@ def _wait_for_state(job: str, states: tuple[str, ...], seconds: float) -> dict:
     return info
 
 
+@CLUSTER
 def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(world, tmp_path):
     """launch/slurm.sbatch on the one-node test cluster: the batch script's time-limit signal
     (sent early here: scancel --signal=USR1 --batch) makes the ranks save and exit 75, the script
     requeues the job, and its second allocation continues with the same command line (--resume
     auto) to the same result as an uninterrupted job; one log holds both allocations."""
-    done = subprocess.run([str(REPO / "launch" / "slurm_one_node.sh")], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"launch/slurm_one_node.sh: {done.stdout}{done.stderr}"
+    missing = launcher_missing("slurm")
+    assert missing is None, missing
     config, stats = world
 
     def submit(run: Path, *flags: str) -> str:

@@ -9,7 +9,6 @@ are installed and the tests run as root (a one-node cluster from launch/slurm_on
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launchers import CLUSTER, bring_up_namespaces, launcher_missing
 from smf_ds.parallel.process_group import launcher_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,26 +110,12 @@ def _check_launcher():
     return check_launcher
 
 
-def _launcher_missing(launcher: str) -> str | None:
-    """Why LAUNCHER cannot run on this machine, or None. The deepspeed launcher always can (it is
-    a dependency); mpirun needs OpenMPI; slurm needs slurm-wlm + munge and root, and then gets a
-    one-node cluster from launch/slurm_one_node.sh (which refuses a real cluster's config)."""
-    if launcher == "mpirun" and shutil.which("mpirun") is None:
-        return "OpenMPI is not installed (make install-mpi)"
-    if launcher == "slurm":
-        done = subprocess.run([str(REPO / "launch" / "slurm_one_node.sh")], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode == 2:  # the script's "cannot here": not root, not installed, a real cluster
-            return done.stderr.strip()
-        assert done.returncode == 0, f"launch/slurm_one_node.sh failed:\n{done.stdout}\n{done.stderr}"
-    return None
-
-
 @pytest.mark.e2e
+@CLUSTER
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "slurm"])
 def test_launcher_equals_one_process(launcher, tmp_path):
     """tools/check_launcher.py: 2 processes through the launcher equal one process."""
-    missing = _launcher_missing(launcher)
+    missing = launcher_missing(launcher)
     if missing:
         pytest.skip(f"{launcher}: {missing}")
     out = tmp_path / "checks.json"
@@ -176,6 +162,7 @@ def test_experiment_under_the_deepspeed_launcher(tmp_path):
 
 
 @pytest.mark.e2e
+@CLUSTER
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "slurm"])
 def test_launcher_across_two_nodes_equals_one_process(launcher, tmp_path):
     """Two nodes made of network namespaces on this machine (each its own address), 2 processes
@@ -183,15 +170,13 @@ def test_launcher_across_two_nodes_equals_one_process(launcher, tmp_path):
     was node 1's address (tools/check_launcher.py --netns)."""
     if os.geteuid() != 0:
         pytest.skip("two network namespaces need root")
-    missing = _launcher_missing(launcher)
+    missing = launcher_missing(launcher)
     if missing:
         pytest.skip(f"{launcher}: {missing}")
-    up = subprocess.run([str(REPO / "launch" / "netns_nodes.sh"), "up"], capture_output=True, text=True, timeout=60)
-    assert up.returncode == 0, up.stderr
-    if launcher == "slurm":  # the namespaces' slurmd nodes join the test cluster
-        done = subprocess.run([str(REPO / "launch" / "slurm_one_node.sh")], capture_output=True, text=True,
-                              timeout=180)
-        assert done.returncode == 0 and " n[1-2]" in done.stdout, done.stdout + done.stderr
+    bring_up_namespaces()
+    if launcher == "slurm":  # the namespaces' slurmd nodes are in the test cluster
+        nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+        assert {"n1", "n2"} <= set(nodes), nodes
     out = tmp_path / "checks.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, str(REPO / "tools" / "check_launcher.py"), launcher, "--netns",

@@ -58,7 +58,7 @@ def test_two_trainings_into_one_out_dir(tmp_path):
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 300
-        while not (run / "config.yaml").is_file():
+        while not ((run / "config.yaml").is_file() and list((run / "tensorboard").glob("events*"))):
             assert first.poll() is None and time.time() < deadline, first.stderr.read() if first.poll() else "slow"
             time.sleep(0.2)
         written = (run / "config.yaml").stat().st_mtime_ns, sorted((run / "tensorboard").glob("events*"))

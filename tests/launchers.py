@@ -1,0 +1,38 @@
+"""The launchers' test machinery: which launcher can run here, and the one test cluster.
+
+The test cluster is one slurm cluster on this machine (launch/slurm_one_node.sh) with, when this
+runs as root, the two network-namespace nodes of launch/netns_nodes.sh in it. The namespaces come
+up first, so that every test sees the same slurm.conf and no test restarts the daemons under
+another's job. Tests that use it share the xdist group CLUSTER (one pytest worker runs them all).
+"""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = pytest.mark.xdist_group("cluster")
+
+
+def bring_up_namespaces() -> None:
+    up = subprocess.run([str(REPO / "launch" / "netns_nodes.sh"), "up"], capture_output=True, text=True, timeout=60)
+    assert up.returncode == 0, f"launch/netns_nodes.sh up failed:\n{up.stdout}{up.stderr}"
+
+
+def launcher_missing(launcher: str) -> str | None:
+    """Why LAUNCHER cannot run on this machine, or None. The deepspeed launcher always can (it is
+    a dependency); mpirun needs OpenMPI; slurm needs slurm-wlm + munge and root, and then gets the
+    test cluster (launch/slurm_one_node.sh refuses a real cluster's config)."""
+    if launcher == "mpirun" and shutil.which("mpirun") is None:
+        return "OpenMPI is not installed (make install-mpi)"
+    if launcher == "slurm":
+        if os.geteuid() == 0 and shutil.which("ip"):
+            bring_up_namespaces()
+        done = subprocess.run([str(REPO / "launch" / "slurm_one_node.sh")], capture_output=True, text=True,
+                              timeout=180)
+        if done.returncode == 2:  # the script's "cannot here": not root, not installed, a real cluster
+            return done.stderr.strip()
+        assert done.returncode == 0, f"launch/slurm_one_node.sh failed:\n{done.stdout}\n{done.stderr}"
+    return None
