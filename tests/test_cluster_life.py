@@ -210,7 +210,9 @@ def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(
     while (requeued := _slurm_job(job))["Restarts"] != "1" or requeued["JobState"] != "PENDING":
         assert requeued["JobState"] not in ("FAILED", "CANCELLED", "COMPLETED") and time.time() < deadline, requeued
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True)  # slurm's requeue delay
+    # Sooner than slurm's requeue delay, but not within the second the node revoked the first
+    # allocation's credential (the job would fail: "Job credential revoked").
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now+2"], check=True)
     assert _wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 300)["JobState"] == "COMPLETED"
 
     log = _log(Path(f"{run}.log"))
