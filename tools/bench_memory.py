@@ -82,21 +82,22 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from row_read_floor import floor_ratio, row_read_floor_ms  # tools/, next to this script
+import bench_common  # tools/, next to this script
+from bench_common import (MMAP_THRESHOLD, finish_worker, fmt_bytes, fmt_n, machine, proc_status, reset_hwm,
+                          write_results)
+from row_read_floor import floor_ratio, row_read_floor_ms
 
 FULL_SIZES = [16_384, 262_144, 1_048_576]
 QUICK_SIZES = [1_024, 4_096, 16_384]  # perfect squares: the layer runs too (n_keys 32, 64, 128)
 STRATEGIES = ("replicated", "row", "column")
 DRAWS = ("uniform", "hot")
 GOAL_FLAT_RATIO = 1.2
-MMAP_THRESHOLD = 65536
 
 
 # --- inputs ----------------------------------------------------------------------------------
@@ -231,19 +232,6 @@ def _barrier(world: int) -> None:
     dist.barrier()
 
 
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def torch_step_allocations(step) -> dict:
     """Run `step` once under the profiler; exact tensor allocations from its allocator events.
 
@@ -311,10 +299,10 @@ def bench_rank(rank: int, world: int, a) -> dict:
             gc.collect()
             for c in cases:
                 _barrier(world)
-                _reset_hwm()
-                rss0 = _proc_status("VmRSS")
+                reset_hwm()
+                rss0 = proc_status("VmRSS")
                 c.step()
-                hwm, rss1 = _proc_status("VmHWM"), _proc_status("VmRSS")
+                hwm, rss1 = proc_status("VmHWM"), proc_status("VmRSS")
                 _barrier(world)
                 m = {"rss_peak_growth_bytes": hwm - rss0, "rss_retained_bytes": rss1 - rss0}
                 m.update(torch_step_allocations(c.step))
@@ -396,25 +384,8 @@ PASS_THROUGH = ("sizes", "tokens", "steps", "warmup", "strategies", "draws", "di
 def start_worker(a, kind: str, procs: int) -> subprocess.Popen:
     args = {k: getattr(a, k) for k in PASS_THROUGH}
     args["threads"] = a.threads or max(1, (os.cpu_count() or 1) // procs)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--worker-procs", str(procs),
-           "--worker-args", json.dumps(args)]
-    env = dict(os.environ)
-    if kind in ("mem", "both"):
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    if a.thp:  # PyTorch's own switch: 2 MiB-aligned CPU allocations, madvise(MADV_HUGEPAGE)
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
-    repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def finish_worker(proc: subprocess.Popen, what: str) -> list[dict]:
-    stdout, stderr = proc.communicate()
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(stdout + stderr)
-        raise SystemExit(f"bench_memory: the {what} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return bench_common.start_worker(__file__, [kind, "--worker-procs", str(procs)], args,
+                                     memory_pass=kind in ("mem", "both"), thp=a.thp)
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -451,20 +422,6 @@ def combine(timing: list[dict], memory: list[dict] | None, procs: int) -> list[d
     return rows
 
 
-def fmt_bytes(x) -> str:
-    if x is None:
-        return "n/a"
-    if x < 2**10:
-        return f"{x:.0f} B"
-    if x < 2**20:
-        return f"{x / 2**10:.1f} KiB"
-    return f"{x / 2**20:.1f} MiB"
-
-
-def fmt_n(n: int) -> str:
-    return f"{n // 1024}k" if n < 2**20 else f"{n / 2**20:g}M"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=None,
@@ -497,13 +454,11 @@ def main(argv=None) -> int:
     ap.add_argument("--hot-rows", type=int, default=None, help="rows of the hot draw (default: smallest size)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rank-timeout", type=float, default=1800.0, help=argparse.SUPPRESS)
-    ap.add_argument("--worker", choices=["time", "mem", "both"], help=argparse.SUPPRESS)
+    bench_common.add_worker_arguments(ap, ["time", "mem", "both"])
     ap.add_argument("--worker-procs", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--worker-args", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        for k, v in json.loads(a.worker_args).items():
-            setattr(a, k, v)
+        bench_common.take_worker_settings(a)
         worker_main(a)
         return 0
 
@@ -528,13 +483,13 @@ def main(argv=None) -> int:
         print(f"[bench_memory] timing {','.join(a.strategies)} at {procs} process(es), N = {a.sizes} ...",
               file=sys.stderr, flush=True)
         if a.quick and not a.no_memory:  # one process for both passes (see the docstring)
-            timing = memory = finish_worker(start_worker(a, "both", procs), f"both/{procs}")
+            timing = memory = finish_worker(start_worker(a, "both", procs), "bench_memory", f"both/{procs}")
         else:
-            timing = finish_worker(start_worker(a, "time", procs), f"time/{procs}")
+            timing = finish_worker(start_worker(a, "time", procs), "bench_memory", f"time/{procs}")
             memory = None
         if not a.no_memory and not a.quick:
             print(f"[bench_memory] memory at {procs} process(es) ...", file=sys.stderr, flush=True)
-            memory = finish_worker(start_worker(a, "mem", procs), f"mem/{procs}")
+            memory = finish_worker(start_worker(a, "mem", procs), "bench_memory", f"mem/{procs}")
         meta[procs] = {"threads_per_process": timing[0]["num_threads"], "torch": timing[0]["torch"]}
         rows.extend(combine(timing, memory, procs))
 
@@ -645,19 +600,14 @@ def main(argv=None) -> int:
                    "memory": "torch profiler allocator events (peak live / total allocated during one step); "
                              f"RSS: MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}, VmHWM reset via "
                              "/proc/self/clear_refs, growth = VmHWM after - VmRSS before"},
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
-                    "threads": {str(p): m["threads_per_process"] for p, m in meta.items()},
-                    "torch": next(iter(meta.values()))["torch"] if meta else None},
+        "machine": machine(threads={str(p): m["threads_per_process"] for p, m in meta.items()},
+                           torch=next(iter(meta.values()))["torch"] if meta else None),
         "results": rows,
         "goals": goals,
         "memory_scaling": memory_scaling,
         "wall_s": time.perf_counter() - t_start,
     }
-    out = Path(a.out or f"bench_results/memory{'.quick' if a.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}  ({result['wall_s']:.1f} s)")
+    write_results(result, Path(a.out or f"bench_results/memory{'.quick' if a.quick else ''}.json"))
     return 0
 
 

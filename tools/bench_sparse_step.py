@@ -73,21 +73,21 @@ import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from row_read_floor import floor_ratio, row_read_floor_ms  # tools/, next to this script
+import bench_common  # tools/, next to this script
+from bench_common import MMAP_THRESHOLD, fmt_bytes, fmt_n, machine, proc_status, reset_hwm, write_results
+from row_read_floor import floor_ratio, row_read_floor_ms
 
 FULL_SIZES = [16_384, 262_144, 1_048_576]
 QUICK_SIZES = [4_096, 16_384, 65_536]
 GOAL_FLAT_RATIO = 1.2
 GOAL_SPEEDUP = 20.0
 GOAL_PEAK_FRAC = 0.10
-MMAP_THRESHOLD = 65536
 BUSY_WARN = 0.10  # warn when other processes used more than this share of the CPUs while timing
 
 
@@ -339,19 +339,6 @@ def ours_breakdown(p: Ours, a) -> dict:
     return out
 
 
-def _proc_status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def _reset_hwm() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def torch_alloc_peak(fn) -> dict:
     """Run `fn` once under the profiler; tensor bytes from its CPU allocator events.
 
@@ -382,26 +369,26 @@ def torch_alloc_peak(fn) -> dict:
 
 def measure_memory(cls, num_rows: int, a) -> dict:
     gc.collect()
-    rss0 = _proc_status("VmRSS")
+    rss0 = proc_status("VmRSS")
     p = cls(num_rows, a)
     gc.collect()
-    rss_built = _proc_status("VmRSS")
+    rss_built = proc_status("VmRSS")
     for _ in range(a.warmup):
         p.forward()
         p.step()
     gc.collect()
-    rss_warm = _proc_status("VmRSS")
+    rss_warm = proc_status("VmRSS")
 
-    _reset_hwm()
-    rss_pre_fwd = _proc_status("VmRSS")
+    reset_hwm()
+    rss_pre_fwd = proc_status("VmRSS")
     p.forward()
-    fwd_peak = _proc_status("VmHWM") - rss_pre_fwd
+    fwd_peak = proc_status("VmHWM") - rss_pre_fwd
     gc.collect()
-    _reset_hwm()
-    rss_pre_step = _proc_status("VmRSS")
+    reset_hwm()
+    rss_pre_step = proc_status("VmRSS")
     p.step()
-    peak = _proc_status("VmHWM") - rss_pre_step
-    rss_post = _proc_status("VmRSS")
+    peak = proc_status("VmHWM") - rss_pre_step
+    rss_post = proc_status("VmRSS")
     gc.collect()
     p.forward()
     alloc = torch_alloc_peak(p.step)
@@ -444,44 +431,18 @@ PASS_THROUGH = ("sizes", "dim", "tokens", "heads", "knn", "top_t", "steps", "war
 
 def start_worker(a, kind: str, path: str | None = None) -> tuple[subprocess.Popen, str]:
     args = {k: getattr(a, k) for k in PASS_THROUGH}
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--worker-args", json.dumps(args)]
-    if path:
-        cmd += ["--path", path]
-    env = dict(os.environ)
-    if kind == "mem":
-        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
-    if a.thp:  # PyTorch's own switch: 2 MiB-aligned CPU allocations, madvise(MADV_HUGEPAGE); both paths
-        env["THP_MEM_ALLOC_ENABLE"] = "1"
-    repo = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = bench_common.start_worker(__file__, [kind, *(["--path", path] if path else [])], args,
+                                     memory_pass=kind == "mem", thp=a.thp)  # thp: both paths
     return proc, f"{kind} {path or ''}".strip()
 
 
 def finish_worker(started: tuple[subprocess.Popen, str]) -> dict:
     proc, what = started
-    stdout, stderr = proc.communicate()
-    lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(stdout + stderr)
-        raise SystemExit(f"bench_sparse_step: the {what} worker failed (exit {proc.returncode})")
-    return json.loads(lines[-1][len("RESULT "):])
+    return bench_common.finish_worker(proc, "bench_sparse_step", what)
 
 
 def fmt_pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
-
-
-def fmt_bytes(x) -> str:
-    if x is None:
-        return "n/a"
-    if x < 2**20:
-        return f"{x / 2**10:.1f} KiB"
-    return f"{x / 2**20:.1f} MiB"
-
-
-def fmt_n(n: int) -> str:
-    return f"{n // 1024}k" if n < 2**20 else f"{n / 2**20:g}M"
 
 
 def main(argv=None) -> int:
@@ -511,13 +472,11 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-adamw", choices=["default", "foreach", "fused"], default="default",
                     help="the paper path's AdamW implementation (default: torch's default, on CPU the "
                          "per-tensor loop; fused is several times faster: about 4x at 1M in the README run)")
-    ap.add_argument("--worker", choices=["time", "mem"], help=argparse.SUPPRESS)
-    ap.add_argument("--worker-args", help=argparse.SUPPRESS)
+    bench_common.add_worker_arguments(ap, ["time", "mem"])
     ap.add_argument("--path", choices=list(PATHS), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        for k, v in json.loads(a.worker_args).items():
-            setattr(a, k, v)
+        bench_common.take_worker_settings(a)
         worker(a)
         return 0
 
@@ -668,18 +627,13 @@ def main(argv=None) -> int:
                              "warm-up and forward: VmHWM reset via /proc/self/clear_refs, rss_peak_growth = "
                              "VmHWM after step - VmRSS before step; alloc_peak: torch profiler allocator events "
                              "of one more step (peak of step-allocated tensor bytes alive at once)"},
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(), "threads": threads, "torch": timing["torch"],
-                    "loadavg_at_end": os.getloadavg()},
+        "machine": machine(threads=threads, torch=timing["torch"]),
         "others_cpu_busy_max": busy,
         "results": rows,
         "goals": goals,
         "wall_s": time.perf_counter() - t_start,
     }
-    out = Path(a.out or f"bench_results/sparse_step{'.quick' if a.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}  ({result['wall_s']:.1f} s)")
+    write_results(result, Path(a.out or f"bench_results/sparse_step{'.quick' if a.quick else ''}.json"))
     return 0
 
 

@@ -107,10 +107,15 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
         local.extend(zip(owners, sums.tolist()))
         bar.update(1)
     bar.close()
+    return _in_order(local, len(requests), "requests", world_size, desc)
+
+
+def _in_order(local: list, n: int, what: str, world_size: int, desc: str) -> list:
+    """Every rank's (index, score) pairs gathered, as one list in index order, checked finite."""
     gathered = dict(gather_objects(local, world_size))
-    if len(gathered) != len(requests):
-        raise RuntimeError(f"scoring: {len(gathered)} of {len(requests)} requests came back from the ranks")
-    out = [gathered[r] for r in range(len(requests))]
+    if len(gathered) != n:
+        raise RuntimeError(f"scoring: {len(gathered)} of {n} {what} came back from the ranks")
+    out = [gathered[i] for i in range(n)]
     _check_finite(out, desc)
     return out
 
@@ -248,9 +253,4 @@ def score_shared_context(model, groups: Sequence[tuple[Sequence[int], Sequence[S
         local.extend(sums.items())
         bar.update(1)
     bar.close()
-    gathered = dict(gather_objects(local, world_size))
-    if len(gathered) != len(groups):
-        raise RuntimeError(f"scoring: {len(gathered)} of {len(groups)} groups came back from the ranks")
-    out = [gathered[g] for g in range(len(groups))]
-    _check_finite(out, desc)
-    return out
+    return _in_order(local, len(groups), "groups", world_size, desc)
