@@ -96,7 +96,8 @@ def _cmd_experiment(args) -> dict:
 
     stop.listen(ClusterConfig().stop_signals)  # a run stopped mid-grid is resumed by the next call
     methods = args.methods.split(",") if args.methods else None
-    run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config, world_seed=args.world_seed)
+    run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config, world_seed=args.world_seed,
+                   sweep=args.sweep)
     return _written_to(*(Path(args.out) / name for name in ("results.json", "report.md", "tradeoff.png")))
 
 
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"comma-separated variants (default: all; the world's: {', '.join(VARIANTS)})")
     p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated (default: the config's, or 0,1,2)")
     p.add_argument("--quick", action="store_true", help="fewer steps on the synthetic world (smoke run)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the synthetic world's default sweep: smf-tfidf's value_lr and lora's and full's lr at "
+                        "three values each, for frontiers and matched-gain tables (a config has its own sweep:)")
     p.add_argument("--resume", action="store_true",
                    help="accepted for symmetry with train (also --resume auto): an experiment always keeps its "
                         "finished runs and resumes those cut short")

@@ -112,6 +112,50 @@ def _cli(*args, check=True):
 
 
 @pytest.mark.e2e
+def test_a_quick_sweep_reports_frontiers_and_matched_tables(tmp_path):
+    """`experiment --quick --sweep`: every swept point runs; each method's frontier is its
+    undominated points; every matched value is its frontier's interpolation at the level; the
+    report shows the matched tables (the quick world's two frontiers share a gain level) and the
+    plot; --methods with a point's name runs that point alone."""
+    from smf_ds.experiment.frontier import FORGETTING_SIGN, interpolate, method_of, pareto_front
+
+    out = tmp_path / "sweep"
+    _cli("experiment", "--quick", "--sweep", "--methods", "lora,smf-tfidf", "--seeds", "0", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    variants = results["variants"]
+    assert list(variants) == [f"smf-tfidf@memory.value_lr={v}" for v in (300.0, 1000.0, 3000.0)] + [
+        f"lora@train.lr={v}" for v in (0.001, 0.003, 0.01)]
+    matched_rows = 0
+    for probe, sign in FORGETTING_SIGN.items():
+        tradeoff = results["tradeoffs"][probe]
+        gain = {v: row["medmcqa"]["delta"]["value"] for v, row in variants.items()}
+        forgetting = {v: sign * row[probe]["delta"]["value"] for v, row in variants.items()}
+        for method in ("smf-tfidf", "lora"):
+            points = [v for v in variants if method_of(v) == method]
+            front = [points[i] for i in pareto_front(np.array([gain[v] for v in points]),
+                                                     np.array([forgetting[v] for v in points]))]
+            assert tradeoff["frontiers"][method] == front
+        for key, x, y in (("matched_gain", gain, forgetting), ("matched_forgetting", forgetting, gain)):
+            for row in tradeoff[key]:
+                matched_rows += 1
+                assert len(row["methods"]) >= 1
+                for method, entry in row["methods"].items():
+                    front = tradeoff["frontiers"][method]
+                    expected = interpolate(np.array([x[v] for v in front]), np.array([y[v] for v in front]), row["level"])
+                    assert entry["value"] == pytest.approx(expected) and 0 < entry["reached"] <= 1
+    assert matched_rows > 0
+    report = (out / "report.md").read_text()
+    assert "## Matched gain and matched forgetting" in report and "at matched Δ MedMCQA acc" in report
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    one = tmp_path / "one"
+    _cli("experiment", "--quick", "--sweep", "--methods", "lora@train.lr=0.003", "--seeds", "0", "--out", str(one))
+    assert list(json.loads((one / "results.json").read_text())["variants"]) == ["lora@train.lr=0.003"]
+    done = _cli("experiment", "--quick", "--sweep", "--methods", "lora@train.lr=5", "--out", str(one), check=False)
+    assert done.returncode == 2 and "--methods: expected a comma-separated list of" in done.stderr
+
+
+@pytest.mark.e2e
 def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
     out = tmp_path / "exp"
     _cli("experiment", "--quick", "--methods", "smf-tfidf,lora", "--seeds", "0,1", "--out", str(out))
@@ -409,3 +453,23 @@ def test_a_config_experiment_records_the_content_of_its_data_files(tmp_path):
     (out / SETUP_FILE).write_text(json.dumps({**setup_file, "format_version": 1}))
     with pytest.raises(ConfigError, match=r"format_version 1, expected 2"):
         claim(out, setup.fingerprint())
+
+
+def test_a_config_sweep_makes_checked_variants(tmp_path):
+    """An experiment config's `sweep:` expands its variants; a point whose setting is wrong fails
+    before anything runs, named by the point."""
+    from smf_ds.config import ConfigError
+    from smf_ds.experiment.setups import ConfigSetup, load_experiment_config
+
+    (tmp_path / "run.yaml").write_text("train: {steps: 3}\n")
+    (tmp_path / "exp.yaml").write_text("run: run.yaml\nvariants: {lora: [train.method=lora], full: [train.method=full]}\n"
+                                       "sweep: {lora: {train.lr: [1.0e-4, 3.0e-4], train.lora_r: [4, 8]}}\n")
+    setup = ConfigSetup(load_experiment_config(str(tmp_path / "exp.yaml")), tmp_path / "out")
+    assert list(setup.variants) == ["lora@train.lr=0.0001,train.lora_r=4", "lora@train.lr=0.0001,train.lora_r=8",
+                                    "lora@train.lr=0.0003,train.lora_r=4", "lora@train.lr=0.0003,train.lora_r=8", "full"]
+    assert setup.variants["lora@train.lr=0.0003,train.lora_r=8"] == ["train.method=lora", "train.lr=0.0003",
+                                                                    "train.lora_r=8"]
+    (tmp_path / "bad.yaml").write_text("run: run.yaml\nvariants: {lora: [train.method=lora]}\n"
+                                       "sweep: {lora: {train.lora_r: [4, many]}}\n")
+    with pytest.raises(ConfigError, match=r"variant lora@train.lora_r=many: train.lora_r: expected an integer"):
+        ConfigSetup(load_experiment_config(str(tmp_path / "bad.yaml")), tmp_path / "out2")

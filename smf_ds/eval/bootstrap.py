@@ -61,14 +61,15 @@ def bootstrap_ratio(num: Sequence[float], den: Sequence[float], transform: Calla
 
 
 def bootstrap_statistic(statistic: Callable[[np.ndarray], np.ndarray], n: int, n_boot: int = N_BOOT, seed: int = 0,
-                        alpha: float = 0.05) -> dict:
+                        alpha: float = 0.05, keep_samples: bool = False) -> dict:
     """{"value", "ci95", "n"} of any statistic of n units: `statistic(idx_MN)` maps M index rows
     (each a resample of range(n)) to M values. Paired comparisons resample the same units for both
-    sides inside one statistic, so their correlation is kept."""
+    sides inside one statistic, so their correlation is kept. keep_samples: also "samples", the
+    n_boot resampled values (the same resamples for every call with this n and seed)."""
     if n == 0:
         return {"value": None, "ci95": [None, None], "n": 0}
     rng = np.random.default_rng(seed)
     stats = np.concatenate([statistic(rng.integers(0, n, size=(min(CHUNK, n_boot - s), n)))
                             for s in range(0, n_boot, CHUNK)])
     value = float(statistic(np.arange(n)[None])[0])
-    return {"value": value, "ci95": _interval(stats, alpha), "n": int(n)}
+    return {"value": value, "ci95": _interval(stats, alpha), "n": int(n), **({"samples": stats} if keep_samples else {})}

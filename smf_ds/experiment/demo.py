@@ -69,7 +69,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict:
                 "variants": {name: VARIANTS[v] for name, v in DEMO_METHODS.items()}})
     world = prepare_world(out / "world")
     base = pretrain_base(world, out / "base", BASE_STEPS[mode])
-    results = {name: finetune(world, base, variant, out / name, TASK_STEPS[mode])
+    results = {name: finetune(world, base, VARIANTS[variant], out / name, TASK_STEPS[mode])
                for name, variant in DEMO_METHODS.items()}
     evals = {"base": evaluate(world, base, None, out / "eval" / "base", {"model": "base"})}
     for name in DEMO_METHODS:

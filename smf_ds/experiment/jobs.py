@@ -61,6 +61,14 @@ VARIANTS: dict[str, list[str]] = {
     "full": ["train.method=full", "train.lr=0.001"],
 }
 
+# `smf-ds experiment --sweep` (make experiment): each method's step size around the value above
+# (x0.3, x1, x3), so that each draws a frontier of task gain against forgetting.
+WORLD_SWEEP: dict[str, dict[str, list]] = {
+    "smf-tfidf": {"memory.value_lr": [300.0, 1000.0, 3000.0]},
+    "lora": {"train.lr": [0.001, 0.003, 0.01]},
+    "full": {"train.lr": [0.0003, 0.001, 0.003]},
+}
+
 
 def prepare_world(directory: Path, spec: WorldSpec | None = None) -> dict[str, Path]:
     """The world's files, written by rank 0 alone: ranks rewriting files that their peers were
@@ -108,14 +116,14 @@ def pretrain_base(world: dict[str, Path], out: Path, steps: int) -> Path:
     return out
 
 
-def variant_overrides(world: dict[str, Path], base: Path, variant: str, run_dir: Path, steps: int,
+def variant_overrides(world: dict[str, Path], base: Path, variant: list[str], run_dir: Path, steps: int,
                       seed: int = 0) -> list[str]:
     """The run config of one variant on the world's task (loss on the answer only: the world's
     explanations restate it)."""
     return [f"model.name_or_path={base}", f"data.train={world['medmcqa_train']}",
             f"data.background={world['oasst']}", f"train.steps={steps}", f"train.seed={seed}", f"memory.seed={seed}",
             "train.micro_batch_size=8", "train.max_length=96", "data.train_explanation=false",
-            f"out_dir={run_dir}", *VARIANTS[variant]]
+            f"out_dir={run_dir}", *variant]
 
 
 def background_then_train(make_config, run_dir: Path, adapter: str | None = None) -> dict:
@@ -138,8 +146,8 @@ def background_then_train(make_config, run_dir: Path, adapter: str | None = None
     return train_main(cfg, adapter, resume=True)
 
 
-def finetune(world: dict[str, Path], base: Path, variant: str, run_dir: Path, steps: int, seed: int = 0) -> dict:
-    """Train one variant on the world's task; the train summary."""
+def finetune(world: dict[str, Path], base: Path, variant: list[str], run_dir: Path, steps: int, seed: int = 0) -> dict:
+    """Train one variant (its overrides, e.g. VARIANTS[name]) on the world's task; the train summary."""
     overrides = variant_overrides(world, base, variant, run_dir, steps, seed)
 
     def make_config(extra):

@@ -1,8 +1,11 @@
-"""The experiment's report: a markdown table of every variant against the base model, and a plot
-of task gain against forgetting (results.json -> report.md, tradeoff.png)."""
+"""The experiment's report: a markdown table of every variant against the base model, a plot of
+task gain against forgetting with each method's frontier, and the matched-gain tables
+(results.json -> report.md, tradeoff.png)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from .frontier import FORGETTING_SIGN, method_of
 
 TASK_LABELS = {"medmcqa": "MedMCQA acc", "wikitext": "WikiText ppl", "triviaqa": "TriviaQA acc"}
 LOWER_IS_BETTER = {"wikitext"}
@@ -46,24 +49,71 @@ def plot_tradeoff(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    variants = results["variants"]
+    methods = list(dict.fromkeys(map(method_of, variants)))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, probe in zip(axes, ("triviaqa", "wikitext")):
-        for name, row in results["variants"].items():
+        labelled = set()
+        for name, row in variants.items():
+            method = method_of(name)
             dx, dy = row[probe]["delta"], row["medmcqa"]["delta"]
             xerr = [[dx["value"] - dx["ci95"][0]], [dx["ci95"][1] - dx["value"]]]
             yerr = [[dy["value"] - dy["ci95"][0]], [dy["ci95"][1] - dy["value"]]]
-            ax.errorbar(dx["value"], dy["value"], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label=name)
+            ax.errorbar(dx["value"], dy["value"], xerr=xerr, yerr=yerr, fmt="o", capsize=3, color=colours[method],
+                        label=None if method in labelled else method)
+            labelled.add(method)
+        for method, front in results.get("tradeoffs", {}).get(probe, {}).get("frontiers", {}).items():
+            if len(front) > 1:  # a method's frontier through its sweep's points
+                ax.plot([variants[v][probe]["delta"]["value"] for v in front],
+                        [variants[v]["medmcqa"]["delta"]["value"] for v in front], "-", color=colours[method], lw=1)
         ax.axhline(0, color="grey", lw=0.8)
         ax.axvline(0, color="grey", lw=0.8)
         worse = "right" if probe in LOWER_IS_BETTER else "left"
         ax.set_xlabel(f"Δ {TASK_LABELS[probe]} vs base (forgetting to the {worse})")
         ax.set_ylabel(f"Δ {TASK_LABELS['medmcqa']} vs base")
     axes[0].legend(fontsize=8)
-    fig.suptitle("Task gain against forgetting (mean over seeds, paired bootstrap 95% CI)")
+    fig.suptitle("Task gain against forgetting (mean over seeds, paired bootstrap 95% CI; lines: frontiers)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _matched_cell(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    interval = entry["ci95"]
+    cell = f"{_signed(entry['value'])} [{_signed(interval[0])}, {_signed(interval[1])}]" if interval else _signed(entry["value"])
+    return cell + (f" ({entry['reached']:.0%} of resamples)" if entry["reached"] < 0.95 else "")
+
+
+def matched_tables(results: dict) -> list[str]:
+    """Per probe: forgetting at matched task gain, and task gain at matched forgetting (markdown)."""
+    lines = []
+    for probe, sign in FORGETTING_SIGN.items():
+        tradeoff = results.get("tradeoffs", {}).get(probe)
+        if not tradeoff:
+            continue
+        methods = list(tradeoff["frontiers"])
+        forgetting = f"{'-' if sign < 0 else '+'}Δ {TASK_LABELS[probe]}"
+        for key, level_name, value_name in (("matched_gain", f"Δ {TASK_LABELS['medmcqa']}", f"forgetting ({forgetting})"),
+                                            ("matched_forgetting", f"forgetting ({forgetting})", f"Δ {TASK_LABELS['medmcqa']}")):
+            rows = tradeoff[key]
+            if not rows:
+                continue
+            lines += [f"**{value_name} at matched {level_name}** ({TASK_LABELS[probe]} probe)", "",
+                      "| " + " | ".join([level_name, *methods]) + " |", "|" + "---|" * (len(methods) + 1)]
+            lines += ["| " + " | ".join([_signed(row["level"]), *(_matched_cell(row["methods"].get(m)) for m in methods)])
+                      + " |" for row in rows]
+            lines.append("")
+    if lines:
+        lines = ["## Matched gain and matched forgetting", "",
+                 "Each method's value is read off its frontier (its sweep points that no other of its points "
+                 "beats) by linear interpolation, at levels two or more frontiers reach; the interval repeats "
+                 "that on every paired bootstrap resample (a share under 95% means the frontier did not "
+                 "always reach the level). `-`: the method's frontier does not reach it.", "", *lines]
+    return lines
 
 
 CONTROLS_NOTE = [
@@ -104,6 +154,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         *(CONTROLS_NOTE if any(name.startswith("smf-dense") for name in results["variants"]) else []),
         *_missing_note(results.get("not_in_report", {})),
         f"![task gain against forgetting]({plot.name})", "",
+        *matched_tables(results),
         "Per-example predictions of every run: `runs/<variant>/seed<k>/eval/`; the base model's: `base_eval/`.",
     ]
     path = out_dir / "report.md"

@@ -11,6 +11,8 @@ An experiment config (YAML; unknown keys are errors that name them):
   variants:                   # name: key=value overrides on the run config ({}: DEFAULT_VARIANTS)
     smf-kl: [train.method=smf, sparse.scoring=kl]
     lora: [train.method=lora, train.lr=2.0e-4]
+  sweep:                      # optional: each combination a variant <name>@<key>=<value>,... (a
+    lora: {train.lr: [1.0e-4, 3.0e-4]}    # frontier per method in the report; smf_ds.experiment.sweep)
   retrofit: true              # SMF variants start from `smf-ds retrofit` of their seed's memory
   eval: {medmcqa_split: validation, limit: {triviaqa: 2000}}   # smf-ds eval's settings; n_boot and
                               # boot_seed also set the report's paired intervals (default 1000, 0)
@@ -29,8 +31,9 @@ from ..config import ConfigError, load_config
 from ..model_source import model_source
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from ..train.methods import method_of
-from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, background_then_train, evaluate, finetune,
-                   load_for_eval, prepare_world, pretrain_base)
+from .jobs import (BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, WORLD_SWEEP, background_then_train, evaluate,
+                   finetune, load_for_eval, prepare_world, pretrain_base)
+from .sweep import expand_sweep
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
     "smf-tfidf": ["train.method=smf", "sparse.scoring=tfidf"],
@@ -47,6 +50,7 @@ class ExperimentConfig:
     run: str = ""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     variants: dict[str, list[str]] = field(default_factory=dict)
+    sweep: dict[str, dict[str, list]] = field(default_factory=dict)
     retrofit: bool = True
     eval: EvalSettings = field(default_factory=EvalSettings)
 
@@ -62,9 +66,9 @@ class ExperimentConfig:
 class WorldSetup:
     """The embedded synthetic world: smf_ds.experiment.jobs."""
 
-    def __init__(self, out: Path, quick: bool = False, world_seed: int = 0) -> None:
+    def __init__(self, out: Path, quick: bool = False, world_seed: int = 0, sweep: bool = False) -> None:
         self.out, self.mode, self.world_seed = out, "quick" if quick else "full", world_seed
-        self.variants = dict(VARIANTS)
+        self.variants = expand_sweep(VARIANTS, WORLD_SWEEP if sweep else {})
         self.world = self.base = None
 
     def prepare(self) -> None:
@@ -74,7 +78,8 @@ class WorldSetup:
         self.base = pretrain_base(self.world, self.out / "base", BASE_STEPS[self.mode])
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
-        return Path(finetune(self.world, self.base, variant, run_dir, TASK_STEPS[self.mode], seed)["artifact"])
+        return Path(finetune(self.world, self.base, self.variants[variant], run_dir, TASK_STEPS[self.mode],
+                             seed)["artifact"])
 
     def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
         return evaluate(self.world, self.base, artifact, eval_dir, meta)
@@ -94,7 +99,7 @@ class ConfigSetup:
 
     def __init__(self, exp: ExperimentConfig, out: Path) -> None:
         self.exp, self.out = exp, out
-        self.variants = dict(exp.variants or DEFAULT_VARIANTS)
+        self.variants = expand_sweep(dict(exp.variants or DEFAULT_VARIANTS), exp.sweep)
         run = load_config(exp.run)
         self.base = run.model.name_or_path
         for name, overrides in self.variants.items():  # a typo fails now, not after hours of other runs

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..eval.bootstrap import bootstrap_statistic
 from ..eval.runner import TASKS
+from .frontier import tradeoffs
 
 
 def read_records(eval_dir: Path, task: str) -> list[dict]:
@@ -59,17 +60,20 @@ def metric_of(values_SN: np.ndarray, tokens_N: np.ndarray | None, idx_MN: np.nda
 
 
 def paired_delta(base_N: np.ndarray, runs_SN: np.ndarray, tokens_N: np.ndarray | None, n_boot: int = 1000,
-                 seed: int = 0) -> dict:
-    """Mean over runs of (run metric - base metric) on the same resampled examples, with its interval."""
+                 seed: int = 0, keep_samples: bool = False) -> dict:
+    """Mean over runs of (run metric - base metric) on the same resampled examples, with its interval
+    (and its resampled values: the same resamples for every variant of a task)."""
     def statistic(idx_MN):
         return metric_of(runs_SN, tokens_N, idx_MN).mean(axis=0) - metric_of(base_N[None], tokens_N, idx_MN)[0]
-    return bootstrap_statistic(statistic, base_N.shape[0], n_boot, seed)
+    return bootstrap_statistic(statistic, base_N.shape[0], n_boot, seed, keep_samples=keep_samples)
 
 
 def aggregate(base_dir: Path, runs: dict[str, dict[int, Path]], medmcqa_mode: str = "answer", n_boot: int = 1000,
               seed: int = 0) -> dict:
-    """runs: variant -> {seed: eval dir}. The summary written to results.json."""
+    """runs: variant -> {seed: eval dir}. The summary written to results.json, with each probe's
+    frontiers and matched tables (smf_ds.experiment.frontier)."""
     base, out = {}, {"base": {}, "variants": {}, "medmcqa_mode": medmcqa_mode, "n_boot": n_boot}
+    samples: dict[str, dict[str, np.ndarray]] = {}
     for task in TASKS:
         keys, values, tokens = per_example(base_dir, task, medmcqa_mode)
         base[task] = (keys, values, tokens)
@@ -88,8 +92,10 @@ def aggregate(base_dir: Path, runs: dict[str, dict[int, Path]], medmcqa_mode: st
                 per_seed.append(values)
             runs_SN = np.stack(per_seed)
             values_S = metric_of(runs_SN, tokens, np.arange(len(keys))[None])[:, 0]
+            delta = paired_delta(base_values, runs_SN, tokens, n_boot, seed, keep_samples=True)
+            samples.setdefault(variant, {})[task] = delta.pop("samples")
             row[task] = {"per_seed": [float(v) for v in values_S], "mean": float(values_S.mean()),
-                         "sd": float(values_S.std(ddof=1)) if len(seeds) > 1 else 0.0,
-                         "delta": paired_delta(base_values, runs_SN, tokens, n_boot, seed)}
+                         "sd": float(values_S.std(ddof=1)) if len(seeds) > 1 else 0.0, "delta": delta}
         out["variants"][variant] = row
+    out["tradeoffs"] = tradeoffs(out["variants"], samples)
     return out
