@@ -140,7 +140,8 @@ def part_stop(work: Path, device: str) -> dict:
     """#15 on a GPU: a stop signal saves and exits 75; --resume auto ends equal to a straight run."""
     import torch
 
-    steps = ["train.steps=400", "train.save_every=20"]
+    # Long enough that the signal lands mid-run; on the CPU (dry run) a step takes longer.
+    steps = [f"train.steps={400 if device == 'cuda' else 120}", "train.save_every=20"]
     straight = _train(work, device, work / "straight", *steps)
     if straight.returncode:
         return {"ok": False, "error": straight.stderr[-2000:]}
