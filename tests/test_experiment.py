@@ -114,9 +114,10 @@ def _cli(*args, check=True):
 @pytest.mark.e2e
 def test_a_quick_sweep_reports_frontiers_and_matched_tables(tmp_path):
     """`experiment --quick --sweep`: every swept point runs; each method's frontier is its
-    undominated points; every matched value is its frontier's interpolation at the level; the
-    report shows the matched tables (the quick world's two frontiers share a gain level) and the
-    plot; --methods with a point's name runs that point alone."""
+    undominated points; every matched value is its frontier's interpolation at the level (the
+    quick world's 10 steps may leave a front of one point, and then no level: the tables' text is
+    checked on hand-made fronts in test_sweep.py); the plot is written; --methods with a point's
+    name runs that point alone."""
     from smf_ds.experiment.frontier import FORGETTING_SIGN, interpolate, method_of, pareto_front
 
     out = tmp_path / "sweep"
@@ -138,14 +139,13 @@ def test_a_quick_sweep_reports_frontiers_and_matched_tables(tmp_path):
         for key, x, y in (("matched_gain", gain, forgetting), ("matched_forgetting", forgetting, gain)):
             for row in tradeoff[key]:
                 matched_rows += 1
-                assert len(row["methods"]) >= 1
+                assert len(row["methods"]) >= 2  # a level is one that two frontiers reach
                 for method, entry in row["methods"].items():
                     front = tradeoff["frontiers"][method]
                     expected = interpolate(np.array([x[v] for v in front]), np.array([y[v] for v in front]), row["level"])
                     assert entry["value"] == pytest.approx(expected) and 0 < entry["reached"] <= 1
-    assert matched_rows > 0
     report = (out / "report.md").read_text()
-    assert "## Matched gain and matched forgetting" in report and "at matched Δ MedMCQA acc" in report
+    assert ("## Matched gain and matched forgetting" in report) == (matched_rows > 0)
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     one = tmp_path / "one"

@@ -8,9 +8,10 @@ turned so that more is worse (TriviaQA: - Δ accuracy; WikiText: + Δ perplexity
 Δ MedMCQA accuracy. A method's frontier is its points that no other point of it beats (at least
 as much gain for at most as much forgetting, one of them strictly).
 
-Matched levels are task gains (forgetting levels) that the frontiers of at least two methods
-span; a method's forgetting (gain) there is read off its frontier by linear interpolation between
-its neighbouring points. The interval repeats that on each bootstrap resample of the examples
+Matched levels are task gains (forgetting levels) inside the stretch that the frontiers of at
+least two methods span (a frontier of one point spans nothing), away from its ends; a method's
+forgetting (gain) there is read off its frontier by linear interpolation between its neighbouring
+points. The interval repeats that on each bootstrap resample of the examples
 (the same resamples for every run, so it is paired), the frontier's points fixed and their
 coordinates resampled; resamples in which the frontier no longer spans the level are left out,
 and the share of resamples that reached it is reported beside the interval.
@@ -41,28 +42,29 @@ def pareto_front(gain: np.ndarray, forgetting: np.ndarray) -> list[int]:
 
 def interpolate(xs: np.ndarray, ys: np.ndarray, level: float) -> float | None:
     """y at x = level along the polyline through (xs, ys) taken in order of x; None outside it."""
-    order = np.argsort(xs, kind="stable")
-    xs, ys = np.asarray(xs, dtype=float)[order], np.asarray(ys, dtype=float)[order]
-    if len(xs) == 0 or level < xs[0] or level > xs[-1]:
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    if len(xs) == 0 or level < xs.min() or level > xs.max():
         return None
-    if xs[0] == xs[-1]:  # one point (or copies of it): only its own level
-        return float(ys.mean())
-    return float(np.interp(level, xs, ys))
+    # Equal x (accuracy changes come in steps of 1/examples, so resamples tie): their mean y.
+    unique, group = np.unique(xs, return_inverse=True)
+    mean_y = np.bincount(group, weights=ys) / np.bincount(group)
+    if len(unique) == 1:
+        return float(mean_y[0])
+    return float(np.interp(level, unique, mean_y))
 
 
 def matched_levels(spans: dict[str, tuple[float, float]], n: int = LEVELS) -> list[float]:
-    """Up to n evenly spaced levels between the lowest and highest value that at least two of the
-    [low, high] spans contain, each contained by at least two."""
+    """Up to n levels evenly spaced strictly between the lowest and highest value that at least two
+    of the [low, high] spans contain (at an end, a frontier is reached by about half the
+    resamples only), each contained by at least two."""
     def covered(x: float) -> bool:
         return sum(lo <= x <= hi for lo, hi in spans.values()) >= 2
 
-    ends = sorted({e for span in spans.values() for e in span})
-    inside = [x for x in ends if covered(x)]
-    if not inside:
+    inside = [x for x in sorted({e for span in spans.values() for e in span}) if covered(x)]
+    if len(inside) < 2:
         return []
-    lo, hi = min(inside), max(inside)
-    levels = [lo] if lo == hi else [float(x) for x in np.linspace(lo, hi, n)]
-    return [x for x in levels if covered(x)]
+    levels = np.linspace(min(inside), max(inside), n + 2)[1:-1]
+    return [float(x) for x in levels if covered(x)]
 
 
 def _interval(values: list[float]) -> list[float] | None:
@@ -77,7 +79,7 @@ def tradeoffs(variants: dict[str, dict], samples: dict[str, dict[str, np.ndarray
 
     variants: results.json's variants (each task's "delta" with its "value"); samples: variant ->
     task -> the bootstrap resamples of that delta (the same resamples for every variant)."""
-    names = list(variants)
+    names = [v for v in variants if all(samples.get(v, {}).get(t) is not None for t in (TASK, *FORGETTING_SIGN))]
     out = {}
     for probe, sign in FORGETTING_SIGN.items():
         gain = np.array([variants[v][TASK]["delta"]["value"] for v in names])
@@ -97,11 +99,12 @@ def tradeoffs(variants: dict[str, dict], samples: dict[str, dict[str, np.ndarray
 
 def _matched(fronts: dict[str, list[int]], x: np.ndarray, y: np.ndarray, x_B: np.ndarray, y_B: np.ndarray) -> list[dict]:
     """At levels of x that two or more frontiers span: each method's y there, with its interval."""
-    spans = {m: (float(x[f].min()), float(x[f].max())) for m, f in fronts.items()}
+    spans = {m: (float(x[f].min()), float(x[f].max())) for m, f in fronts.items() if len(f) > 1}
     rows = []
     for level in matched_levels(spans):
         row = {"level": level, "methods": {}}
-        for method, front in fronts.items():
+        for method in spans:
+            front = fronts[method]
             value = interpolate(x[front], y[front], level)
             if value is None:
                 continue

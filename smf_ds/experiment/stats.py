@@ -93,7 +93,7 @@ def aggregate(base_dir: Path, runs: dict[str, dict[int, Path]], medmcqa_mode: st
             runs_SN = np.stack(per_seed)
             values_S = metric_of(runs_SN, tokens, np.arange(len(keys))[None])[:, 0]
             delta = paired_delta(base_values, runs_SN, tokens, n_boot, seed, keep_samples=True)
-            samples.setdefault(variant, {})[task] = delta.pop("samples")
+            samples.setdefault(variant, {})[task] = delta.pop("samples", None)  # none for a task with no examples
             row[task] = {"per_seed": [float(v) for v in values_S], "mean": float(values_S.mean()),
                          "sd": float(values_S.std(ddof=1)) if len(seeds) > 1 else 0.0, "delta": delta}
         out["variants"][variant] = row

@@ -24,6 +24,10 @@ def point_name(method: str, settings: dict[str, object]) -> str:
 def expand_sweep(variants: dict[str, list[str]], sweep: dict[str, dict[str, list]]) -> dict[str, list[str]]:
     """`variants` with each swept one replaced by its points (in the order of the variants, then of
     the values); an unknown variant, an empty list of values or a repeated value is an error."""
+    marked = [name for name in variants if POINT in name]
+    if marked:
+        raise ConfigError(f"variants: {marked}: '{POINT}' is kept for sweep points (<variant>{POINT}<key>=<value>); "
+                          f"rename them")
     unknown = [name for name in sweep if name not in variants]
     if unknown:
         raise ConfigError(f"sweep: {unknown} are not variants; expected some of {list(variants)}")
@@ -33,6 +37,8 @@ def expand_sweep(variants: dict[str, list[str]], sweep: dict[str, dict[str, list
         for key, values in grid.items():
             if not isinstance(values, list) or not values or len(set(map(str, values))) != len(values):
                 raise ConfigError(f"sweep.{name}.{key}: expected a list of distinct values, got {values!r}")
+            if any("/" in str(value) for value in values):  # each point names its run directory
+                raise ConfigError(f"sweep.{name}.{key}: a value with '/' cannot name a run directory, got {values!r}")
     out: dict[str, list[str]] = {}
     for name, overrides in variants.items():
         if name not in sweep:
