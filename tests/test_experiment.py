@@ -119,13 +119,14 @@ def test_a_quick_sweep_reports_frontiers_and_matched_tables(tmp_path):
     checked on hand-made fronts in test_sweep.py); the plot is written; --methods with a point's
     name runs that point alone."""
     from smf_ds.experiment.frontier import FORGETTING_SIGN, interpolate, method_of, pareto_front
+    from smf_ds.experiment.jobs import WORLD_SWEEP
 
     out = tmp_path / "sweep"
     _cli("experiment", "--quick", "--sweep", "--methods", "lora,smf-tfidf", "--seeds", "0", "--out", str(out))
     results = json.loads((out / "results.json").read_text())
     variants = results["variants"]
-    assert list(variants) == [f"smf-tfidf@memory.value_lr={v}" for v in (300.0, 1000.0, 3000.0)] + [
-        f"lora@train.lr={v}" for v in (0.001, 0.003, 0.01)]
+    assert list(variants) == [f"smf-tfidf@memory.value_lr={v}" for v in WORLD_SWEEP["smf-tfidf"]["memory.value_lr"]] + [
+        f"lora@train.lr={v}" for v in WORLD_SWEEP["lora"]["train.lr"]]
     matched_rows = 0
     for probe, sign in FORGETTING_SIGN.items():
         tradeoff = results["tradeoffs"][probe]
@@ -149,8 +150,9 @@ def test_a_quick_sweep_reports_frontiers_and_matched_tables(tmp_path):
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     one = tmp_path / "one"
-    _cli("experiment", "--quick", "--sweep", "--methods", "lora@train.lr=0.003", "--seeds", "0", "--out", str(one))
-    assert list(json.loads((one / "results.json").read_text())["variants"]) == ["lora@train.lr=0.003"]
+    point = f"lora@train.lr={WORLD_SWEEP['lora']['train.lr'][1]}"
+    _cli("experiment", "--quick", "--sweep", "--methods", point, "--seeds", "0", "--out", str(one))
+    assert list(json.loads((one / "results.json").read_text())["variants"]) == [point]
     done = _cli("experiment", "--quick", "--sweep", "--methods", "lora@train.lr=5", "--out", str(one), check=False)
     assert done.returncode == 2 and "--methods: expected a comma-separated list of" in done.stderr
 
