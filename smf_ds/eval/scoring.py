@@ -95,19 +95,24 @@ def score_requests(model, requests: Sequence[tuple[Sequence[int], Sequence[int]]
                     b_idx.append(b)
                     k_idx.append(keep - n + start + j)  # input position start+j predicts targets[j]
                     tgt.append(t)
-        b_t = torch.tensor(b_idx, device=device)
-        k_t = torch.tensor(k_idx, device=device)
-        t_t = torch.tensor(tgt, device=device)
-        token_lp = torch.empty(len(tgt), dtype=torch.float32, device=device)
-        for s in range(0, len(tgt), CE_CHUNK):
-            sl = slice(s, s + CE_CHUNK)
-            token_lp[sl] = -F.cross_entropy(logits[b_t[sl], k_t[sl]].float(), t_t[sl], reduction="none")
+        token_lp = _token_logprobs(logits, b_idx, k_idx, tgt)
         # Summed on the CPU in float64, in a fixed order (no atomics): deterministic on any device.
         sums = np.add.reduceat(token_lp.cpu().double().numpy(), np.asarray(starts))
         local.extend(zip(owners, sums.tolist()))
         bar.update(1)
     bar.close()
     return _in_order(local, len(requests), "requests", world_size, desc)
+
+
+def _token_logprobs(logits: torch.Tensor, rows: list[int], positions: list[int], targets: list[int]) -> torch.Tensor:
+    """log p(targets[i] | logits[rows[i], positions[i]]) in float32, CE_CHUNK positions at a time."""
+    device = logits.device
+    r_t, p_t, t_t = (torch.tensor(v, device=device) for v in (rows, positions, targets))
+    token_lp = torch.empty(len(targets), dtype=torch.float32, device=device)
+    for s in range(0, len(targets), CE_CHUNK):
+        sl = slice(s, s + CE_CHUNK)
+        token_lp[sl] = -F.cross_entropy(logits[r_t[sl], p_t[sl]].float(), t_t[sl], reduction="none")
+    return token_lp
 
 
 def _in_order(local: list, n: int, what: str, world_size: int, desc: str) -> list:
@@ -235,13 +240,7 @@ def score_shared_context(model, groups: Sequence[tuple[Sequence[int], Sequence[S
                     r_idx.append(r)
                     j_idx.append(j)
                     t_idx.append(cont[j + 1])
-            r_t = torch.tensor(r_idx, device=device)
-            j_t = torch.tensor(j_idx, device=device)
-            t_t = torch.tensor(t_idx, device=device)
-            token_lp = torch.empty(len(t_idx), dtype=torch.float32, device=device)
-            for s in range(0, len(t_idx), CE_CHUNK):
-                sl = slice(s, s + CE_CHUNK)
-                token_lp[sl] = -F.cross_entropy(logits[r_t[sl], j_t[sl]].float(), t_t[sl], reduction="none")
+            token_lp = _token_logprobs(logits, r_idx, j_idx, t_idx)
             values = token_lp.double().cpu().tolist()
             k = 0
             for _, g, c in longer:
