@@ -32,7 +32,8 @@ def _resampled_sums(arrays: list[np.ndarray], n_boot: int, seed: int) -> list[np
     return out
 
 
-def _interval(stats: np.ndarray, alpha: float) -> list[float]:
+def percentile_interval(stats: np.ndarray, alpha: float = 0.05) -> list[float]:
+    """The (alpha/2, 1 - alpha/2) percentiles of resampled statistics."""
     lo, hi = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return [float(lo), float(hi)]
 
@@ -43,7 +44,7 @@ def bootstrap_mean(values: Sequence[float], n_boot: int = N_BOOT, seed: int = 0,
     if len(x) == 0:
         return {"value": None, "ci95": [None, None], "n": 0}
     (sums,) = _resampled_sums([x], n_boot, seed)
-    return {"value": float(x.mean()), "ci95": _interval(sums / len(x), alpha), "n": int(len(x))}
+    return {"value": float(x.mean()), "ci95": percentile_interval(sums / len(x), alpha), "n": int(len(x))}
 
 
 def bootstrap_ratio(num: Sequence[float], den: Sequence[float], transform: Callable[[np.ndarray], np.ndarray] = np.asarray,
@@ -57,7 +58,7 @@ def bootstrap_ratio(num: Sequence[float], den: Sequence[float], transform: Calla
         return {"value": None, "ci95": [None, None], "n": 0}
     sa, sb = _resampled_sums([a, b], n_boot, seed)
     value = float(transform(np.asarray(a.sum() / b.sum())))
-    return {"value": value, "ci95": _interval(transform(sa / sb), alpha), "n": int(len(a))}
+    return {"value": value, "ci95": percentile_interval(transform(sa / sb), alpha), "n": int(len(a))}
 
 
 def bootstrap_statistic(statistic: Callable[[np.ndarray], np.ndarray], n: int, n_boot: int = N_BOOT, seed: int = 0,
@@ -72,4 +73,4 @@ def bootstrap_statistic(statistic: Callable[[np.ndarray], np.ndarray], n: int, n
     stats = np.concatenate([statistic(rng.integers(0, n, size=(min(CHUNK, n_boot - s), n)))
                             for s in range(0, n_boot, CHUNK)])
     value = float(statistic(np.arange(n)[None])[0])
-    return {"value": value, "ci95": _interval(stats, alpha), "n": int(n), **({"samples": stats} if keep_samples else {})}
+    return {"value": value, "ci95": percentile_interval(stats, alpha), "n": int(n), **({"samples": stats} if keep_samples else {})}

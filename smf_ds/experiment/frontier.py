@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..eval.bootstrap import percentile_interval
+
 TASK = "medmcqa"
 FORGETTING_SIGN = {"triviaqa": -1.0, "wikitext": 1.0}  # forgetting = sign x Δ probe metric
 LEVELS = 3
@@ -67,19 +69,14 @@ def matched_levels(spans: dict[str, tuple[float, float]], n: int = LEVELS) -> li
     return [float(x) for x in levels if covered(x)]
 
 
-def _interval(values: list[float]) -> list[float] | None:
-    if not values:
-        return None
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
 def tradeoffs(variants: dict[str, dict], samples: dict[str, dict[str, np.ndarray]]) -> dict:
     """Per probe: each method's frontier and the matched-gain and matched-forgetting tables.
 
     variants: results.json's variants (each task's "delta" with its "value"); samples: variant ->
     task -> the bootstrap resamples of that delta (the same resamples for every variant)."""
     names = [v for v in variants if all(samples.get(v, {}).get(t) is not None for t in (TASK, *FORGETTING_SIGN))]
+    if not names:  # no task with examples: nothing to draw
+        return {}
     out = {}
     for probe, sign in FORGETTING_SIGN.items():
         gain = np.array([variants[v][TASK]["delta"]["value"] for v in names])
@@ -109,7 +106,7 @@ def _matched(fronts: dict[str, list[int]], x: np.ndarray, y: np.ndarray, x_B: np
             if value is None:
                 continue
             resampled = [v for b in range(len(x_B)) if (v := interpolate(x_B[b, front], y_B[b, front], level)) is not None]
-            row["methods"][method] = {"value": value, "ci95": _interval(resampled),
+            row["methods"][method] = {"value": value, "ci95": percentile_interval(np.array(resampled)) if resampled else None,
                                       "reached": len(resampled) / max(len(x_B), 1)}
         rows.append(row)
     return rows

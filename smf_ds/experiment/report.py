@@ -95,11 +95,13 @@ def matched_tables(results: dict) -> list[str]:
         tradeoff = results.get("tradeoffs", {}).get(probe)
         if not tradeoff:
             continue
-        methods = list(tradeoff["frontiers"])
+        frontiers = list(tradeoff["frontiers"])
         forgetting = f"{'-' if sign < 0 else '+'}Δ {TASK_LABELS[probe]}"
         for key, level_name, value_name in (("matched_gain", f"Δ {TASK_LABELS['medmcqa']}", f"forgetting ({forgetting})"),
                                             ("matched_forgetting", f"forgetting ({forgetting})", f"Δ {TASK_LABELS['medmcqa']}")):
             rows = tradeoff[key]
+            # the methods with a value at some level (a frontier of one point has none)
+            methods = [m for m in frontiers if any(m in row["methods"] for row in rows)]
             if not rows:
                 continue
             lines += [f"**{value_name} at matched {level_name}** ({TASK_LABELS[probe]} probe)", "",
