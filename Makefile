@@ -4,6 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
+PEER   := $(VENV)/.peer-installed
 
 # The machine's accelerator (cuda when torch sees a GPU, else cpu) unless DS_ACCELERATOR is set.
 ifeq ($(origin DS_ACCELERATOR), undefined)
@@ -28,6 +29,12 @@ $(STAMP): setup.py
 	$(PIP) install -q -e '.[dev]'
 	touch $(STAMP)
 
+# The [peer] extra (FBGEMM, 6 MB): the peer test and the benchmarks' FBGEMM columns need it; a user's plain
+# install stays without it.
+$(PEER): $(STAMP)
+	$(PIP) install -q -e '.[dev,peer]'
+	touch $(PEER)
+
 # OpenMPI from Debian plus mpi4py, for mpirun launches (needs root for apt-get).
 install-mpi: $(STAMP)
 	command -v mpicc >/dev/null || (apt-get update -qq && apt-get install -y -qq libopenmpi-dev openmpi-bin)
@@ -46,7 +53,7 @@ experiment: $(STAMP)
 # TEST_WORKERS pytest processes share the tests (many of them wait on launchers and timeouts);
 # the tests of the one test cluster run in one of them (xdist group "cluster").
 TEST_WORKERS ?= 2
-test: $(STAMP) test-deps
+test: $(STAMP) $(PEER) test-deps
 	SMF_NO_SKIPS=1 $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup tests
 
 # OpenMPI, slurm-wlm + munge, iproute2 from Debian (needs root; says what is missing otherwise).
@@ -54,11 +61,11 @@ test-deps:
 	launch/install_test_deps.sh
 
 # The tier without process groups (dist) or subprocess end-to-end runs (e2e): well under a minute.
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(PEER)
 	$(PY) -m pytest -q -m "not dist and not e2e" tests
 
 # Benchmarks (not tests): each prints a table and writes JSON under bench_results/ (~10 min in all).
-bench: $(STAMP)
+bench: $(STAMP) $(PEER)
 	$(PY) tools/bench_sparse_step.py --out bench_results/sparse_step.json
 	$(PY) tools/bench_memory.py --out bench_results/memory.json
 	$(PY) tools/bench_eval.py --out bench_results/eval.json

@@ -33,6 +33,10 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=4.0"],
+        # FBGEMM's table-batched embedding, the industrial peer of our value lookup in tests/test_fbgemm_peer.py
+        # and tools/bench_*.py. 1.8.0 is the release its compatibility table pairs with torch 2.13 (1.9 needs
+        # 2.14); the CPU build, since our pinned torch is the CPU wheel here (a CUDA box wants fbgemm-gpu==1.8.0).
+        "peer": ["fbgemm-gpu-cpu==1.8.0"],
         # lm-eval: the tests run its harness on merged SMF models (0.4.13 works with our torch and transformers).
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "lm-eval==0.4.13"],
     },
