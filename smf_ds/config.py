@@ -116,13 +116,20 @@ class SparseConfig:
     scoring: Literal["tfidf", "kl", "tf", "random", "dense-accessed", "dense-all"] = "tfidf"
     top_t: int = 512  # rows per memory table per optimizer step (clamped to the table size, with a warning)
     background: str | None = None  # background stats file (smf-ds background); tfidf and kl need it
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"  # lr is memory.value_lr
+    # lr is memory.value_lr. adamw-dense: the paper's code (torch AdamW over the whole table, fed
+    # the masked gradient): every row's moments and weights move every step, selected or not.
+    optimizer: Literal["sgd", "adam", "adamw", "adamw-dense"] = "sgd"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    weight_decay: float = 0.0  # adamw only; applied to a row only in steps that select it
+    weight_decay: float = 0.0  # adamw: applied to a row only in steps that select it; adamw-dense: to every row
     max_grad_norm: float = 0.0  # clip of the value-row gradients (their own clip); 0 = off
     kl_eps: float = 1e-8
     seed: int = 0  # for the `random` rule
+    # step: top-t once per optimizer step over all micro-batches and ranks. micro_batch: the paper's
+    # code: top-t of each micro-batch of each rank, the gradients of those rows summed (up to
+    # micro-batches x ranks x top_t rows change per step; replicated tables only).
+    select_every: Literal["step", "micro_batch"] = "step"
+    count_padding: bool = False  # the paper's code: padded tokens' reads count towards selection
 
     def validate(self, prefix: str = "sparse") -> None:
         if self.top_t <= 0:
@@ -135,8 +142,8 @@ class SparseConfig:
         if not (_non_negative(self.weight_decay) and _non_negative(self.max_grad_norm)):
             raise ConfigError(f"{prefix}.weight_decay / {prefix}.max_grad_norm: expected >= 0, "
                               f"got {self.weight_decay} / {self.max_grad_norm}")
-        if self.weight_decay > 0 and self.optimizer != "adamw":
-            raise ConfigError(f"{prefix}.weight_decay: only the adamw optimizer decays; "
+        if self.weight_decay > 0 and self.optimizer not in ("adamw", "adamw-dense"):
+            raise ConfigError(f"{prefix}.weight_decay: only the adamw optimizer decays (and adamw-dense); "
                               f"got optimizer={self.optimizer!r} with weight_decay={self.weight_decay}")
 
 
@@ -161,6 +168,13 @@ class TrainConfig:
     micro_batch_size: int = 4  # per rank
     grad_accum: int = 1
     lr: float = 1e-4  # dense parameters (LoRA, full finetuning, memory params); values use memory.value_lr
+    # Both learning rates (train.lr and memory.value_lr) follow it: linear warm-up from 0 over
+    # warmup_steps (Hugging Face's: the first step at lr 0), then constant or cosine decay to 0 at train.steps.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    # Gradients over grad_accum micro-batches: their mean (the engine's convention) or their sum
+    # (the paper's code).
+    accum_reduction: Literal["mean", "sum"] = "mean"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # dense parameters
     max_length: int = 256
@@ -189,6 +203,8 @@ class TrainConfig:
         for key in ("weight_decay", "max_grad_norm"):
             if not _non_negative(getattr(self, key)):
                 raise ConfigError(f"{prefix}.{key}: expected a finite number >= 0, got {getattr(self, key)}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{prefix}.warmup_steps: expected an integer >= 0, got {self.warmup_steps}")
         if self.log_every < 1:  # the loop logs when step % log_every == 0
             raise ConfigError(f"{prefix}.log_every: expected an integer >= 1, got {self.log_every}")
         if self.save_every < 0:
@@ -215,6 +231,9 @@ class DataConfig:
     # Append the row's explanation (exp) to the training answer, as MedMCQA provides one. Off when
     # the explanation only restates the answer: its easy, copyable tokens then dilute the loss.
     train_explanation: bool = True
+    # What the training loss is taken on: the answer (and end-of-text), or every token of prompt and
+    # answer (the paper's code).
+    loss_on: Literal["answer", "all"] = "answer"
 
     def validate(self, prefix: str = "data") -> None:
         # None = every row; 0 rows would only fail later as "no usable row"

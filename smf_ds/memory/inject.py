@@ -61,7 +61,9 @@ def _attention_mask_hook(module, args, kwargs):
     mask = kwargs.get("attention_mask")
     if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
         mask = args[1]  # CausalLM.forward(input_ids, attention_mask, ...)
-    module._smf_memory_context.attention_mask = mask
+    # The token mask keeps padding out of the read counts; a run that counts padding (the paper's
+    # code) sets _smf_count_padding and its memory layers get none.
+    module._smf_memory_context.attention_mask = None if getattr(module, "_smf_count_padding", False) else mask
 
 
 def inject_memory(model: nn.Module, cfg: MemoryConfig) -> nn.Module:

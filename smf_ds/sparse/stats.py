@@ -27,6 +27,11 @@ def _sum_over_replicas(group, rows: torch.Tensor, values: torch.Tensor):
     return coalesce_rows(all_rows, all_values)
 
 
+def sum_over_replicas(group, rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every replica's (rows, values) with the values of equal rows summed: (sorted unique rows, sums)."""
+    return _sum_over_replicas(group, rows, values)
+
+
 def step_access(table: ValueTable) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows sorted, read counts) of this step, global, for the rows this process holds."""
     rows, counts = table.sink.coalesced_access(device=table.local_weight.device)

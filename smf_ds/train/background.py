@@ -39,6 +39,7 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
         log.warning("data.background: %d batches of %d need %d texts, %s has %d: texts are reused",
                     batches, order.global_batch, batches * order.global_batch, cfg.data.background, len(examples))
     model.eval()
+    model._smf_count_padding = cfg.sparse.count_padding  # the reads counted as training will count them
     device = _device(model)
     fingerprint, base = memory_fingerprint(model), base_fingerprint(model)
 

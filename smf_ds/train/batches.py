@@ -17,9 +17,10 @@ from ..tokens import encode_start, start_ids, with_start
 IGNORE = -100
 
 
-def tokenize_prompt_answer(tokenizer, prompt: str, answer: str, max_length: int) -> dict:
-    """Loss on the answer tokens only (the tokenizer's start tokens and the prompt labelled IGNORE);
-    truncates the prompt's front, after the start tokens."""
+def tokenize_prompt_answer(tokenizer, prompt: str, answer: str, max_length: int, loss_on: str = "answer") -> dict:
+    """Loss on the answer tokens only (the tokenizer's start tokens and the prompt labelled IGNORE),
+    or with loss_on="all" on every token (the paper's code); truncates the prompt's front, after
+    the start tokens."""
     start = list(start_ids(tokenizer))
     prompt_ids = with_start(start, tokenizer(prompt, add_special_tokens=False)["input_ids"])[len(start):]
     answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
@@ -27,7 +28,8 @@ def tokenize_prompt_answer(tokenizer, prompt: str, answer: str, max_length: int)
         answer_ids = answer_ids + [tokenizer.eos_token_id]
     answer_ids = answer_ids[:max(max_length - len(start), 1)]
     prompt_ids = start + prompt_ids[max(0, len(start) + len(prompt_ids) + len(answer_ids) - max_length):]
-    return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE] * len(prompt_ids) + answer_ids}
+    prompt_labels = list(prompt_ids) if loss_on == "all" else [IGNORE] * len(prompt_ids)
+    return {"input_ids": prompt_ids + answer_ids, "labels": prompt_labels + answer_ids}
 
 
 def tokenize_text(tokenizer, text: str, max_length: int) -> dict:

@@ -27,8 +27,8 @@ class ValuesOnlyEngine:
     def train(self) -> None:
         self.module.train()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.grad_accum).backward()
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
+        (loss / self.grad_accum if scale_wrt_gas else loss).backward()
 
     def step(self) -> None:
         self.micro_steps += 1

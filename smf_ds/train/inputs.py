@@ -55,7 +55,8 @@ def task_examples(cfg: SMFConfig, tokenizer, examples: list | None = None) -> li
     prompt = training_prompt(cfg)
     examples = task_rows(cfg) if examples is None else examples
     pairs = (prompt.training_pair(ex, with_explanation=cfg.data.train_explanation) for ex in examples)
-    return [tokenize_prompt_answer(tokenizer, prompt_text, answer, cfg.train.max_length) for prompt_text, answer in pairs]
+    return [tokenize_prompt_answer(tokenizer, prompt_text, answer, cfg.train.max_length, cfg.data.loss_on)
+            for prompt_text, answer in pairs]
 
 
 def adopt_adapter_memory(cfg: SMFConfig, adapter_dir: str | None) -> SMFConfig:

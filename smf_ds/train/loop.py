@@ -5,6 +5,7 @@ Methods: smf (memory injected; `train.scope` says what trains), lora (peft), ful
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from ..memory.inject import value_tables
 from ..parallel.layout import MemoryLayout
 from ..parallel.process_group import collective_device, get_rank, get_world_size, is_distributed
 from ..sparse.background import BackgroundStats
+from ..sparse.optim import schedule_factor
 from ..sparse.step import SparseMemoryUpdater
 from .batches import GlobalBatchOrder, collate, examples_digest
 from .checkpoint import (check_run_identity, complete_tags, latest_tag, load_memory_checkpoint, mark_latest,
@@ -130,9 +132,18 @@ class Trainer:
         # Where the tables live (smf_ds.parallel.layout); a model sharded by hand: split over every rank.
         split_over = 1 if cfg.memory.sharding == "replicated" else self.world
         self.layout = getattr(model, "smf_layout", None) or MemoryLayout(cfg.memory.sharding, self.world, split_over)
+        self.lr_factor = None
+        if cfg.train.lr_schedule != "constant" or cfg.train.warmup_steps:
+            t = cfg.train
+            if t.warmup_steps >= t.steps:
+                log.warning("train.warmup_steps=%d is not below train.steps=%d: the learning rates only rise",
+                            t.warmup_steps, t.steps)
+            self.lr_factor = functools.partial(schedule_factor, t.lr_schedule, t.warmup_steps, t.steps)
         if self.tables:
             self.updater = SparseMemoryUpdater(self.tables, cfg.sparse, cfg.memory.value_lr, background,
-                                               grad_divisor=self.layout.dp_size)
+                                               grad_divisor=self.layout.dp_size, lr_factor=self.lr_factor)
+            # The paper's code counted padded tokens' reads: the memory layers then get no token mask.
+            self.model._smf_count_padding = cfg.sparse.count_padding
         self.order = GlobalBatchOrder(len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum,
                                       self.world, cfg.train.seed)
         self.step = 0
@@ -172,10 +183,15 @@ class Trainer:
         # gradients are partitioned there); with a plain torch optimizer (ZeRO-0, fp32) the loop does.
         measure_norm = log and not hasattr(getattr(self.engine, "optimizer", None), "_global_grad_norm")
         losses, tokens, grad_norm = [], 0, None
+        if self.lr_factor is not None:
+            self._set_dense_lr(self.cfg.train.lr * self.lr_factor(self.step))
+        mean = self.cfg.train.accum_reduction == "mean"
         for micro in range(self.cfg.train.grad_accum):
             batch, batch_tokens = self._batch(self.step, micro)
             loss = self.engine(**batch).loss
-            self.engine.backward(loss)
+            self.engine.backward(loss, scale_wrt_gas=mean)
+            if self.updater is not None:
+                self.updater.after_backward()
             if measure_norm and micro == self.cfg.train.grad_accum - 1:
                 grad_norm = self._dense_grad_norm()  # before the step clips and zeroes the gradients
             self.engine.step()
@@ -190,6 +206,11 @@ class Trainer:
         loss_sum, tokens, stops = _sum_over_ranks(sum(losses) / len(losses), tokens, float(stop.requested() is not None))
         return StepResult(loss_sum / self.world, int(tokens), metrics,
                           None if grad_norm is None else float(grad_norm), stop=stops > 0)
+
+    def _set_dense_lr(self, lr: float) -> None:
+        """The dense optimizer's lr for this step (set from the step count: resume needs no scheduler state)."""
+        for group in getattr(getattr(self.engine, "optimizer", None), "param_groups", []):
+            group["lr"] = lr
 
     def _dense_grad_norm(self) -> float | None:
         """The 2-norm of the dense gradients, whole in every parameter after the boundary backward
