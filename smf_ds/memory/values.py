@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Reads turned into gradient rows at once when many rows are asked for (bounds the step's scratch).
-_GRAD_CHUNK = 1 << 16
+# Elements of one block of gradient rows formed at once (4 MiB of fp32): bounds the step's scratch.
+_GRAD_BLOCK = 1 << 20
 _FILTER_SIZE = 1 << 16  # entries of the membership filter of reads_of (64 KiB); a power of two
+_FEW_ROWS = 1 << 12  # up to this many rows asked for, row_grad filters the reads (reads_of) instead of sorting all
 
 
 def coalesce_rows(rows: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,9 @@ class RowGradSink:
         if rows_E.numel():
             self.grad_entries.append((rows_E, weights_E, bags_E, grad_BD))
 
-    def add_access(self, rows_U: torch.Tensor, counts_U: torch.Tensor) -> None:
+    def add_access(self, rows_U: torch.Tensor, counts_U: torch.Tensor | None) -> None:
+        """Read counts of rows; counts_U None: rows_U are single reads (repeats allowed), counted
+        when the step asks (a forward need not pay for the sort)."""
         if rows_U.numel():
             self.access_entries.append((rows_U, counts_U))
 
@@ -86,21 +89,78 @@ class RowGradSink:
             return torch.empty(0, dtype=torch.long, device=device)
         return torch.unique(torch.cat([rows.reshape(-1) for rows, *_ in self.grad_entries]))
 
+    def _sorted_reads(self, rows_S: torch.Tensor, dtype):
+        """Per gradient entry, the reads of rows_S sorted by row: (index of the row in rows_S, bag,
+        weight in `dtype`, grad_BD in `dtype`); and the sorted positions in rows_S read at all."""
+        entries, read = [], []
+        for rows_E, weights_E, bags_E, grad_BD in self.grad_entries:
+            per_bag = rows_E.shape[1] if rows_E.dim() == 2 else 1
+            flat = rows_E.reshape(-1)
+            if rows_S.numel() <= _FEW_ROWS:  # few rows: filter the reads, then sort the hits
+                hits, pos = reads_of(rows_S, flat)
+                pos, order = torch.sort(pos, stable=True)  # a row's reads stay in read order
+                hits = hits[order]
+            else:  # many: sort every read by row, then place each distinct row read in rows_S
+                by_row, hits = torch.sort(flat, stable=True)
+                rows_R, per_row = torch.unique_consecutive(by_row, return_counts=True)
+                pos_R = torch.searchsorted(rows_S, rows_R).clamp_(max=rows_S.numel() - 1)
+                in_S = rows_S[pos_R] == rows_R
+                if not bool(in_S.all()):
+                    hits = hits[in_S.repeat_interleave(per_row)]
+                    pos_R, per_row = pos_R[in_S], per_row[in_S]
+                pos = pos_R.repeat_interleave(per_row)
+            bags = hits // per_bag if bags_E is None else bags_E[hits]
+            entries.append((pos, bags, weights_E.reshape(-1)[hits].to(dtype), grad_BD.to(dtype)))
+            read.append(torch.unique_consecutive(pos))
+        read_S = read[0] if len(read) == 1 else torch.unique(torch.cat(read))
+        return entries, read_S
+
+    @torch.no_grad()
+    def row_grad_blocks(self, rows_S: torch.Tensor, width: int, dtype=torch.float32):
+        """Yield (positions p in rows_S, grad of rows_S[p]) block by block, over the rows of the sorted
+        unique `rows_S` that some backward read (the others' gradient is zero).
+
+        A row's gradient is a weighted sum of output-gradient rows: embedding_bag over grad_BD, with
+        the row's reads as one bag (reads sorted by row), forms it in place per row, so no
+        reads-sized block of gradient rows is ever gathered, and a block of rows is
+        _GRAD_BLOCK / width rows whatever the number of rows asked for.
+        """
+        if rows_S.numel() == 0 or not self.grad_entries:
+            return
+        rows_S = rows_S.contiguous()
+        entries, read_S = self._sorted_reads(rows_S, dtype)
+        block = max(1, _GRAD_BLOCK // max(1, width))
+        for part in read_S.split(block):
+            grad = None
+            for pos, bags, weights, grad_BD in entries:
+                starts = torch.searchsorted(pos, part)
+                lo, hi = int(starts[0]), int(torch.searchsorted(pos, part[-1:], right=True)[0])
+                if hi == lo:
+                    continue
+                g = F.embedding_bag(bags[lo:hi], grad_BD, starts - lo, per_sample_weights=weights[lo:hi], mode="sum")
+                grad = g if grad is None else grad.add_(g)
+            yield part, grad
+
     def row_grad(self, rows_S: torch.Tensor, width: int, dtype=torch.float32, device=None) -> torch.Tensor:
         """grad_SD of the sorted unique `rows_S` (zeros for rows no backward read)."""
         out = torch.zeros((rows_S.numel(), width), dtype=dtype, device=device if device is not None else rows_S.device)
-        if rows_S.numel() == 0:
-            return out
-        for rows_E, weights_E, bags_E, grad_BD in self.grad_entries:
-            per_bag = rows_E.shape[1] if rows_E.dim() == 2 else 1
-            flat_rows, flat_weights = rows_E.reshape(-1), weights_E.reshape(-1)
-            hits, pos = reads_of(rows_S, flat_rows)
-            for chunk, chunk_pos in zip(hits.split(_GRAD_CHUNK), pos.split(_GRAD_CHUNK)):
-                bags = chunk // per_bag if bags_E is None else bags_E[chunk]
-                contrib = grad_BD.index_select(0, bags).to(dtype)
-                contrib.mul_(flat_weights[chunk].to(dtype).unsqueeze(1))  # in place: no second chunk-sized buffer
-                out.index_add_(0, chunk_pos, contrib)
+        for part, grad in self.row_grad_blocks(rows_S, width, dtype):
+            out.index_copy_(0, part, grad)
         return out
+
+    @torch.no_grad()
+    def sgd_update(self, weight: torch.Tensor, rows_S: torch.Tensor, lr: float, divisor: float = 1.0,
+                   first_row: int = 0) -> torch.Tensor:
+        """weight[rows_S - first_row] -= lr * grad / divisor, block by block in place (the same
+        arithmetic as forming grad_SD first); returns the squared norm of grad / divisor (float64).
+        Rows that no backward read are left as they are (their step is zero)."""
+        sq_norm = torch.zeros((), dtype=torch.float64, device=weight.device)
+        rows_S = rows_S.contiguous()
+        for part, grad in self.row_grad_blocks(rows_S, weight.shape[1], weight.dtype):
+            grad.div_(divisor)
+            sq_norm += torch.linalg.vector_norm(grad, dtype=torch.float64).square()
+            weight.index_add_(0, rows_S[part] - first_row, grad.mul_(-lr))  # w + (-(lr g)) == w - lr g exactly
+        return sq_norm
 
     def coalesced_grad(self, width: int, dtype=torch.float32, device=None):
         """(rows read sorted, their gradient rows) over every backward since the last clear."""
@@ -112,7 +172,11 @@ class RowGradSink:
         entries = self.access_entries
         if not entries:
             return torch.empty(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
-        if len(entries) == 1:  # one lookup: its rows are already sorted and unique
+        reads = [rows for rows, counts in entries if counts is None]
+        if reads:
+            rows, counts = torch.unique(torch.cat(reads), return_counts=True)
+            entries = [(rows, counts)] + [e for e in entries if e[1] is not None]
+        if len(entries) == 1:  # its rows are already sorted and unique
             return entries[0]
         return coalesce_rows(torch.cat([r for r, _ in entries]), torch.cat([c for _, c in entries]))
 
@@ -298,8 +362,9 @@ class LocalValueTable(ValueTable):
         self.register_buffer("weight", weight, persistent=False)
 
     def lookup(self, indices_NK, weights_NK, token_mask_N=None):
-        if self.track_access:
-            self.sink.add_access(*read_counts(indices_NK, token_mask_N))
+        if self.track_access:  # counted at the step, not here
+            reads = indices_NK if token_mask_N is None else indices_NK[token_mask_N.bool()]
+            self.sink.add_access(reads.reshape(-1), None)
         return self.bag_lookup(self.weight, indices_NK, weights_NK)
 
     def full_weight(self):
