@@ -44,9 +44,10 @@ demo: $(STAMP)
 	$(PY) -m smf_ds.cli demo --out runs/demo
 
 # Every method x 3 seeds on the synthetic world, with smf-tfidf's value lr and LoRA's and full's lr
-# swept: paired intervals, frontiers, matched-gain tables, a plot, a report.
+# swept, and the paper code's procedure with one correction per difference (--ablation): paired
+# intervals, frontiers, matched-gain and ablation tables, a plot, a report.
 experiment: $(STAMP)
-	$(PY) -m smf_ds.cli experiment --sweep --out runs/experiment
+	$(PY) -m smf_ds.cli experiment --sweep --ablation --out runs/experiment
 
 # Everything (the README's and CI's command), with what the launcher and cluster tests need
 # installed first (root Debian machines); a skipped test fails it. The 15 slowest are listed.

@@ -97,7 +97,7 @@ def _cmd_experiment(args) -> dict:
     stop.listen(ClusterConfig().stop_signals)  # a run stopped mid-grid is resumed by the next call
     methods = args.methods.split(",") if args.methods else None
     run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config, world_seed=args.world_seed,
-                   sweep=args.sweep)
+                   sweep=args.sweep, ablation=args.ablation)
     return _written_to(*(Path(args.out) / name for name in ("results.json", "report.md", "tradeoff.png")))
 
 
@@ -173,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="the synthetic world's default sweep: smf-tfidf's value_lr and lora's and full's lr at "
                         "three values each, for frontiers and matched-gain tables (a config has its own sweep:)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also the paper code's procedure (smf-paper) and one variant per difference that corrects "
+                        "it (smf-paper+<correction>): the report's ablation table (synthetic world)")
     p.add_argument("--resume", action="store_true",
                    help="accepted for symmetry with train (also --resume auto): an experiment always keeps its "
                         "finished runs and resumes those cut short")

@@ -141,20 +141,22 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
 
 def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] | None = None,
                    seeds: Sequence[int] | None = None, quick: bool = False, config: str | None = None,
-                   world_seed: int | None = None, sweep: bool = False) -> dict:
+                   world_seed: int | None = None, sweep: bool = False, ablation: bool = False) -> dict:
     """`variants` / `seeds` default to the setup's (all variants; the config's seeds, or 0, 1, 2); a
     swept method's name stands for all its points. `world_seed` picks the synthetic world (default
-    0); `sweep` runs the world's default sweep (WORLD_SWEEP; a config has its own `sweep:`)."""
+    0); `sweep` runs the world's default sweep (WORLD_SWEEP; a config has its own `sweep:`); `ablation`
+    adds smf-paper and its corrections (ABLATION_VARIANTS)."""
     out = Path(out)
     if config:
-        for flag, value in (("--quick", quick or None), ("--world-seed", world_seed), ("--sweep", sweep or None)):
+        for flag, value in (("--quick", quick or None), ("--world-seed", world_seed), ("--sweep", sweep or None),
+                            ("--ablation", ablation or None)):
             if value is not None:
                 raise ConfigError(f"{flag}: applies to the embedded synthetic world only, not with --config "
                                   f"(set train.steps or seeds in the experiment config)")
         exp = load_experiment_config(config)
         setup, seeds = ConfigSetup(exp, out), list(seeds or exp.seeds)
     else:
-        setup, seeds = WorldSetup(out, quick, world_seed or 0, sweep), list(seeds or (0, 1, 2))
+        setup, seeds = WorldSetup(out, quick, world_seed or 0, sweep, ablation), list(seeds or (0, 1, 2))
     asked = [v.strip() for v in (variants or setup.variants) if v.strip()]
     variants = [v for v in setup.variants if v in asked or method_of(v) in asked]
     unknown = [v for v in asked if v not in setup.variants and v not in map(method_of, setup.variants)]

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..eval.bootstrap import bootstrap_statistic
 from ..eval.runner import TASKS
+from .ablation import ablation
 from .frontier import tradeoffs
 
 
@@ -98,4 +99,7 @@ def aggregate(base_dir: Path, runs: dict[str, dict[int, Path]], medmcqa_mode: st
                          "sd": float(values_S.std(ddof=1)) if len(seeds) > 1 else 0.0, "delta": delta}
         out["variants"][variant] = row
     out["tradeoffs"] = tradeoffs(out["variants"], samples)
+    corrections = ablation(out["variants"], samples)  # smf-paper and its corrections (smf_ds.experiment.ablation)
+    if corrections is not None:
+        out["ablation"] = corrections
     return out
