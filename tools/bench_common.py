@@ -95,3 +95,89 @@ def take_worker_settings(a) -> None:
     """In a worker: the parent's settings replace the parsed defaults."""
     for k, v in json.loads(a.worker_args).items():
         setattr(a, k, v)
+
+
+# --- the device, and FBGEMM as the peer ------------------------------------------------------
+
+def add_device_argument(ap) -> None:
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where tables and inputs live (cuda: timings synchronize the GPU, memory is the CUDA "
+                         "allocator's peak instead of RSS); value tables stay fp32 on both, by design")
+
+
+def check_device(ap, device: str) -> None:
+    """--device cuda needs a GPU that torch sees."""
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch sees no CUDA device here (torch.cuda.is_available() is False)")
+
+
+def sync(device: str) -> None:
+    """Wait for the device's queued work, so that wall time covers it."""
+    if device == "cuda":
+        import torch
+        torch.cuda.synchronize()
+
+
+class Memory:
+    """The process's memory as a benchmark step sees it: RSS (kernel view, with MALLOC_MMAP_THRESHOLD_
+    pinned by start_worker) on the CPU; the CUDA caching allocator's allocated bytes on a GPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+
+    def now(self) -> int:
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+            return torch.cuda.memory_allocated()
+        return proc_status("VmRSS")
+
+    def reset_peak(self) -> int:
+        """Start a new peak; returns the bytes in use now."""
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            reset_hwm()
+        return self.now()
+
+    def peak(self) -> int:
+        if self.device == "cuda":
+            import torch
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated()
+        return proc_status("VmHWM")
+
+
+def fbgemm_missing(device: str = "cpu") -> str | None:
+    """None when FBGEMM's table-batched embedding runs on `device` here; else why not (the error)."""
+    try:
+        import torch
+        weight = torch.ones(4, 8, device=device)
+        tbe = fbgemm_sgd_table(weight, 0.1, device)
+        out = tbe(torch.tensor([0, 3], device=device), torch.tensor([0, 1, 2], device=device))
+        out.sum().backward()
+        return None
+    except Exception as err:  # noqa: BLE001 - import errors, missing CUDA kernels: all mean "no peer"
+        return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
+def fbgemm_sgd_table(weight, lr: float, device: str = "cpu"):
+    """FBGEMM's SplitTableBatchedEmbeddingBagsCodegen holding a copy of `weight` (one table, pooling
+    SUM), with its optimizer fused into the backward: EXACT_SGD at `lr`, which updates every row read."""
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
+                                                                        SplitTableBatchedEmbeddingBagsCodegen)
+    where = (EmbeddingLocation.DEVICE, ComputeDevice.CUDA) if device == "cuda" else \
+        (EmbeddingLocation.HOST, ComputeDevice.CPU)
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(weight.shape[0], weight.shape[1], *where)], optimizer=EmbOptimType.EXACT_SGD, learning_rate=lr,
+        pooling_mode=PoolingMode.SUM, device=torch.device(device))
+    with torch.no_grad():
+        tbe.split_embedding_weights()[0].copy_(weight)
+    return tbe

@@ -80,7 +80,7 @@ import time
 from pathlib import Path
 
 import bench_common  # tools/, next to this script
-from bench_common import MMAP_THRESHOLD, fmt_bytes, fmt_n, machine, proc_status, reset_hwm, write_results
+from bench_common import MMAP_THRESHOLD, fmt_bytes, fmt_n, machine, write_results
 from row_read_floor import floor_ratio, row_read_floor_ms
 
 FULL_SIZES = [16_384, 262_144, 1_048_576]
@@ -88,6 +88,10 @@ QUICK_SIZES = [4_096, 16_384, 65_536]
 GOAL_FLAT_RATIO = 1.2
 GOAL_SPEEDUP = 20.0
 GOAL_PEAK_FRAC = 0.10
+GOAL_PEER_FORWARD = 1.0  # ours / FBGEMM, at every N
+GOAL_PEER_DENSE = 1.2
+GOAL_PEER_TOP_T = 0.5  # the top-t step at least 2x faster than FBGEMM's fused update
+GOAL_PEER_PEAK = 2.0
 BUSY_WARN = 0.10  # warn when other processes used more than this share of the CPUs while timing
 
 
@@ -124,11 +128,14 @@ def make_batch(num_rows: int, a):
     grad_out_ND = torch.randn(a.tokens, a.dim, generator=g)
     df = torch.randint(0, a.bg_batches + 1, (num_rows,), generator=g)
     weight = torch.randn(num_rows, a.dim, generator=g) * a.dim ** -0.5
-    return indices_NK, weights_NK, grad_out_ND, df, weight
+    dev = a.device
+    weights_NK = weights_NK.detach().to(dev).requires_grad_()
+    return indices_NK.to(dev), weights_NK, grad_out_ND.to(dev), df, weight.to(dev)
 
 
 class Ours:
     name = "ours"
+    scoring = "tfidf"
 
     def __init__(self, num_rows: int, a) -> None:
         import torch
@@ -139,7 +146,7 @@ class Ours:
         self.idx, self.w, self.grad_out, df, weight = make_batch(num_rows, a)
         self.table = LocalValueTable(num_rows, a.dim, weight=weight)
         bg = BackgroundStats(a.bg_batches, {0: df}, {0: torch.zeros(num_rows, dtype=torch.long)})
-        cfg = SparseConfig(scoring="tfidf", top_t=a.top_t, optimizer="sgd")
+        cfg = SparseConfig(scoring=self.scoring, top_t=a.top_t, optimizer="sgd")
         self.updater = SparseMemoryUpdater([(0, self.table)], cfg, lr=a.lr_sgd, background=bg)
         self.out = None
 
@@ -157,7 +164,7 @@ class Ours:
         self.w.grad = None
 
     def selected(self):
-        return self.updater.previous[0]
+        return self.updater.previous[0].cpu() if self.scoring == "tfidf" else None
 
     def state_bytes(self) -> int:
         u = self.updater
@@ -177,7 +184,7 @@ class Paper:
         self.param = torch.nn.Parameter(weight)
         impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[a.paper_adamw]
         self.opt = torch.optim.AdamW([self.param], lr=a.lr_adamw, weight_decay=0.01, **impl)
-        idf = torch.log((a.bg_batches + 1.0) / (df.double() + 1.0))
+        idf = torch.log((a.bg_batches + 1.0) / (df.double() + 1.0)).to(a.device)
         num_rows_, top_t = num_rows, a.top_t
         self.last_selected = None
 
@@ -185,7 +192,7 @@ class Paper:
             counts = torch.bincount(self.idx.reshape(-1), minlength=num_rows_).double()
             score = counts / counts.sum() * idf
             top = torch.topk(score, top_t).indices
-            mask = torch.zeros(num_rows_, dtype=grad.dtype)
+            mask = torch.zeros(num_rows_, dtype=grad.dtype, device=grad.device)
             mask[top] = 1.0
             self.last_selected = top.sort().values
             return grad * mask.unsqueeze(1)
@@ -208,13 +215,62 @@ class Paper:
         self.w.grad = None
 
     def selected(self):
-        return self.last_selected
+        return self.last_selected.cpu()
 
     def state_bytes(self) -> int:
         return sum(t.nbytes for st in self.opt.state.values() for t in st.values() if hasattr(t, "nbytes"))
 
 
-PATHS = {"ours": Ours, "paper": Paper}
+class OursDense(Ours):
+    """Ours with the dense-accessed rule: SGD on every row the step read (FBGEMM's fused update's work)."""
+    name = "ours-dense"
+    scoring = "dense-accessed"
+
+
+class OursDenseAll(Ours):
+    """Ours with the dense-all rule: every row of the table selected (with SGD, the rows not read stay)."""
+    name = "ours-dense-all"
+    scoring = "dense-all"
+
+
+class Fbgemm:
+    """FBGEMM's table-batched embedding on the same batch: forward with the read weights as per-sample
+    weights; the backward gives their gradient and updates every row read (EXACT_SGD, fused)."""
+    name = "fbgemm"
+
+    def __init__(self, num_rows: int, a) -> None:
+        import torch
+        self.idx, self.w, self.grad_out, _, weight = make_batch(num_rows, a)
+        self.tbe = bench_common.fbgemm_sgd_table(weight, a.lr_sgd, a.device)
+        del weight
+        self.flat = self.idx.reshape(-1)
+        self.offsets = torch.arange(0, self.flat.numel() + 1, self.idx.shape[1], device=self.flat.device)
+        self.w_flat = self.w.detach().reshape(-1).clone().requires_grad_()
+        self.out = None
+
+    @property
+    def weight(self):
+        return self.tbe.split_embedding_weights()[0]
+
+    def forward(self) -> None:
+        self.out = self.tbe(self.flat, self.offsets, per_sample_weights=self.w_flat)
+
+    def step(self) -> None:
+        self.out.backward(self.grad_out)
+        self.out = None
+        self.w_flat.grad = None
+
+    def selected(self):
+        return None
+
+    def state_bytes(self) -> int:
+        return 0  # EXACT_SGD keeps no state
+
+
+PATHS = {"ours": Ours, "paper": Paper, "ours-dense": OursDense, "ours-dense-all": OursDenseAll, "fbgemm": Fbgemm}
+# What each ratio to FBGEMM compares: the same batch, same table, same lr.
+PEER_RATIOS = {"forward": ("ours", "forward_ms"), "dense_accessed_step": ("ours-dense", "step_ms"),
+               "dense_all_step": ("ours-dense-all", "step_ms"), "top_t_step": ("ours", "step_ms")}
 
 
 # --- workers (run in fresh subprocesses) -----------------------------------------------------
@@ -252,7 +308,8 @@ class Busy:
 
 def time_all(a) -> dict:
     """Every (path, size) built first, warmed up, then timed in interleaved rounds."""
-    cases = [(name, n) for n in a.sizes for name in PATHS]
+    cases = [(name, n) for n in a.sizes for name in a.paths]
+    dev = a.device
     objs = {}
     for name, n in cases:
         objs[name, n] = PATHS[name](n, a)
@@ -266,16 +323,23 @@ def time_all(a) -> dict:
     for _ in range(a.steps):  # round r runs one step of every case: drifts in load hit all alike
         for c in cases:
             p = objs[c]
+            bench_common.sync(dev)
             j0 = _jiffies()
             t0 = time.perf_counter()
             p.forward()
+            bench_common.sync(dev)
             t1 = time.perf_counter()
             p.step()
+            bench_common.sync(dev)
             t2 = time.perf_counter()
             busy[c].add(j0, _jiffies())
             fwd[c].append(_ms(t0, t1))
             stp[c].append(_ms(t1, t2))
     out = {}
+    for n in a.sizes:  # the same batches and lr, as many steps: ours' dense-accessed table and FBGEMM's agree
+        if ("ours-dense", n) in objs and ("fbgemm", n) in objs:
+            diff = (objs["ours-dense", n].weight - objs["fbgemm", n].weight).abs().max()
+            out.setdefault("checks", {})[str(n)] = {"ours_dense_vs_fbgemm_table_max_abs_diff": float(diff)}
     for c in cases:
         p = objs[c]
         before = p.weight.clone()  # one more step, untimed: which rows it changed
@@ -286,7 +350,9 @@ def time_all(a) -> dict:
         res = {"forward_ms_median": statistics.median(fwd[c]), "forward_ms_min": min(fwd[c]),
                "step_ms_median": statistics.median(stp[c]), "step_ms_min": min(stp[c]),
                "forward_ms_all": fwd[c], "step_ms_all": stp[c], "others_cpu_busy": busy[c].share,
-               "rows_changed_per_step": rows_changed, "selected": p.selected().tolist()}
+               "rows_changed_per_step": rows_changed}
+        if p.selected() is not None:
+            res["selected"] = p.selected().tolist()
         if c[0] == "ours":
             res["breakdown_ms"] = ours_breakdown(p, a)
             res["row_read_floor_ms"] = row_read_floor_ms(p.table.weight, p.idx, a.steps)
@@ -302,7 +368,7 @@ def ours_breakdown(p: Ours, a) -> dict:
     counters, sink.clear() which frees the recorded reads and token gradients).
     """
     from smf_ds.sparse.selection import select_rows
-    from smf_ds.sparse.stats import step_access, step_grad
+    from smf_ds.sparse.stats import step_access
     u, table = p.updater, p.table
     pieces: dict[str, list[float]] = {}
 
@@ -322,15 +388,12 @@ def ours_breakdown(p: Ours, a) -> dict:
         sel = select_rows(u.cfg.scoring, u.top_t[0], table, 0, rows, counts, u.background,
                           u.step_count, u.cfg.seed, u.cfg.kl_eps)
         t = tick("select_top_t", t)
-        _, g = step_grad(table, sel)
-        t = tick("grads_of_selected", t)
-        math.sqrt(float(g.double().pow(2).sum()))
-        t = tick("grad_norm", t)
-        u.optimizer.update(0, sel, g)
-        t = tick("optimizer_update", t)
-        u.n_ever_updated[0] += int((~u.ever_updated[0][sel]).sum())
-        u.ever_updated[0][sel] = True
-        u.window_counts[0].index_add_(0, rows, counts)
+        math.sqrt(float(table.sink.sgd_update(table.weight, sel, u.optimizer.lr, u.grad_divisor)))
+        bench_common.sync(a.device)
+        t = tick("grads_norm_update", t)
+        u.n_ever_updated[0] += int((~u.ever_updated[0][sel.cpu()]).sum())
+        u.ever_updated[0][sel.cpu()] = True
+        u.window_counts[0].index_add_(0, rows.cpu(), counts.cpu())
         table.sink.clear()
         u.step_count += 1
         tick("bookkeeping", t)
@@ -368,27 +431,27 @@ def torch_alloc_peak(fn) -> dict:
 
 
 def measure_memory(cls, num_rows: int, a) -> dict:
+    """On a GPU the "rss" fields are the CUDA allocator's bytes (bench_common.Memory)."""
+    mem = bench_common.Memory(a.device)
     gc.collect()
-    rss0 = proc_status("VmRSS")
+    rss0 = mem.now()
     p = cls(num_rows, a)
     gc.collect()
-    rss_built = proc_status("VmRSS")
+    rss_built = mem.now()
     for _ in range(a.warmup):
         p.forward()
         p.step()
     gc.collect()
-    rss_warm = proc_status("VmRSS")
+    rss_warm = mem.now()
 
-    reset_hwm()
-    rss_pre_fwd = proc_status("VmRSS")
+    rss_pre_fwd = mem.reset_peak()
     p.forward()
-    fwd_peak = proc_status("VmHWM") - rss_pre_fwd
+    fwd_peak = mem.peak() - rss_pre_fwd
     gc.collect()
-    reset_hwm()
-    rss_pre_step = proc_status("VmRSS")
+    rss_pre_step = mem.reset_peak()
     p.step()
-    peak = proc_status("VmHWM") - rss_pre_step
-    rss_post = proc_status("VmRSS")
+    peak = mem.peak() - rss_pre_step
+    rss_post = mem.now()
     gc.collect()
     p.forward()
     alloc = torch_alloc_peak(p.step)
@@ -409,6 +472,7 @@ def worker(a) -> None:
            "loadavg_at_start": os.getloadavg()}
     if a.worker == "time":
         out["paths"] = time_all(a)
+        out["checks"] = out["paths"].pop("checks", {})
     else:
         cls = PATHS[a.path]
         torch_alloc_peak(lambda: torch.ones(1))  # one-time profiler start-up
@@ -426,7 +490,7 @@ def worker(a) -> None:
 # --- driver ----------------------------------------------------------------------------------
 
 PASS_THROUGH = ("sizes", "dim", "tokens", "heads", "knn", "top_t", "steps", "warmup", "seed", "bg_batches",
-                "lr_sgd", "lr_adamw", "paper_adamw", "hot_rows")
+                "lr_sgd", "lr_adamw", "paper_adamw", "hot_rows", "device", "paths")
 
 
 def start_worker(a, kind: str, path: str | None = None) -> tuple[subprocess.Popen, str]:
@@ -472,6 +536,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-adamw", choices=["default", "foreach", "fused"], default="default",
                     help="the paper path's AdamW implementation (default: torch's default, on CPU the "
                          "per-tensor loop; fused is several times faster: about 4x at 1M in the README run)")
+    ap.add_argument("--no-peer", action="store_true",
+                    help="leave out the dense rules and FBGEMM (which runs only when the [peer] extra is installed)")
+    bench_common.add_device_argument(ap)
     bench_common.add_worker_arguments(ap, ["time", "mem"])
     ap.add_argument("--path", choices=list(PATHS), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -488,24 +555,33 @@ def main(argv=None) -> int:
         ap.error(f"--sizes: every size must be at least --top-t ({a.top_t}) and --knn ({a.knn}), got {a.sizes}")
     if a.steps < 1 or a.warmup < 1:
         ap.error("--steps and --warmup: at least 1 (the paper path's AdamW state is allocated in the first step)")
+    bench_common.check_device(ap, a.device)
     sizes = a.sizes
     t_start = time.perf_counter()
+    a.paths = ["ours", "paper"]
+    peer_missing = "--no-peer" if a.no_peer else bench_common.fbgemm_missing(a.device)
+    if not a.no_peer:
+        a.paths += ["ours-dense", "ours-dense-all"] + ([] if peer_missing else ["fbgemm"])
+    if peer_missing and not a.no_peer:
+        print(f"[bench_sparse_step] FBGEMM left out ({peer_missing}); pip install -e '.[peer]' adds it",
+              file=sys.stderr, flush=True)
 
-    print(f"[bench_sparse_step] timing ours and paper, N = {sizes} ...", file=sys.stderr, flush=True)
+    print(f"[bench_sparse_step] timing {', '.join(a.paths)}, N = {sizes} ...", file=sys.stderr, flush=True)
     timing = finish_worker(start_worker(a, "time"))
     mem = {}
-    if not a.no_memory:  # side by side: one process's RSS does not depend on the other's
-        print(f"[bench_sparse_step] memory of ours and paper, N = {sizes} ...", file=sys.stderr, flush=True)
-        started = {name: start_worker(a, "mem", name) for name in PATHS}
-        mem = {name: finish_worker(w)["paths"][name] for name, w in started.items()}
+    if not a.no_memory:  # two at a time: one process's RSS does not depend on the other's
+        print(f"[bench_sparse_step] memory of {', '.join(a.paths)}, N = {sizes} ...", file=sys.stderr, flush=True)
+        for i in range(0, len(a.paths), 2):
+            started = {name: start_worker(a, "mem", name) for name in a.paths[i:i + 2]}
+            mem.update({name: finish_worker(w)["paths"][name] for name, w in started.items()})
 
     rows = []
     for n in sizes:
         table_bytes = n * a.dim * 4
         row = {"num_rows": n, "table_bytes": table_bytes}
-        sel = {name: set(timing["paths"][name][str(n)].pop("selected")) for name in PATHS}
+        sel = {name: set(timing["paths"][name][str(n)].pop("selected")) for name in ("ours", "paper")}
         row["selection_agreement"] = len(sel["ours"] & sel["paper"]) / max(1, len(sel["ours"] | sel["paper"]))
-        for name in PATHS:
+        for name in a.paths:
             r = dict(timing["paths"][name][str(n)])
             if name in mem:
                 r.update(mem[name][str(n)])
@@ -514,6 +590,17 @@ def main(argv=None) -> int:
                     if r.get(key) is not None:
                         r[key.replace("_bytes", "_frac_of_table")] = r[key] / table_bytes
             row[name] = r
+        if "fbgemm" in row:  # ours / FBGEMM on the same batch: ratio of medians, and of per-round pairs
+            peer = row["fbgemm"]
+            row["ours_over_fbgemm"] = {
+                what: {"median": row[path][key + "_median"] / peer[key + "_median"],
+                       "paired": statistics.median(x / y for x, y in zip(row[path][key + "_all"], peer[key + "_all"]))}
+                for what, (path, key) in PEER_RATIOS.items()}
+            if "rss_peak_growth_bytes" in peer:
+                row["ours_over_fbgemm"]["peak_growth"] = {
+                    path: row[path]["rss_peak_growth_bytes"] / max(1, peer["rss_peak_growth_bytes"])
+                    for path in ("ours", "ours-dense", "ours-dense-all")}
+            row["checks"] = timing["checks"].get(str(n), {})
         row["speedup"] = row["paper"]["step_ms_median"] / row["ours"]["step_ms_median"]
         row["speedup_min"] = row["paper"]["step_ms_min"] / row["ours"]["step_ms_min"]
         rows.append(row)
@@ -592,17 +679,51 @@ def main(argv=None) -> int:
         b = row["ours"]["breakdown_ms"]
         print(f"| {fmt_n(row['num_rows'])} | " + " | ".join(f"{b[k]:.1f}" for k in keys) + " |")
 
+    peer_rows = [row for row in rows if "ours_over_fbgemm" in row]
+    if peer_rows:
+        print()
+        print("Ours / FBGEMM TBE (fused EXACT_SGD) on the same batch and table, ratio of medians (median of "
+              "per-round ratios); < 1: ours faster. dense-accessed = SGD on every row read, FBGEMM's work; "
+              "top-t = SMF's step; peak = RSS peak growth during the step:")
+        print()
+        print("| N | forward | dense-accessed step | dense-all step | top-t step | peak ours top-t / dense-accessed "
+              "/ dense-all / FBGEMM | tables agree (max abs diff) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for row in peer_rows:
+            r = row["ours_over_fbgemm"]
+            peak = (f"{fmt_bytes(row['ours'].get('rss_peak_growth_bytes'))} / "
+                    f"{fmt_bytes(row['ours-dense'].get('rss_peak_growth_bytes'))} / "
+                    f"{fmt_bytes(row['ours-dense-all'].get('rss_peak_growth_bytes'))} / "
+                    f"{fmt_bytes(row['fbgemm'].get('rss_peak_growth_bytes'))}")
+            cells = " | ".join(f"{r[k]['median']:.2f}x ({r[k]['paired']:.2f}x)" for k in PEER_RATIOS)
+            diff = row["checks"].get("ours_dense_vs_fbgemm_table_max_abs_diff")
+            print(f"| {fmt_n(row['num_rows'])} | {cells} | {peak} | {'n/a' if diff is None else f'{diff:.1e}'} |")
+        for row in peer_rows:
+            r = row["ours_over_fbgemm"]
+            checks = [("forward", r["forward"]["median"], GOAL_PEER_FORWARD),
+                      ("dense-accessed step", r["dense_accessed_step"]["median"], GOAL_PEER_DENSE),
+                      ("dense-all step", r["dense_all_step"]["median"], GOAL_PEER_DENSE),
+                      ("top-t step", r["top_t_step"]["median"], GOAL_PEER_TOP_T)]
+            if "peak_growth" in r:
+                checks += [("dense-accessed peak growth", r["peak_growth"]["ours-dense"], GOAL_PEER_PEAK),
+                           ("dense-all peak growth", r["peak_growth"]["ours-dense-all"], GOAL_PEER_PEAK)]
+            for what, value, target in checks:
+                goals.append({"goal": f"ours / FBGEMM {what} <= {target:g} at N={fmt_n(row['num_rows'])}",
+                              "value": value, "target": target, "pass": value <= target})
+
     print(f"\nFloor: reading once each row the step touches (sorted, into a ready buffer) takes "
           f"{floor_small:.1f} ms at {small} and {floor_large:.1f} ms at {large}. Were everything else flat, "
           f"the step's {large}/{small} ratio would still be {ratio_at_floor:.2f}.")
 
-    busy = max(row[name]["others_cpu_busy"] for row in rows for name in PATHS)
+    busy = max(row[name]["others_cpu_busy"] for row in rows for name in a.paths)
     print(f"\nOther processes' share of the CPUs during the timed steps: at most {100 * busy:.0f}%"
           + (" -- WARNING: the machine was shared; timings are inflated and noisy, rerun when idle"
              if busy > BUSY_WARN else ""))
     print()
     for g in goals:
-        if "peak" in g["goal"]:
+        if g["goal"].startswith("ours / FBGEMM"):
+            val = f"{g['value']:.2f}"
+        elif "peak" in g["goal"]:
             val = f"{100 * g['value']:.1f}% (tensor alloc peak {fmt_pct(g.get('value_alloc'))})"
         else:
             val = f"{g['value']:.2f} (min {g['value_min']:.2f})"
@@ -614,6 +735,9 @@ def main(argv=None) -> int:
         "config": {"sizes": sizes, "dim": a.dim, "tokens": a.tokens, "heads": a.heads, "knn": a.knn,
                    "top_t": a.top_t, "scoring": "tfidf", "bg_batches": a.bg_batches, "steps": a.steps,
                    "warmup": a.warmup, "seed": a.seed, "dtype": "float32", "hot_rows": a.hot_rows,
+                   "device": a.device, "paths": a.paths, "fbgemm_missing": peer_missing,
+                   "fbgemm": f"fbgemm_gpu SplitTableBatchedEmbeddingBagsCodegen, pooling SUM, per-sample weights, "
+                             f"EXACT_SGD lr={a.lr_sgd} fused into the backward (every row read updated)",
                    "thp": a.thp,
                    "ours": f"LocalValueTable + SparseMemoryUpdater, SparseRowOptimizer sgd lr={a.lr_sgd}",
                    "paper": f"nn.Parameter + F.embedding_bag, row-mask grad hook (bincount over N, topk), "

@@ -15,11 +15,14 @@ def row_read_floor_ms(weight, indices, repeats: int = 5) -> float:
     import torch
 
     rows = torch.unique(indices)
-    out = torch.empty(rows.numel(), weight.shape[1], dtype=weight.dtype)
+    out = torch.empty(rows.numel(), weight.shape[1], dtype=weight.dtype, device=weight.device)
+    sync = torch.cuda.synchronize if weight.is_cuda else (lambda: None)
     best = math.inf
     for _ in range(max(repeats, 3)):
+        sync()
         t0 = time.perf_counter()
         torch.index_select(weight, 0, rows, out=out)
+        sync()
         best = min(best, (time.perf_counter() - t0) * 1e3)
     return best
 
