@@ -89,13 +89,14 @@ import time
 from pathlib import Path
 
 import bench_common  # tools/, next to this script
-from bench_common import (MMAP_THRESHOLD, finish_worker, fmt_bytes, fmt_n, machine, proc_status, reset_hwm,
+from bench_common import (MMAP_THRESHOLD, finish_worker, fmt_bytes, fmt_n, machine,
                           write_results)
 from row_read_floor import floor_ratio, row_read_floor_ms
 
 FULL_SIZES = [16_384, 262_144, 1_048_576]
 QUICK_SIZES = [1_024, 4_096, 16_384]  # perfect squares: the layer runs too (n_keys 32, 64, 128)
-STRATEGIES = ("replicated", "row", "column")
+STRATEGIES = ("replicated", "row", "column", "fbgemm")  # fbgemm: the peer, at 1 process, when installed
+PEER_LR = 1e-3  # SGD lr of the dense-accessed steps (ours and FBGEMM's fused): the tables barely drift
 DRAWS = ("uniform", "hot")
 GOAL_FLAT_RATIO = 1.2
 
@@ -127,9 +128,9 @@ def lookup_inputs(num_rows: int, draw: str, rank: int, a):
         pool = torch.randperm(num_rows, generator=pool_g)[:a.hot_rows].sort().values
     indices_NK = distinct_rows(a.tokens, a.heads, a.knn, pool, g)
     logits = torch.randn(a.tokens, a.heads, a.knn, generator=g)
-    weights_NK = torch.softmax(logits, dim=-1).reshape(a.tokens, -1).requires_grad_()
+    weights_NK = torch.softmax(logits, dim=-1).reshape(a.tokens, -1).to(a.device).requires_grad_()
     grad_ND = torch.randn(a.tokens, a.dim, generator=g)
-    return indices_NK, weights_NK, grad_ND
+    return indices_NK.to(a.device), weights_NK, grad_ND.to(a.device)
 
 
 def layer_n_keys(num_rows: int, knn: int) -> int | None:
@@ -154,10 +155,47 @@ def shard(weight, strategy: str, world: int):
 
 
 class Case:
-    """One thing to time at one size: `step()` runs forward + backward + clear."""
+    """One thing to time at one size: `step()` runs forward + backward + clear; a lookup's step also
+    leaves its forward's time in `forward_ms`."""
 
     def __init__(self, kind: str, num_rows: int, step, info: dict) -> None:
         self.kind, self.num_rows, self.step, self.info = kind, num_rows, step, info
+        self.forward_ms = None
+
+
+def _timed_forward(case_box: list, device: str, forward):
+    """forward(), its wall time (device synchronized) left in case_box[0].forward_ms."""
+    import bench_common as bc
+    bc.sync(device)
+    t0 = time.perf_counter()
+    out = forward()
+    bc.sync(device)
+    case_box[0].forward_ms = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def fbgemm_cases(n: int, weight, rank: int, a) -> list[Case]:
+    """FBGEMM's TBE on the same reads as ours: forward, backward with its fused SGD (every row read)."""
+    import torch
+    cases = []
+    for draw in a.draws:
+        tbe = bench_common.fbgemm_sgd_table(weight, PEER_LR, a.device)
+        idx, w, grad = lookup_inputs(n, draw, rank, a)
+        flat = idx.reshape(-1)
+        offsets = torch.arange(0, flat.numel() + 1, idx.shape[1], device=flat.device)
+        w_flat = w.detach().reshape(-1).clone().requires_grad_()
+        box = []
+
+        def step(tbe=tbe, flat=flat, offsets=offsets, w_flat=w_flat, grad=grad, box=box):
+            out = _timed_forward(box, a.device, lambda: tbe(flat, offsets, per_sample_weights=w_flat))
+            out.backward(grad)
+            w_flat.grad = None
+
+        case = Case(f"lookup/{draw}", n, step, {"unique_rows": int(torch.unique(idx).numel()),
+                                                 "local_weight_shape": list(weight.shape)})
+        box.append(case)
+        cases.append(case)
+    return cases
 
 
 def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
@@ -173,22 +211,47 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
         if n_keys is not None:  # the layer's own (seeded, identical on every rank) table serves both
             cfg = MemoryConfig(n_keys=n_keys, heads=a.heads, knn=a.knn, k_dim=a.k_dim, v_dim=a.dim,
                                gated=True, seed=a.seed)
-            layer = build_memory(cfg, hidden_size=a.dim)
+            layer = build_memory(cfg, hidden_size=a.dim).to(a.device)
             weight = layer.values.weight
         else:
             weight = torch.randn(n, a.dim, generator=torch.Generator().manual_seed(a.seed)) * a.dim ** -0.5
-        grad_rows = torch.linspace(0, n - 1, min(a.grad_rows, n)).long().unique()
+        weight = weight.to(a.device)
+        if strategy == "fbgemm":
+            cases.extend(fbgemm_cases(n, weight, rank, a))
+            del weight, layer
+            continue
+        grad_rows = torch.linspace(0, n - 1, min(a.grad_rows, n), device=a.device).long().unique()
         for draw in a.draws:
             table = shard(weight, strategy, world)
             table.track_access = a.track_access
             idx, w, grad = lookup_inputs(n, draw, rank, a)
+            box = []
 
-            def step(table=table, idx=idx, w=w, grad=grad, grad_rows=grad_rows):
-                out = table.lookup(idx, w)
+            def step(table=table, idx=idx, w=w, grad=grad, grad_rows=grad_rows, box=box):
+                out = _timed_forward(box, a.device, lambda: table.lookup(idx, w))
                 out.backward(grad)
                 step_grad(table, grad_rows)
                 w.grad = None
                 table.sink.clear()
+
+            if strategy == "replicated" and world == 1 and a.dense:
+                dense_table = shard(weight.clone(), strategy, world)
+                dense_table.track_access = a.track_access
+                dense_box = []
+
+                def dense_step(table=dense_table, idx=idx, w=w, grad=grad, box=dense_box):
+                    """SGD on every row read (FBGEMM's fused update's work), as SparseMemoryUpdater does it."""
+                    out = _timed_forward(box, a.device, lambda: table.lookup(idx, w))
+                    out.backward(grad)
+                    table.sink.coalesced_access()  # the read counts the selection would take
+                    table.sink.sgd_update(table.weight, table.sink.read_rows(), PEER_LR)
+                    w.grad = None
+                    table.sink.clear()
+
+                dense = Case(f"dense/{draw}", n, dense_step, {"unique_rows": int(torch.unique(idx).numel()),
+                                                               "local_weight_shape": list(weight.shape)})
+                dense_box.append(dense)
+                cases.append(dense)
 
             info = {"unique_rows": int(torch.unique(idx).numel()),
                     "local_weight_shape": list(table.local_weight.shape)}
@@ -198,7 +261,9 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
                 all_idx = [torch.empty_like(idx) for _ in range(world)]
                 dist.all_gather(all_idx, idx)
                 info["unique_rows_group"] = int(torch.unique(torch.cat(all_idx)).numel())
-            cases.append(Case(f"lookup/{draw}", n, step, info))
+            case = Case(f"lookup/{draw}", n, step, info)
+            box.append(case)
+            cases.append(case)
         if layer is not None:
             local = layer.values
             table = shard(local.weight, strategy, world)
@@ -206,8 +271,8 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
             layer.values = table
             del local
             g = torch.Generator().manual_seed(a.seed * 1_000_003 + 7919 * rank + 101)
-            x = torch.randn(1, a.tokens, a.dim, generator=g)
-            grad = torch.randn(1, a.tokens, a.dim, generator=g)
+            x = torch.randn(1, a.tokens, a.dim, generator=g).to(a.device)
+            grad = torch.randn(1, a.tokens, a.dim, generator=g).to(a.device)
 
             def step(layer=layer, x=x, grad=grad):
                 out = layer(x)
@@ -277,32 +342,38 @@ def bench_rank(rank: int, world: int, a) -> dict:
     if a.worker in ("mem", "both"):  # one-time profiler start-up, outside any measurement
         torch_step_allocations(lambda: torch.ones(1))
     for strategy in a.strategies:
+        if strategy == "fbgemm" and world > 1:  # the peer runs at 1 process (TorchRec's sharding: not here)
+            continue
         cases = build_cases(strategy, rank, world, a)
         for c in cases:
             for _ in range(a.warmup):
                 c.step()
-        samples = {id(c): {"ms": [], "bytes_sent": [], "comm_calls": []} for c in cases}
+        samples = {id(c): {"ms": [], "forward_ms": [], "bytes_sent": [], "comm_calls": []} for c in cases}
         mem = {}
         if a.worker in ("time", "both"):
             for _ in range(a.steps):
                 for c in cases:
                     _barrier(world)
                     COMM_STATS.reset()
+                    bench_common.sync(a.device)
                     t0 = time.perf_counter()
                     c.step()
+                    bench_common.sync(a.device)
                     t1 = time.perf_counter()
                     s = samples[id(c)]
                     s["ms"].append((t1 - t0) * 1e3)
+                    if c.forward_ms is not None:
+                        s["forward_ms"].append(c.forward_ms)
                     s["bytes_sent"].append(COMM_STATS.bytes_sent)
                     s["comm_calls"].append(COMM_STATS.calls)
         if a.worker in ("mem", "both"):
             gc.collect()
+            meter = bench_common.Memory(a.device)  # on a GPU: the CUDA allocator's bytes
             for c in cases:
                 _barrier(world)
-                reset_hwm()
-                rss0 = proc_status("VmRSS")
+                rss0 = meter.reset_peak()
                 c.step()
-                hwm, rss1 = proc_status("VmHWM"), proc_status("VmRSS")
+                hwm, rss1 = meter.peak(), meter.now()
                 _barrier(world)
                 m = {"rss_peak_growth_bytes": hwm - rss0, "rss_retained_bytes": rss1 - rss0}
                 m.update(torch_step_allocations(c.step))
@@ -326,7 +397,10 @@ def _rank_entry(rank: int, world: int, port: int, a, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        if a.device == "cuda":
+            import torch
+            torch.cuda.set_device(0)
+        dist.init_process_group("nccl" if a.device == "cuda" else "gloo", rank=rank, world_size=world)
         queue.put((rank, "ok", pickle.dumps(bench_rank(rank, world, a))))
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, "error", traceback.format_exc()))
@@ -378,7 +452,7 @@ def worker_main(a) -> None:
 
 
 PASS_THROUGH = ("sizes", "tokens", "steps", "warmup", "strategies", "draws", "dim", "heads", "knn",
-                "k_dim", "hot_rows", "seed", "track_access", "layer", "rank_timeout")
+                "k_dim", "hot_rows", "seed", "track_access", "layer", "rank_timeout", "device", "dense")
 
 
 def start_worker(a, kind: str, procs: int) -> subprocess.Popen:
@@ -406,6 +480,9 @@ def combine(timing: list[dict], memory: list[dict] | None, procs: int) -> list[d
         row["step_ms_min"] = min(per_step)
         row["step_ms_all"] = per_step
         row["step_ms_per_rank"] = [r["ms"] for r in ranks]
+        if r0.get("forward_ms"):
+            row["forward_ms_all"] = [max(vals) for vals in zip(*(r["forward_ms"] for r in ranks))]
+            row["forward_ms_median"] = statistics.median(row["forward_ms_all"])
         row["bytes_sent_per_rank"] = [statistics.median(r["bytes_sent"]) for r in ranks]
         row["bytes_sent_max_rank"] = max(row["bytes_sent_per_rank"])
         row["comm_calls_per_step"] = ranks[0]["comm_calls"][-1]
@@ -420,6 +497,30 @@ def combine(timing: list[dict], memory: list[dict] | None, procs: int) -> list[d
                 row[key] = None if any(v is None for v in vals) else max(vals)
         rows.append(row)
     return rows
+
+
+def peer_ratios(rows: list[dict]) -> list[dict]:
+    """Ours / FBGEMM per draw and size, from cases timed in the same rounds of one process."""
+    by = {(r["strategy"], r["procs"], r["kind"], r["num_rows"]): r for r in rows}
+    out = []
+    for (strategy, procs, kind, n), fb in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][3])):
+        if strategy != "fbgemm" or not kind.startswith("lookup/"):
+            continue
+        draw = kind.split("/", 1)[1]
+        ours, dense = by.get(("replicated", 1, kind, n)), by.get(("replicated", 1, f"dense/{draw}", n))
+        if ours is None or dense is None:
+            continue
+
+        def ratio(mine, key):
+            return {"median": mine[key + "_median"] / fb[key + "_median"],
+                    "paired": statistics.median(x / y for x, y in zip(mine[key + "_all"], fb[key + "_all"]))}
+
+        out.append({"draw": draw, "num_rows": n, "forward": ratio(ours, "forward_ms"),
+                    "top_t_step": ratio(ours, "step_ms"), "dense_accessed_step": ratio(dense, "step_ms"),
+                    "peak_bytes": {"ours": ours.get("rss_peak_growth_bytes"),
+                                   "ours-dense": dense.get("rss_peak_growth_bytes"),
+                                   "fbgemm": fb.get("rss_peak_growth_bytes")}})
+    return out
 
 
 def main(argv=None) -> int:
@@ -453,6 +554,10 @@ def main(argv=None) -> int:
     ap.add_argument("--k-dim", type=int, default=256, help="layer query/key dim")
     ap.add_argument("--hot-rows", type=int, default=None, help="rows of the hot draw (default: smallest size)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-peer", dest="dense", action="store_false",
+                    help="leave out FBGEMM (run when the [peer] extra is installed, at 1 process) and ours' "
+                         "dense-accessed step")
+    bench_common.add_device_argument(ap)
     ap.add_argument("--rank-timeout", type=float, default=1800.0, help=argparse.SUPPRESS)
     bench_common.add_worker_arguments(ap, ["time", "mem", "both"])
     ap.add_argument("--worker-procs", type=int, help=argparse.SUPPRESS)
@@ -467,6 +572,17 @@ def main(argv=None) -> int:
     a.steps = a.steps or (3 if a.quick else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
     a.hot_rows = a.hot_rows or a.sizes[0]
+    bench_common.check_device(ap, a.device)
+    if a.device == "cuda" and a.procs != [1]:
+        ap.error(f"--device cuda: --procs must be 1 (one GPU; NCCL puts one rank per device), got {a.procs}")
+    peer_missing = None
+    if a.dense and 1 in a.procs and "fbgemm" not in a.strategies and "replicated" in a.strategies:
+        peer_missing = bench_common.fbgemm_missing(a.device)
+        if peer_missing is None:
+            a.strategies = a.strategies + ["fbgemm"]
+        else:
+            print(f"[bench_memory] FBGEMM left out ({peer_missing}); pip install -e '.[peer]' adds it",
+                  file=sys.stderr, flush=True)
     bad = [s for s in a.strategies if s not in STRATEGIES] + [d for d in a.draws if d not in DRAWS]
     if bad:
         ap.error(f"unknown strategies/draws {bad}; expected {list(STRATEGIES)} / {list(DRAWS)}")
@@ -506,7 +622,8 @@ def main(argv=None) -> int:
 
     goals = []
     for r in rows:
-        if r["num_rows"] != largest or not r["kind"].startswith("lookup") or r["ratio_to_smallest"] is None:
+        if r["num_rows"] != largest or not r["kind"].startswith("lookup") or r["ratio_to_smallest"] is None \
+                or r["strategy"] == "fbgemm":
             continue
         g = {"goal": f"{r['kind']} {r['strategy']} x{r['procs']}: step {fmt_n(largest)}/{fmt_n(smallest)} "
                      f"<= {GOAL_FLAT_RATIO}",
@@ -564,6 +681,23 @@ def main(argv=None) -> int:
     print("  (the floor: a lookup step reads every row it touches twice, in the forward and for the read "
           "weights' gradient; tools/row_read_floor.py times one sorted read of them)")
 
+    peer = peer_ratios(rows)
+    if peer:
+        print()
+        print(f"Ours (replicated, 1 process) / FBGEMM TBE (fused EXACT_SGD, lr {PEER_LR:g}) on the same reads and "
+              f"table, ratio of medians (median of per-round ratios); < 1: ours faster. top-t step = ours' lookup "
+              f"step above (gradients of {a.grad_rows} rows) / FBGEMM's step (updates every row read); "
+              f"dense-accessed = ours updating every row read by SGD in the step (SparseMemoryUpdater's path):")
+        print()
+        print("| draw | N | forward | top-t step | dense-accessed step | peak growth ours top-t / dense-accessed "
+              "/ FBGEMM |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for p in peer:
+            cells = " | ".join(f"{p[k]['median']:.2f}x ({p[k]['paired']:.2f}x)" for k in ("forward", "top_t_step",
+                                                                                       "dense_accessed_step"))
+            print(f"| {p['draw']} | {fmt_n(p['num_rows'])} | {cells} | {fmt_bytes(p['peak_bytes']['ours'])} / "
+                  f"{fmt_bytes(p['peak_bytes']['ours-dense'])} / {fmt_bytes(p['peak_bytes']['fbgemm'])} |")
+
     memory_scaling = []
     for r in rows:
         b = base.get((r["strategy"], r["procs"], r["kind"]))
@@ -592,7 +726,8 @@ def main(argv=None) -> int:
         "config": {"sizes": a.sizes, "tokens_per_rank": a.tokens, "dim": a.dim, "heads": a.heads, "knn": a.knn,
                    "k_dim": a.k_dim, "draws": a.draws, "hot_rows": a.hot_rows, "strategies": a.strategies,
                    "procs": a.procs, "steps": a.steps, "warmup": a.warmup, "seed": a.seed,
-                   "track_access": a.track_access, "layer": a.layer, "thp": a.thp, "dtype": "float32"},
+                   "track_access": a.track_access, "layer": a.layer, "thp": a.thp, "dtype": "float32",
+                   "device": a.device, "fbgemm_missing": peer_missing, "peer_lr": PEER_LR},
         "method": {"step": "forward + backward (random upstream grad) + sink.clear()",
                    "timing": "median / min wall time over steps; steps interleaved over sizes; 2 procs: "
                              "barrier before each step, step time = slowest rank",
@@ -605,6 +740,7 @@ def main(argv=None) -> int:
         "results": rows,
         "goals": goals,
         "memory_scaling": memory_scaling,
+        "ours_over_fbgemm": peer,
         "wall_s": time.perf_counter() - t_start,
     }
     write_results(result, Path(a.out or f"bench_results/memory{'.quick' if a.quick else ''}.json"))
