@@ -10,11 +10,12 @@ load them back like any hub model; nothing is downloaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
 EOS = "<|endoftext|>"
+SINGLE_TOKEN_WEIGHT = 100_000
 BASE_TEXTS = [
     "Medical exam question:\nQuestion: Which drug is used?\nA. one\nB. two\nC. three\nD. four\nAnswer: A",
     "Question: What is the capital?\nAnswer: The city.",
@@ -23,12 +24,14 @@ BASE_TEXTS = [
 
 
 def build_tiny_tokenizer(texts: Iterable[str], path: str | Path | None = None, vocab_size: int = 512,
-                         bos: str | None = None):
+                         bos: str | None = None, single_tokens: Sequence[str] = ()):
     """Byte-level BPE trained on `texts` (plus a few fixed lines), wrapped for transformers.
 
     Deterministic: the same texts give the same vocabulary and merges. Every byte is in the
     alphabet, so any text encodes (no unknown token). With `bos` (e.g. "<s>") it puts that token
     before every text it encodes with special tokens, as Llama's tokenizers do; Qwen2's put none.
+    `single_tokens` (e.g. the option letters " A".." D", as Qwen's vocabulary has them) each encode
+    as one token: a scorer would otherwise compare one token's probability with two tokens'.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -39,7 +42,13 @@ def build_tiny_tokenizer(texts: Iterable[str], path: str | Path | None = None, v
     specials = [EOS] + ([bos] if bos else [])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(list(BASE_TEXTS) + list(texts), trainer=trainer)
+    # BPE merges the most frequent pairs first: pieces counted this often are merged early, whole.
+    # (Added tokens would not do: they split every word that contains them, " Answer" into " A" "nswer".)
+    pieces = [" ".join(single_tokens)] * SINGLE_TOKEN_WEIGHT if single_tokens else []
+    tok.train_from_iterator(list(BASE_TEXTS) + list(texts) + pieces, trainer=trainer)
+    split = {p: tok.encode(p).tokens for p in single_tokens if len(tok.encode(p).ids) != 1}
+    if split:
+        raise ValueError(f"single_tokens: {split} did not become one token each (vocab_size {vocab_size} too small?)")
     if bos:
         tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                            special_tokens=[(bos, tok.token_to_id(bos))])

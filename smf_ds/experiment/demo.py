@@ -4,15 +4,16 @@ SMF against LoRA and full finetuning on the world's medical task, with forgettin
 Steps (each rank runs the same code; results in <out>/demo_summary.json):
 1. write the synthetic world (hub-schema files) and train a tokenizer on it;
 2. pretrain a tiny Qwen2 on the world's general text (facts, and its trivia as question/answer
-   pairs) and its WikiText-schema articles read as the probe reads them (full finetuning through
-   the same Trainer), so the base model knows what the probes ask, as a real pretrained model
-   has seen Wikipedia;
+   pairs) and its seen WikiText-schema articles read as a probe reads them (full finetuning
+   through the same Trainer), so the base model knows the facts the probes ask about, as a real
+   pretrained model has seen Wikipedia; the probes ask in sentences and questions it never read;
 3. SMF (tfidf): inject memory at every layer, compute background stats on the OASST-schema
    general text, finetune the value rows on the task; LoRA and full finetuning train on the
    same task data (smf_ds.experiment.jobs has the settings);
 4. evaluate base and each method on the task (MedMCQA schema, the training facts with options
-   reshuffled) and the probes (WikiText perplexity, TriviaQA accuracy): <out>/eval/<name>/, and a
-   table of each method's task gain and probe drift against the base model.
+   reshuffled) and the probes (WikiText perplexity on held-out articles, TriviaQA accuracy on
+   held-out phrasings; and perplexity on the memorised windows of the seen articles):
+   <out>/eval/<name>/, and a table of each method's task gain and probe drift against the base.
 
 One seed, no statistics across runs: `smf-ds experiment` runs the grid (more variants, seeds,
 paired intervals, plots, report).
@@ -33,27 +34,32 @@ log = logging.getLogger(__name__)
 DEMO_METHODS = {"smf": "smf-tfidf", "lora": "lora", "full": "full"}  # table name -> variant
 
 
+COLUMNS = (*TASKS, "wikitext_memorised")
+
+
 def compare(evals: dict[str, dict]) -> dict[str, dict]:
-    """Headline metric of each task per model, and each method's change against the base."""
+    """Headline metric of each task per model (and the memorised windows' perplexity), and each
+    method's change against the base."""
     table = {}
     for name, summary in evals.items():
         row = {task: summary["tasks"][task]["value"] for task in TASKS}
+        row["wikitext_memorised"] = summary["memorised_wikitext"]["value"]
         if name != "base":
-            row.update({f"{task}_delta": row[task] - table["base"][task] for task in TASKS})
+            row.update({f"{column}_delta": row[column] - table["base"][column] for column in COLUMNS})
         table[name] = row
     return table
 
 
 def format_comparison(table: dict[str, dict]) -> str:
     """The table as aligned text; columns widen to fit (a forgetting run's perplexity can be large)."""
-    head = ["model", f"medmcqa acc ({MEDMCQA_MODES[0]})", "wikitext ppl", "triviaqa acc"]
+    head = ["model", f"medmcqa acc ({MEDMCQA_MODES[0]})", "wikitext ppl", "triviaqa acc", "memorised ppl"]
     rows = []
     for name, row in table.items():
         cells = [name]
-        for task in ("medmcqa", "wikitext", "triviaqa"):
-            cell = f"{row[task]:.3f}"
-            if f"{task}_delta" in row:
-                cell += f" ({row[f'{task}_delta']:+.3f})"
+        for column in ("medmcqa", "wikitext", "triviaqa", "wikitext_memorised"):
+            cell = f"{row[column]:.3f}"
+            if f"{column}_delta" in row:
+                cell += f" ({row[f'{column}_delta']:+.3f})"
             cells.append(cell)
         rows.append(cells)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]

@@ -12,6 +12,7 @@ initialisation of what it adds (memory, LoRA).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -37,6 +38,7 @@ BASE_STEPS = {"quick": 60, "full": 1500}
 TASK_STEPS = {"quick": 10, "full": 300}
 PRETRAIN_LENGTH = 64
 
+OPTION_LETTERS = (" A", " B", " C", " D")  # one token each in the world's tokenizer, as in Qwen's
 TRIVIA_TEMPLATE = "Question: {question} Answer:"  # the probe's prompt, as the world's general text has it
 # The test asks the training facts with the options reshuffled: the answer's likelihood shows
 # whether a fact was learned; a letter learned by rote would now point at the wrong option.
@@ -97,16 +99,17 @@ def pretrain_base(world: dict[str, Path], out: Path, steps: int) -> Path:
     if (out / "config.json").is_file():
         return out
     general = _read_texts(world["general"])
-    docs, _ = load_wikitext(str(world["wikitext"]))
+    docs, _ = load_wikitext(str(world["wikitext_seen"]))  # never the held-out articles the probe reads
     articles = join_docs(docs)
-    tokenizer = build_tiny_tokenizer(general + [articles], vocab_size=768)
+    tokenizer = build_tiny_tokenizer(general + [articles], vocab_size=768, single_tokens=OPTION_LETTERS)
     model = build_tiny_model(tokenizer, hidden=64, layers=4, heads=4, kv_heads=2, init_std=0.02)
     cfg = load_config(overrides=[
         "train.method=full", f"train.steps={steps}", "train.micro_batch_size=16", "train.lr=0.003",
         f"train.max_length={PRETRAIN_LENGTH}", f"out_dir={out}/pretrain_run"])
     examples = [tokenize_text(tokenizer, t + tokenizer.eos_token, PRETRAIN_LENGTH) for t in general]
-    # The articles as the WikiText probe reads them (one text, lines joined), in overlapping
-    # windows: a base that has read its Wikipedia, so a rise in perplexity is forgetting.
+    # The seen articles as a WikiText probe reads them (one text, lines joined), in overlapping
+    # windows: a base that has read its Wikipedia. The probes read the held-out articles (the same
+    # facts in other sentences); these windows, memorised, are the extra `memorised` column.
     ids = wikitext_tokens(tokenizer, articles)
     half = PRETRAIN_LENGTH // 2
     examples += [{"input_ids": ids[i:i + PRETRAIN_LENGTH], "labels": ids[i:i + PRETRAIN_LENGTH]}
@@ -188,8 +191,18 @@ def load_for_eval(base: Path | str, artifact: Path | None, base_named_by: str | 
     return load_model_and_tokenizer(str(artifact or base), named_by=None if artifact else base_named_by)
 
 
+MEMORISED_DIR = "memorised"  # in an eval dir: WikiText perplexity on the articles the base pretrained on
+
+
 def evaluate(world: dict[str, Path], base: Path, artifact: Path | None, out_dir: Path, meta: dict) -> dict:
-    """Evaluate the base (artifact None) or a run's artifact on the world's task and both probes."""
+    """Evaluate the base (artifact None) or a run's artifact on the world's task and both probes
+    (held-out text), and on the memorised windows (<out_dir>/memorised/; the summary's
+    "memorised_wikitext")."""
     model, tokenizer = load_for_eval(base, artifact)
-    return run_tasks(model, tokenizer, TASKS, eval_settings(world), out_dir, echo=None, overwrite=True,
-                     meta={**meta, "artifact": str(artifact or base)})
+    meta = {**meta, "artifact": str(artifact or base)}
+    seen = dataclasses.replace(eval_settings(world), wikitext=str(world["wikitext_seen"]))
+    memorised = run_tasks(model, tokenizer, ["wikitext"], seen, out_dir / MEMORISED_DIR, echo=None, overwrite=True,
+                          meta={**meta, "probe": "memorised windows"})
+    # last: its summary.json marks the evaluation done (smf_ds.experiment.grid.run_one)
+    summary = run_tasks(model, tokenizer, TASKS, eval_settings(world), out_dir, echo=None, overwrite=True, meta=meta)
+    return {**summary, "memorised_wikitext": memorised["tasks"]["wikitext"]}
