@@ -79,3 +79,41 @@ def test_top_t_update_is_fbgemm_update_restricted_to_the_selected_rows():
     rest = torch.ones(N, dtype=torch.bool)
     rest[selected] = False
     assert torch.equal(ours.weight[rest], table[rest])
+
+
+@pytest.mark.e2e
+def test_benchmarks_report_ours_over_fbgemm(tmp_path):
+    """Both benchmarks put FBGEMM in their tables (smallest settings; timings are never asserted), and
+    bench_sparse_step's dense-accessed table ends where FBGEMM's does after the same steps."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo))
+
+    def tool(name, *args):
+        done = subprocess.run([sys.executable, str(repo / "tools" / name), *args], env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}"
+        return done.stdout
+
+    out = tmp_path / "sparse_step.json"
+    printed = tool("bench_sparse_step.py", "--quick", "--sizes", "4096", "--steps", "2", "--tokens", "256",
+                   "--no-memory", "--out", str(out))
+    (row,) = json.loads(out.read_text())["results"]
+    assert set(row["ours_over_fbgemm"]) == {"forward", "dense_accessed_step", "dense_all_step", "top_t_step"}
+    assert all(r["median"] > 0 for r in row["ours_over_fbgemm"].values())
+    assert row["checks"]["ours_dense_vs_fbgemm_table_max_abs_diff"] < 1e-5
+    assert row["ours-dense"]["rows_changed_per_step"] == row["fbgemm"]["rows_changed_per_step"] > 512
+    assert "Ours / FBGEMM TBE" in printed
+
+    out = tmp_path / "memory.json"
+    printed = tool("bench_memory.py", "--quick", "--sizes", "1024", "--procs", "1", "--strategies", "replicated",
+                   "--no-layer", "--draws", "uniform", "--out", str(out))
+    (peer,) = json.loads(out.read_text())["ours_over_fbgemm"]
+    assert peer["num_rows"] == 1024 and peer["forward"]["median"] > 0 and peer["dense_accessed_step"]["median"] > 0
+    assert all(v is not None and v > 0 for v in peer["peak_bytes"].values())
+    assert "Ours (replicated, 1 process) / FBGEMM TBE" in printed
