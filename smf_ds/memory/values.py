@@ -14,6 +14,10 @@ of the rows read), and its backward records the reads and the output gradient in
 few rows it selected: a step costs O(reads + S x D), never O(U x D) or O(table), so no work or
 allocation in it is sized by the table (its rows are still read from wherever they live: cache
 for a small table, DRAM for a large one). No dense N x D gradient of the table ever exists.
+A row's gradient is formed as FBGEMM's fused backward forms it, summed in place per row: the
+reads sorted by row, one embedding_bag over the output gradients (one bag per row), block by
+block; for SGD the sink applies each block to the table at once (`sgd_update`), so even updating
+every row read (the dense rules) needs no U x D buffer. Read counts are taken at the step.
 """
 from __future__ import annotations
 
