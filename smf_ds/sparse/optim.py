@@ -50,7 +50,7 @@ class SparseRowOptimizer:
         local = rows - table.owned_row_range()[0]
         weight = table.local_weight
         if self.cfg.optimizer == "sgd":
-            weight.index_copy_(0, local, weight.index_select(0, local) - self.lr * grad.to(weight.dtype))
+            weight.index_add_(0, local, grad.to(weight.dtype) * -self.lr)  # == w - lr g exactly, no copy of the rows
             return
         st = self.state[layer]
         beta1, beta2 = self.cfg.betas
