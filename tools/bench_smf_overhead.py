@@ -26,9 +26,11 @@ the selected rows' gradients, the sparse update (norm, SGD, bookkeeping) and the
 The timers are hooks and wrappers installed by this script; the library runs unchanged.
 
 Table sizes past 16k run SMF alone (the other methods do not depend on the table): on the CPU
-row-sharded over 2 processes (`memory.sharding=row`, gloo, data-parallel, one thread each; 16k is
-run the same way as the like-for-like reference), on a GPU as local tables in one process. A run
-whose estimated memory exceeds what /proc/meminfo says is available is skipped and says so.
+row-sharded over 2 processes (`memory.sharding=row`, gloo, data-parallel, one thread each, the
+micro-batch split between them: the same tokens per step; 16k is run the same way as the
+like-for-like reference), on a GPU as local tables in one process. A run whose estimated memory
+exceeds what /proc/meminfo says is available is skipped and says so (--layers 12 runs one memory
+layer, as Lin et al. did at 1M slots, when three do not fit).
 Writes JSON (default bench_results/smf_overhead.json) and prints a table.
 """
 from __future__ import annotations
@@ -78,6 +80,8 @@ class StepTimers:
         self.t: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.handles: list = []
+        self.nodes: list[str] = []  # the backward nodes timed as the memory's, by type
+        self.active = True  # off: the wrappers call straight through
         self._node_start = 0.0
 
     def now(self) -> float:
@@ -92,6 +96,7 @@ class StepTimers:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self.nodes.clear()
         self.t.clear()
         self.calls.clear()
 
@@ -100,6 +105,8 @@ class StepTimers:
         original = getattr(module, name)
 
         def timed(*args, **kwargs):
+            if not self.active:
+                return original(*args, **kwargs)
             t0 = self.now()
             try:
                 return original(*args, **kwargs)
@@ -149,6 +156,7 @@ class StepTimers:
             if node is None or id(node) in seen or not inside(node):
                 continue
             seen.add(id(node))
+            self.nodes.append(type(node).__name__)
             # Node hooks live as long as the graph (AccumulateGrad nodes longer): removed after the step.
             self.handles.append(node.register_prehook(start))
             self.handles.append(node.register_hook(stop))
@@ -171,7 +179,7 @@ def build_backbone(a, device: str, dtype):
     return model
 
 
-def add_memory(model, n_keys: int, group, device: str, seed: int):
+def add_memory(model, n_keys: int, layers: list[int], group, device: str, seed: int):
     """The paper's memory with n_keys ** 2 slots per layer; tables row-sharded over `group` if given.
 
     A table too large to build whole in every process (smf_ds builds the whole table, then shards)
@@ -187,7 +195,7 @@ def add_memory(model, n_keys: int, group, device: str, seed: int):
     from smf_ds.parallel.sharded_values import RowShardedValueTable, even_split
 
     built_whole = n_keys <= N_KEYS["16k"]
-    cfg = MemoryConfig(layers=MEMORY_LAYERS, n_keys=n_keys if built_whole else 16)
+    cfg = MemoryConfig(layers=layers, n_keys=n_keys if built_whole else 16)
     inject_memory(model, cfg)
     if built_whole:
         if group is not None:
@@ -213,7 +221,7 @@ def add_memory(model, n_keys: int, group, device: str, seed: int):
             local = torch.empty(sizes[dist.get_rank(group)], dim, device=device)
             local.normal_(0.0, dim ** -0.5, generator=generator)
             mem.values = RowShardedValueTable(rows, dim, local, sizes, group)
-    model.smf_memory_config = MemoryConfig(layers=MEMORY_LAYERS, n_keys=n_keys)
+    model.smf_memory_config = MemoryConfig(layers=layers, n_keys=n_keys)
     return model
 
 
@@ -253,7 +261,7 @@ def prepare(method: str, model, a, device: str):
     cfg = SMFConfig()
     updater, params = None, []
     if method in ("backbone", "frozen-memory"):
-        anchor_at(model, MEMORY_LAYERS[0])
+        anchor_at(model, min(a.layers))
         for p in model.parameters():  # injected memory layers come trainable
             p.requires_grad_(False)
         if method == "frozen-memory":
@@ -273,10 +281,12 @@ def prepare(method: str, model, a, device: str):
 
 
 def tokens_for(a, step: int, rank: int, vocab: int, device: str):
+    """This rank's rows of the step's batch: a sharded run's ranks together see a one-process run's tokens."""
     import torch
 
-    g = torch.Generator().manual_seed(a.seed * 1_000_003 + step * 101 + rank)
-    return torch.randint(0, vocab, (a.batch, a.seq_len), generator=g).to(device)
+    g = torch.Generator().manual_seed(a.seed * 1_000_003 + step)
+    batch = torch.randint(0, vocab, (a.batch * a.procs, a.seq_len), generator=g)
+    return batch[rank * a.batch:(rank + 1) * a.batch].to(device)
 
 
 def run_one(a, method: str, n_keys: int | None, device: str, group=None) -> dict:
@@ -294,7 +304,7 @@ def run_one(a, method: str, n_keys: int | None, device: str, group=None) -> dict
     model = build_backbone(a, device, dtype)
     vocab = model.config.vocab_size
     if method in MEMORY_METHODS:
-        add_memory(model, n_keys, group, device, a.seed)
+        add_memory(model, n_keys, a.layers, group, device, a.seed)
     model, optimizer, updater = prepare(method, model, a, device)
     model.train()
     build_s = time.perf_counter() - t_build
@@ -309,9 +319,10 @@ def run_one(a, method: str, n_keys: int | None, device: str, group=None) -> dict
                (sharded_mod, "read_counts", "counting")]
     originals = [(owner, name, timers.wrap(owner, name, part)) for owner, name, part in wrapped if hasattr(owner, name)]
 
-    def one_step(step: int) -> dict:
+    def one_step(step: int, timed: bool = True) -> dict:
         timers.reset()
-        if method in MEMORY_METHODS:
+        timers.active = timed
+        if timed and method in MEMORY_METHODS:
             for _, mlp in memory_layers(model):
                 timers.watch_memory(mlp.memory, memory_params)
         ids = tokens_for(a, step, rank, vocab, device)
@@ -328,13 +339,15 @@ def run_one(a, method: str, n_keys: int | None, device: str, group=None) -> dict
             updater.step()
         t4 = timers.now()
         got = dict(timers.t)
-        if updater is not None and not (timers.calls.get("select") and timers.calls.get("row_grads")):
+        if timed and updater is not None and not (timers.calls.get("select") and timers.calls.get("row_grads")):
             raise SystemExit("bench_smf_overhead: the SMF step ran without calling select_rows and step_grad or "
                              "RowGradSink.sgd_update, which this benchmark times: update its wrappers")
         timers.reset()
         parts = {"backbone_fwd": (t1 - t0) - got.get("mem_fwd", 0.0), "backbone_bwd": (t2 - t1) - got.get("mem_bwd", 0.0),
                  "mem_fwd": got.get("mem_fwd", 0.0), "mem_bwd": got.get("mem_bwd", 0.0),
                  "select": got.get("select", 0.0), "update": (t4 - t3) - got.get("select", 0.0), "dense_opt": t3 - t2}
+        if updater is None:  # what lies between the last two readings is the dense optimizer's
+            parts["update"], parts["dense_opt"] = 0.0, t4 - t2
         return {"step_s": t4 - t0, "parts_s": parts, "counting_s": got.get("counting", 0.0),
                 "row_grads_s": got.get("row_grads", 0.0), "loss": float(loss.detach())}
 
@@ -349,6 +362,10 @@ def run_one(a, method: str, n_keys: int | None, device: str, group=None) -> dict
         rss_before = bench_common.proc_status("VmRSS") if device == "cpu" else torch.cuda.memory_allocated()
         steps = [one_step(a.warmup + i) for i in range(a.steps)]
         peak = bench_common.proc_status("VmHWM") if device == "cpu" else torch.cuda.max_memory_allocated()
+        # On a GPU the timers synchronise at every memory node: the step's own time comes from steps
+        # without them. On the CPU they cost microseconds a step, and the timed steps serve.
+        plain = [one_step(a.warmup + a.steps + i, timed=False)["step_s"] for i in range(a.steps)] \
+            if device == "cuda" else None
         profile = profile_step(one_step, a.warmup + a.steps) if method in a.profile else None
     finally:
         for module, name, original in originals:
@@ -356,7 +373,8 @@ def run_one(a, method: str, n_keys: int | None, device: str, group=None) -> dict
     median = sorted(steps, key=lambda s: s["step_s"])[len(steps) // 2]
     out = {"method": method, "n_keys": n_keys, "slots_per_layer": n_keys * n_keys if n_keys else None,
            "rank": rank, "procs": group.size() if group is not None else 1, "build_s": build_s,
-           "step_s": median["step_s"], "step_s_all": [s["step_s"] for s in steps],
+           "step_s": statistics.median(plain) if plain else median["step_s"], "timed_step_s": median["step_s"],
+           "step_s_all": plain or [s["step_s"] for s in steps],
            "parts_s": median["parts_s"], "counting_s": median["counting_s"], "row_grads_s": median["row_grads_s"],
            "tokens_per_step": a.batch * a.seq_len, "loss": median["loss"],
            "memory_kind": "rss" if device == "cpu" else "cuda_allocated",
@@ -416,13 +434,19 @@ def estimate_bytes(a, method: str, n_keys: int | None, procs: int) -> int:
     h, layers, vocab, inter = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"], cfg["intermediate_size"]
     params = vocab * h + layers * (4 * h * h + 3 * h * inter)
     width = 2 if a.dtype == "bf16" else 4
-    tokens = a.batch * a.seq_len
-    activations = tokens * (4 * vocab + layers * (12 * h + 4 * inter)) * 4
-    per_proc = params * width + activations + (1 << 30)  # + torch, transformers, peft themselves
+    tokens = per_process_batch(a, procs) * a.seq_len
+    # Measured at 16k, fp32, 2 x 256 tokens: 3.5 GB at the peak (1.4 GB over the weights).
+    activations = tokens * (3 * vocab + layers * (8 * h + 2 * inter)) * 4
+    per_proc = params * width + activations + (1 << 29)  # + torch, transformers, peft themselves
     if method == "full":
         per_proc += params * (width + 8)  # gradients, AdamW's two fp32 moments
-    tables = 0 if n_keys is None or method not in MEMORY_METHODS else len(MEMORY_LAYERS) * n_keys ** 2 * h * 4
+    tables = 0 if n_keys is None or method not in MEMORY_METHODS else len(a.layers) * n_keys ** 2 * h * 4
     return procs * per_proc + tables
+
+
+def per_process_batch(a, procs: int) -> int:
+    """Sharded runs split the micro-batch over their processes: the same tokens per step in all."""
+    return max(1, a.batch // procs)
 
 
 def start(a, runs: list[tuple[str, int | None]], procs: int) -> list:
@@ -430,8 +454,8 @@ def start(a, runs: list[tuple[str, int | None]], procs: int) -> list:
     from smf_ds.parallel.process_group import free_port
 
     settings = {k: getattr(a, k) for k in ("quick", "batch", "seq_len", "steps", "warmup", "seed", "dtype", "device",
-                                           "profile")}
-    settings |= {"runs": runs, "procs": procs, "port": free_port(),
+                                           "profile", "layers")}
+    settings |= {"runs": runs, "procs": procs, "port": free_port(), "batch": per_process_batch(a, procs),
                  "threads": max(1, a.threads // procs) if a.device == "cpu" else a.threads}
     return [bench_common.start_worker(__file__, ["run"], settings | {"rank": r}, memory_pass=a.device == "cpu",
                                       thp=False) for r in range(procs)]
@@ -444,6 +468,7 @@ def collect(procs: list, what: str) -> list[dict]:
     for runs in zip(*per_rank):
         first, n = dict(runs[0]), len(runs)
         first["step_s"] = sum(r["step_s"] for r in runs) / n
+        first["timed_step_s"] = sum(r["timed_step_s"] for r in runs) / n
         first["parts_s"] = {k: sum(r["parts_s"][k] for r in runs) / n for k in first["parts_s"]}
         first["counting_s"] = sum(r["counting_s"] for r in runs) / n
         first["row_grads_s"] = sum(r["row_grads_s"] for r in runs) / n
@@ -458,12 +483,11 @@ def collect(procs: list, what: str) -> list[dict]:
 
 def summarize(run: dict) -> dict:
     """Shares and throughput of a measured run."""
-    parts, step = run["parts_s"], run["step_s"]
-    run["other_s"] = step - sum(parts.values())
+    parts, step = run["parts_s"], run["timed_step_s"]
     machinery = sum(parts[k] for k in MEMORY_PARTS) + (parts["dense_opt"] if run["method"] == "smf-memory" else 0.0)
     run["memory_machinery_s"] = machinery
     run["memory_share"] = machinery / step if run["method"] in MEMORY_METHODS else 0.0
-    run["tokens_per_s"] = run["tokens_per_step"] / step
+    run["tokens_per_s"] = run["tokens_per_step"] / run["step_s"]
     return run
 
 
@@ -498,6 +522,13 @@ def table_label(run: dict) -> str:
     return f"{run['method']} @{size} x{run['procs']}"
 
 
+def parse_layers(text: str) -> list[int]:
+    try:
+        return sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated decoder layer indices, got {text!r}") from None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
@@ -509,6 +540,8 @@ def main(argv=None) -> int:
                     f"{','.join(N_KEYS)} (quick: {','.join(QUICK_N_KEYS)}); 'none': skip (default: all)")
     ap.add_argument("--table-procs", type=int, help="processes the --tables runs are row-sharded over "
                     "(default 2 on the CPU, 1 on a GPU: local tables)")
+    ap.add_argument("--layers", default=",".join(map(str, MEMORY_LAYERS)), type=parse_layers,
+                    help="decoder layers with memory, comma-separated (default: the paper's 6,12,18)")
     ap.add_argument("--batch", type=int, default=None, help="micro-batch (default 2; quick 1)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256; quick 32)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 3; quick 1)")
@@ -532,6 +565,8 @@ def main(argv=None) -> int:
     a.warmup = a.warmup if a.warmup is not None else (0 if a.quick else 1)
     a.table_procs = a.table_procs or (2 if a.device == "cpu" else 1)
     a.methods = [m for m in a.methods.split(",") if m]
+    if not a.layers or a.layers[0] < 0 or a.layers[-1] >= QWEN_0_5B["num_hidden_layers"]:
+        ap.error(f"--layers: expected indices in 0..{QWEN_0_5B['num_hidden_layers'] - 1}, got {a.layers}")
     a.profile = [m for m in a.profile.split(",") if m]
     sizes = QUICK_N_KEYS if a.quick else N_KEYS
     a.tables = list(sizes) if a.tables is None else [] if a.tables == "none" else a.tables.split(",")
@@ -563,12 +598,14 @@ def main(argv=None) -> int:
                   f"{free / GIB:.1f} GiB available", file=sys.stderr, flush=True)
             continue
         print(f"[bench_smf_overhead] {names} x{procs} ({free / GIB:.1f} GiB available) ...", file=sys.stderr, flush=True)
-        runs += [summarize(r) for r in collect(start(a, group, procs), names)]
+        for run in collect(start(a, group, procs), names):
+            runs.append(summarize(run))
+            print(f"[bench_smf_overhead]   {fmt_row(run, table_label(run))}", file=sys.stderr, flush=True)
 
     header = (f"{'method @ slots/layer x procs':28s} {'step s':>7s} {'backbone':>8s} {'mem fwd':>8s} {'mem bwd':>8s} "
               f"{'select':>8s} {'update':>8s} {'dense op':>8s} {'memory':>7s} {'tok/s':>8s} {'peak GiB':>7s}")
     print(f"\nSMF overhead at Qwen2.5-0.5B's shape ({'quick, ' if a.quick else ''}{a.device}, {a.dtype}, "
-          f"{a.batch} x {a.seq_len} tokens per process; parts in ms, medians of {a.steps} steps)")
+          f"{a.batch} x {a.seq_len} tokens a step, split over a run's processes; parts in ms, medians of {a.steps} steps)")
     print(header)
     for run in runs:
         print(fmt_row(run, table_label(run)))
@@ -586,10 +623,10 @@ def main(argv=None) -> int:
     for s in skipped:
         print(f"  skipped {s['runs']} x{s['procs']}: needs ~{s['needs_bytes'] / GIB:.1f} GiB, "
               f"{s['available_bytes'] / GIB:.1f} GiB available")
-    settings = {k: getattr(a, k) for k in ("device", "dtype", "quick", "batch", "seq_len", "steps", "warmup", "threads",
+    settings = {k: getattr(a, k) for k in ("device", "dtype", "quick", "batch", "seq_len", "steps", "warmup", "threads", "layers",
                                            "table_procs", "methods", "tables", "seed")}
     result = {"settings": settings, "model": QWEN_0_5B | QUICK if a.quick else QWEN_0_5B,
-              "memory": {"layers": MEMORY_LAYERS, "heads": 4, "knn": 16, "k_dim": 256, "scoring": "kl", "top_t": 512,
+              "memory": {"layers": a.layers, "heads": 4, "knn": 16, "k_dim": 256, "scoring": "kl", "top_t": 512,
                          "value_lr": 2.0},
               "parts": list(PARTS), "memory_parts": list(MEMORY_PARTS), "runs": runs, "skipped": skipped,
               "ratios": ratios, "machine": bench_common.machine(mem_available_at_end=mem_available()),
