@@ -224,6 +224,10 @@ class DataConfig:
     background: str = ""  # OASST1-schema hub id or local file/dir: general text (background stats)
     train_limit: int | None = None
     background_batches: int = 2000  # B; a background batch has the training global batch's size
+    # What a background df counts: the background batches that read a row (Lin et al.), or the
+    # documents that read it (the paper's code: B is then background_batches x the global batch's
+    # documents, each read on its own; one process only).
+    background_unit: Literal["batch", "document"] = "batch"
     seed: int = 0
     # What the model learns to write after the MedMCQA prompt ({letter}, {option}); the paper's
     # " {letter}. {option}" by default. Evaluate with the same (smf-ds eval --answer-continuation).

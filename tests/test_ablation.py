@@ -20,7 +20,8 @@ def test_each_correction_changes_exactly_one_item_of_smf_paper():
     ours = _resolved(VARIANTS["smf-tfidf"])
     # smf-paper differs from our smf-tfidf in every training item it reproduces
     for key in ("sparse.select_every", "sparse.count_padding", "sparse.optimizer", "train.accum_reduction",
-                "data.loss_on", "train.scope", "sparse.max_grad_norm", "train.lr_schedule", "train.warmup_steps"):
+                "data.loss_on", "train.scope", "sparse.max_grad_norm", "train.lr_schedule", "train.warmup_steps",
+                "data.background_unit"):
         assert paper[key] != ours[key], key
     # the same global batch, in two micro-batches (selection per micro-batch is then not per step)
     assert (paper["train.micro_batch_size"], paper["train.grad_accum"]) == (4, 2)

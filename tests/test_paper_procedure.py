@@ -312,3 +312,43 @@ def test_per_micro_batch_selection_on_two_ranks_equals_its_single_process_twin(t
     assert (r0["table"] - ref["table"]).abs().max() <= 1e-6
     assert r0["selected"] == ref["selected"]
     assert len(ref["selected"]) > TOP_T
+
+
+def test_background_per_document_counts_each_document_that_read_a_row(tmp_path):
+    """data.background_unit=document: df(i) = the background documents whose tokens read row i
+    (each document read alone), B = the number of documents; brute force over the documents."""
+    from smf_ds.data.tiny import build_tiny_model, build_tiny_tokenizer
+    from smf_ds.train.background import compute_background
+    from smf_ds.train.inputs import text_examples
+
+    texts = [f"reply {i}: " + " ".join(["the memory reads rows", "of a table", "per token"][: 1 + i % 3]) * (1 + i % 4)
+             for i in range(9)]
+    tokenizer = build_tiny_tokenizer(texts, vocab_size=300)
+    cfg = _cfg(tmp_path / "run", ["data.background_unit=document", "data.background_batches=2",
+                                  "train.max_length=32"])
+    model = inject_memory(build_tiny_model(tokenizer, hidden=32, layers=2), cfg.memory)
+    stats = compute_background(cfg, model, tokenizer, tmp_path / "bg.safetensors", progress=False, texts=texts)
+
+    (layer, mlp), = memory_layers(model)
+    seen = {}
+    hook = mlp.memory.register_forward_hook(lambda m, args, o: seen.update(x=args[0]))
+    examples = text_examples(texts, tokenizer, cfg.train.max_length)
+    order = GlobalBatchOrder(len(examples), 1, 1, 1, cfg.data.seed)
+    df = torch.zeros(cfg.memory.slots, dtype=torch.long)
+    n_docs = 2 * MICRO * ACCUM  # background_batches x the global batch's documents
+    with torch.no_grad():
+        for d in range(n_docs):
+            (i,) = order.indices(d, 0, 0)
+            model(input_ids=torch.tensor([examples[i]["input_ids"]]))
+            x = seen["x"]
+            rows = mlp.memory.select(x.reshape(-1, x.shape[-1]))[0].unique()
+            df[rows] += 1
+    hook.remove()
+    assert stats.num_batches == n_docs
+    assert torch.equal(stats.df[layer], df)
+    assert int(df.max()) > 1 and int(df.max()) <= n_docs
+    # per batch, df would count a row once per batch of MICRO x ACCUM documents: not the same
+    batch_cfg = _cfg(tmp_path / "run2", ["data.background_batches=2", "train.max_length=32"])
+    by_batch = compute_background(batch_cfg, model, tokenizer, tmp_path / "bg2.safetensors", progress=False,
+                                  texts=texts)
+    assert by_batch.num_batches == 2 and int(by_batch.df[layer].max()) <= 2

@@ -24,6 +24,7 @@ PAPER_OVERRIDES = [
     "sparse.optimizer=adamw-dense", "memory.value_lr=0.0005", "train.lr=0.0005", "sparse.weight_decay=0.0",
     "train.weight_decay=0.0", "train.lr_schedule=cosine", "train.warmup_steps=100",
     "sparse.max_grad_norm=1.0", "train.accum_reduction=sum", "data.loss_on=all", "train.scope=memory+scale",
+    "data.background_unit=document",
 ]
 # Each correction: (what it corrects, the overrides that undo one item of PAPER_OVERRIDES).
 CORRECTIONS: dict[str, tuple[str, list[str]]] = {
@@ -34,6 +35,7 @@ CORRECTIONS: dict[str, tuple[str, list[str]]] = {
     "smf-paper+answer-loss": ("loss on the answer only", ["data.loss_on=answer"]),
     "smf-paper+values-scope": ("values alone trained (no scale, no projections)", ["train.scope=values"]),
     "smf-paper+no-clip": ("value gradients not clipped", ["sparse.max_grad_norm=0.0"]),
+    "smf-paper+batch-df": ("background df per batch, not per document", ["data.background_unit=batch"]),
 }
 TASKS = ("medmcqa", "triviaqa", "wikitext")
 

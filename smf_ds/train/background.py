@@ -35,6 +35,14 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
     order = GlobalBatchOrder(len(examples), cfg.train.micro_batch_size, cfg.train.grad_accum,
                              get_world_size(), cfg.data.seed)
     batches = cfg.data.background_batches
+    accum = cfg.train.grad_accum
+    if cfg.data.background_unit == "document":  # each document a background unit of its own
+        if get_world_size() > 1:  # ranks' reads are summed into one unit: it would span one document per rank
+            raise ConfigError(f"data.background_unit='document': runs on one process, got {get_world_size()}; "
+                              f"compute the stats with one process (smf-ds background) and pass them as "
+                              f"sparse.background, or use data.background_unit='batch'")
+        batches *= order.global_batch
+        order, accum = GlobalBatchOrder(len(examples), 1, 1, 1, cfg.data.seed), 1
     if batches * order.global_batch > len(examples):
         log.warning("data.background: %d batches of %d need %d texts, %s has %d: texts are reused",
                     batches, order.global_batch, batches * order.global_batch, cfg.data.background, len(examples))
@@ -44,7 +52,7 @@ def compute_background(cfg: SMFConfig, model, tokenizer, out_path: str | Path, p
     fingerprint, base = memory_fingerprint(model), base_fingerprint(model)
 
     def run_forward(step: int) -> None:
-        for micro in range(cfg.train.grad_accum):
+        for micro in range(accum):
             batch = collate([examples[i] for i in order.indices(step, get_rank(), micro)], tokenizer.pad_token_id)
             model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
 
