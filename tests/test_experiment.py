@@ -102,6 +102,30 @@ def test_aggregate_refuses_runs_evaluated_on_other_examples(tmp_path):
         aggregate(base, {"lora": {0: other}})
 
 
+def test_the_memorised_windows_are_an_extra_column_where_evaluated(tmp_path):
+    from smf_ds.experiment.report import results_table
+
+    def memorised(directory, nll):
+        (directory / "memorised").mkdir()
+        (directory / "memorised" / "wikitext.predictions.jsonl").write_text("".join(
+            json.dumps({"index": i, "nll": v, "n_tokens": 4}) + "\n" for i, v in enumerate(nll)))
+
+    base = _write_eval(tmp_path / "base", [0, 1], [1, 1], [4.0, 4.0])
+    run = _write_eval(tmp_path / "s0", [1, 1], [1, 0], [8.0, 8.0])
+    assert "wikitext_memorised" not in aggregate(base, {"full": {0: run}}, n_boot=20)["base"]  # not evaluated: no column
+    memorised(base, [1.0, 1.0])
+    memorised(run, [2.0, 4.0])
+    out = aggregate(base, {"full": {0: run}}, n_boot=20)
+    assert out["base"]["wikitext_memorised"] == pytest.approx(math.exp(2.0 / 8))
+    assert out["base"]["wikitext"] == pytest.approx(math.e)  # the probe still reads its own files
+    assert out["variants"]["full"]["wikitext_memorised"]["delta"]["value"] == pytest.approx(math.exp(6.0 / 8) - math.exp(2.0 / 8))
+    head = results_table(out).splitlines()[0]
+    assert "| memorised ppl (mean ± sd) |" in head and "| Δ memorised ppl [95% CI] |" in head
+    other = _write_eval(tmp_path / "s1", [1, 1], [1, 0], [8.0, 8.0])  # evaluated without the memorised windows
+    with pytest.raises(FileNotFoundError, match=r"s1/memorised/wikitext\.predictions\.jsonl"):
+        aggregate(base, {"full": {0: other}}, n_boot=20)
+
+
 def _cli(*args, check=True):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "smf_ds.cli", *args], env=env, capture_output=True, text=True,

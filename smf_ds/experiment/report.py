@@ -8,6 +8,12 @@ from pathlib import Path
 from .frontier import FORGETTING_SIGN, method_of
 
 TASK_LABELS = {"medmcqa": "MedMCQA acc", "wikitext": "WikiText ppl", "triviaqa": "TriviaQA acc"}
+EXTRA_LABELS = {"wikitext_memorised": "memorised ppl"}  # smf_ds.experiment.stats.EXTRA_COLUMNS
+MEMORISED_NOTE = [
+    "The synthetic world's probes read text its base model never pretrained on: WikiText held-out "
+    "articles, TriviaQA held-out phrasings of the questions (the facts are taught in the other "
+    "phrasings). `memorised ppl` is the perplexity on the windows of the articles the base did "
+    "pretrain on: recall of memorised text.", ""]
 LOWER_IS_BETTER = {"wikitext"}
 
 
@@ -30,8 +36,9 @@ def _mean_sd_cell(metric: dict, n_seeds: int) -> str:
 
 
 def results_table(results: dict) -> str:
-    tasks = list(TASK_LABELS)
-    head = ["variant", "seeds"] + [f"{TASK_LABELS[t]} (mean ± sd)" for t in tasks] + [f"Δ {TASK_LABELS[t]} [95% CI]" for t in tasks]
+    labels = {**TASK_LABELS, **{c: label for c, label in EXTRA_LABELS.items() if c in results["base"]}}
+    tasks = list(labels)
+    head = ["variant", "seeds"] + [f"{labels[t]} (mean ± sd)" for t in tasks] + [f"Δ {labels[t]} [95% CI]" for t in tasks]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| base | - | " + " | ".join(f"{results['base'][t]:.3f}" for t in tasks) + " |" + " - |" * len(tasks))
     for name, row in results["variants"].items():
@@ -182,6 +189,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         "Δ is the mean over seeds of (variant - base) on the same examples; the interval is a paired "
         f"bootstrap over examples (WikiText: windows), {results['n_boot']} resamples; * marks an "
         "interval that excludes 0. Lower perplexity is better; a rise is forgetting.", "",
+        *(MEMORISED_NOTE if "wikitext_memorised" in results["base"] else []),
         *(CONTROLS_NOTE if any(name.startswith("smf-dense") for name in results["variants"]) else []),
         *_missing_note(results.get("not_in_report", {})),
         f"![task gain against forgetting]({plot.name})", "",

@@ -11,6 +11,9 @@ resampled: with the 2-5 seeds of a grid, their spread is reported as a standard 
   medmcqa   per example: correct under the headline mode (`correct_<mode>`); metric: accuracy
   triviaqa  per example: `contains` (the paper's alias-contains); metric: accuracy
   wikitext  per window: NLL sum and scored tokens; metric: exp(sum NLL / sum tokens)
+
+and, where the eval dirs have them, EXTRA_COLUMNS (wikitext_memorised: the windows the world's base
+model pretrained on; its probes read held-out text).
 """
 from __future__ import annotations
 
@@ -69,34 +72,42 @@ def paired_delta(base_N: np.ndarray, runs_SN: np.ndarray, tokens_N: np.ndarray |
     return bootstrap_statistic(statistic, base_N.shape[0], n_boot, seed, keep_samples=keep_samples)
 
 
+# Extra columns: a task evaluated into a subdirectory of every eval dir, read when the base's eval
+# dir has it (the world's memorised windows: smf_ds.experiment.jobs.MEMORISED_DIR).
+EXTRA_COLUMNS = {"wikitext_memorised": ("memorised", "wikitext")}
+
+
 def aggregate(base_dir: Path, runs: dict[str, dict[int, Path]], medmcqa_mode: str = "answer", n_boot: int = 1000,
               seed: int = 0) -> dict:
     """runs: variant -> {seed: eval dir}. The summary written to results.json, with each probe's
     frontiers and matched tables (smf_ds.experiment.frontier)."""
     base, out = {}, {"base": {}, "variants": {}, "medmcqa_mode": medmcqa_mode, "n_boot": n_boot}
     samples: dict[str, dict[str, np.ndarray]] = {}
-    for task in TASKS:
-        keys, values, tokens = per_example(base_dir, task, medmcqa_mode)
-        base[task] = (keys, values, tokens)
-        out["base"][task] = float(metric_of(values[None], tokens, np.arange(len(values))[None])[0, 0])
+    columns = {task: ("", task) for task in TASKS}  # column -> (subdirectory, task)
+    columns.update({c: (sub, task) for c, (sub, task) in EXTRA_COLUMNS.items()
+                    if (Path(base_dir) / sub / f"{task}.predictions.jsonl").is_file()})
+    for column, (sub, task) in columns.items():
+        keys, values, tokens = per_example(Path(base_dir) / sub, task, medmcqa_mode)
+        base[column] = (keys, values, tokens)
+        out["base"][column] = float(metric_of(values[None], tokens, np.arange(len(values))[None])[0, 0])
     for variant, by_seed in runs.items():
         seeds = sorted(by_seed)
         row = {"seeds": seeds}
-        for task in TASKS:
-            keys, base_values, tokens = base[task]
+        for column, (sub, task) in columns.items():
+            keys, base_values, tokens = base[column]
             per_seed = []
             for s in seeds:
-                run_keys, values, _ = per_example(by_seed[s], task, medmcqa_mode)
+                run_keys, values, _ = per_example(Path(by_seed[s]) / sub, task, medmcqa_mode)
                 if run_keys != keys:
-                    raise ValueError(f"{by_seed[s]}/{task}.predictions.jsonl: its examples differ from the base "
-                                     f"model's ({base_dir}); compare evaluations of the same data")
+                    raise ValueError(f"{Path(by_seed[s]) / sub / f'{task}.predictions.jsonl'}: its examples differ "
+                                     f"from the base model's ({Path(base_dir) / sub}); compare evaluations of the same data")
                 per_seed.append(values)
             runs_SN = np.stack(per_seed)
             values_S = metric_of(runs_SN, tokens, np.arange(len(keys))[None])[:, 0]
             delta = paired_delta(base_values, runs_SN, tokens, n_boot, seed, keep_samples=True)
-            samples.setdefault(variant, {})[task] = delta.pop("samples", None)  # none for a task with no examples
-            row[task] = {"per_seed": [float(v) for v in values_S], "mean": float(values_S.mean()),
-                         "sd": float(values_S.std(ddof=1)) if len(seeds) > 1 else 0.0, "delta": delta}
+            samples.setdefault(variant, {})[column] = delta.pop("samples", None)  # none for a task with no examples
+            row[column] = {"per_seed": [float(v) for v in values_S], "mean": float(values_S.mean()),
+                           "sd": float(values_S.std(ddof=1)) if len(seeds) > 1 else 0.0, "delta": delta}
         out["variants"][variant] = row
     out["tradeoffs"] = tradeoffs(out["variants"], samples)
     corrections = ablation(out["variants"], samples)  # smf-paper and its corrections (smf_ds.experiment.ablation)
