@@ -43,6 +43,9 @@ def test_world_setup_adds_the_ablation_only_when_asked(tmp_path):
     assert {PAPER, *CORRECTIONS} <= set(with_ablation)
     assert set(VARIANTS) <= set(with_ablation)
     assert ablation_variants(SMF_MEMORY) == {k: with_ablation[k] for k in (PAPER, *CORRECTIONS)}
+    assert "train.warmup_steps=100" in ABLATION_VARIANTS[PAPER]  # the paper's, within the world's 300 steps
+    quick = WorldSetup(tmp_path, quick=True, ablation=True).variants
+    assert quick[PAPER][-1] == "train.warmup_steps=3"  # --quick's 10 steps: a third of the run
 
 
 def _variants(values):
@@ -78,3 +81,43 @@ def test_no_ablation_without_smf_paper_or_a_correction():
     assert ablation(_variants({PAPER: {"medmcqa": 0.0}}), samples) is None
     assert ablation(_variants({"smf-paper+no-clip": {"medmcqa": 0.0}}), {}) is None
     assert ablation_table({}) == []
+
+
+def _cli(*args, check=True):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    done = subprocess.run([sys.executable, "-m", "smf_ds.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    if check:
+        assert done.returncode == 0, done.stderr[-6000:]
+    return done
+
+
+@pytest.mark.e2e
+def test_a_quick_ablation_reports_each_correction_against_smf_paper(tmp_path):
+    import json
+
+    import yaml
+
+    out = tmp_path / "exp"
+    fix = "smf-paper+step-selection"
+    _cli("experiment", "--quick", "--ablation", "--methods", f"{PAPER},{fix}", "--seeds", "0", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["variants"]) == [PAPER, fix]
+    (row,) = results["ablation"]["rows"]
+    for task in ("medmcqa", "triviaqa", "wikitext"):
+        paired = results["variants"][fix][task]["delta"]["value"] - results["variants"][PAPER][task]["delta"]["value"]
+        assert row[task]["value"] == pytest.approx(paired)
+        lo, hi = row[task]["ci95"]
+        assert lo <= hi and row[task]["beyond"] == (not lo <= 0 <= hi)
+    report = (out / "report.md").read_text()
+    assert "## Ablation: the paper code's procedure" in report and f"| {fix} | selection once per optimizer step |" in report
+    run_cfg = yaml.safe_load((out / "runs" / PAPER / "seed0" / "config.yaml").read_text())
+    assert run_cfg["sparse"]["select_every"] == "micro_batch" and run_cfg["train"]["warmup_steps"] == 3
+    done = _cli("experiment", "--ablation", "--config", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "y"),
+                check=False)
+    assert done.returncode == 2 and "--ablation" in done.stderr and "synthetic world" in done.stderr

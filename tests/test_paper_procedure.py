@@ -352,3 +352,33 @@ def test_background_per_document_counts_each_document_that_read_a_row(tmp_path):
     by_batch = compute_background(batch_cfg, model, tokenizer, tmp_path / "bg2.safetensors", progress=False,
                                   texts=texts)
     assert by_batch.num_batches == 2 and int(by_batch.df[layer].max()) <= 2
+
+
+PAPER_LIKE = ["sparse.select_every=micro_batch", "sparse.count_padding=true", "sparse.optimizer=adamw-dense",
+              "memory.value_lr=0.05", "train.lr=0.01", "train.lr_schedule=cosine", "train.warmup_steps=1",
+              "sparse.max_grad_norm=1.0", "train.accum_reduction=sum", "train.scope=memory+scale"]
+
+
+def _paper_like_run(rank, world, run_dir, steps, resume):
+    cfg = _cfg(run_dir, [*PAPER_LIKE, "train.steps=4"])
+    trainer = Trainer(cfg, _model(cfg.memory), _examples(), PAD, background=_background(64))
+    if resume:
+        assert trainer.resume()
+    trainer.fit(steps=steps)
+    (_, table), = value_tables(trainer.model)
+    out = {"table": table.full_weight(), "dense": {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                                                   if p.requires_grad}}
+    trainer.close()
+    return out
+
+
+@pytest.mark.dist
+def test_the_paper_procedure_resumes_exactly(tmp_path):
+    """4 steps straight == 2 steps, stop, resume, 2 more: the leaky AdamW's state, the schedule (from
+    the step count) and the dense memory parameters come back as they were."""
+    straight = run_distributed(_paper_like_run, 1, str(tmp_path / "a"), 4, False)[0]
+    run_distributed(_paper_like_run, 1, str(tmp_path / "b"), 2, False)
+    resumed = run_distributed(_paper_like_run, 1, str(tmp_path / "b"), 4, True)[0]
+    assert torch.equal(straight["table"], resumed["table"])
+    assert straight["dense"].keys() == resumed["dense"].keys() and len(straight["dense"]) > 1
+    assert all(torch.equal(straight["dense"][n], resumed["dense"][n]) for n in straight["dense"])

@@ -17,12 +17,14 @@ PAPER = "smf-paper"
 # What smf-paper sets on top of the world's SMF memory (smf_ds.experiment.jobs.SMF_MEMORY): every
 # item of docs/paper.md's table that concerns training and that smf-ds can express. Two micro-batches
 # of 4 make the world's global batch of 8, so that selection per micro-batch differs from per step.
-# The paper's 100 warm-up steps fit in the world's 300 finetuning steps as they are.
+# The paper's 100 warm-up steps fit in the world's 300 finetuning steps as they are; a shorter run
+# (--quick: 10 steps) warms up over the first third of its steps instead (ablation_variants).
+PAPER_WARMUP = 100
 PAPER_OVERRIDES = [
     "train.method=smf", "sparse.scoring=tfidf", "train.micro_batch_size=4", "train.grad_accum=2",
     "sparse.select_every=micro_batch", "sparse.count_padding=true",
     "sparse.optimizer=adamw-dense", "memory.value_lr=0.0005", "train.lr=0.0005", "sparse.weight_decay=0.0",
-    "train.weight_decay=0.0", "train.lr_schedule=cosine", "train.warmup_steps=100",
+    "train.weight_decay=0.0", "train.lr_schedule=cosine", f"train.warmup_steps={PAPER_WARMUP}",
     "sparse.max_grad_norm=1.0", "train.accum_reduction=sum", "data.loss_on=all", "train.scope=memory+scale",
     "data.background_unit=document",
 ]
@@ -40,9 +42,11 @@ CORRECTIONS: dict[str, tuple[str, list[str]]] = {
 TASKS = ("medmcqa", "triviaqa", "wikitext")
 
 
-def ablation_variants(smf_memory: list[str]) -> dict[str, list[str]]:
-    """smf-paper and each correction, as variants (name -> overrides)."""
+def ablation_variants(smf_memory: list[str], steps: int | None = None) -> dict[str, list[str]]:
+    """smf-paper and each correction, as variants (name -> overrides), for runs of `steps` steps."""
     paper = [*smf_memory, *PAPER_OVERRIDES]
+    if steps is not None and PAPER_WARMUP >= steps:  # a warm-up longer than the run would never reach the lr
+        paper.append(f"train.warmup_steps={max(1, steps // 3)}")
     return {PAPER: paper, **{name: [*paper, *overrides] for name, (_, overrides) in CORRECTIONS.items()}}
 
 

@@ -31,8 +31,9 @@ from ..config import ConfigError, load_config
 from ..model_source import model_source
 from ..eval.runner import TASKS, EvalSettings, run_tasks
 from ..train.methods import method_of
-from .jobs import (ABLATION_VARIANTS, BASE_STEPS, MEDMCQA_MODES, TASK_STEPS, VARIANTS, WORLD_SWEEP,
-                   background_then_train, evaluate, finetune, load_for_eval, prepare_world, pretrain_base)
+from .ablation import ablation_variants
+from .jobs import (BASE_STEPS, MEDMCQA_MODES, SMF_MEMORY, TASK_STEPS, VARIANTS, WORLD_SWEEP, background_then_train,
+                   evaluate, finetune, load_for_eval, prepare_world, pretrain_base)
 from .sweep import expand_sweep
 
 DEFAULT_VARIANTS: dict[str, list[str]] = {
@@ -69,8 +70,8 @@ class WorldSetup:
     def __init__(self, out: Path, quick: bool = False, world_seed: int = 0, sweep: bool = False,
                  ablation: bool = False) -> None:
         self.out, self.mode, self.world_seed = out, "quick" if quick else "full", world_seed
-        self.variants = expand_sweep({**VARIANTS, **(ABLATION_VARIANTS if ablation else {})},
-                                     WORLD_SWEEP if sweep else {})
+        paper = ablation_variants(SMF_MEMORY, TASK_STEPS[self.mode]) if ablation else {}
+        self.variants = expand_sweep({**VARIANTS, **paper}, WORLD_SWEEP if sweep else {})
         self.world = self.base = None
 
     def prepare(self) -> None:

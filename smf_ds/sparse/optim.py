@@ -26,9 +26,10 @@ class SparseRowOptimizer:
         if cfg.optimizer == "adamw-dense":
             for layer, table in tables:
                 w = table.local_weight
+                # row_step: one count per row (all equal), so resume re-splits it with the rows
                 self.state[layer] = {"exp_avg": torch.zeros_like(w, dtype=torch.float32),
                                      "exp_avg_sq": torch.zeros_like(w, dtype=torch.float32),
-                                     "step": torch.zeros(1, dtype=torch.long)}
+                                     "row_step": torch.zeros(w.shape[0], dtype=torch.long, device=w.device)}
         if cfg.optimizer in ("adam", "adamw"):
             for layer, table in tables:
                 w = table.local_weight
@@ -79,8 +80,10 @@ class SparseRowOptimizer:
         if rows.numel():
             g.index_copy_(0, rows - table.owned_row_range()[0], grad.float())
         beta1, beta2 = self.cfg.betas
-        st["step"] += 1
-        step = int(st["step"][0])
+        st["row_step"] += 1
+        if weight.shape[0] == 0:  # this rank holds no row of the table
+            return
+        step = int(st["row_step"][0])
         w = weight.float()
         if self.cfg.weight_decay > 0:
             w.mul_(1 - self.lr * self.cfg.weight_decay)
