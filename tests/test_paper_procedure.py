@@ -239,9 +239,9 @@ def test_schedule_factor_matches_hugging_face_constant_with_warmup():
         sched.step()
 
 
-def _scheduled_run(rank, world, run_dir):
+def _scheduled_run(rank, world, run_dir, zero_stage):
     examples = _examples()
-    cfg = _cfg(run_dir, ["train.scope=memory+scale", "train.lr_schedule=cosine", "train.warmup_steps=2",
+    cfg = _cfg(run_dir, [f"train.zero_stage={zero_stage}", "train.scope=memory+scale", "train.lr_schedule=cosine", "train.warmup_steps=2",
                                   "sparse.scoring=tf", "train.steps=2"])
     model = _model(cfg.memory)
     before = value_tables(model)[0][1].full_weight()
@@ -258,9 +258,11 @@ def _scheduled_run(rank, world, run_dir):
 
 
 @pytest.mark.dist
-def test_the_schedule_reaches_the_dense_lr_and_the_value_lr(tmp_path):
-    """train.lr_schedule drives both learning rates: step 0 of a warm-up moves nothing (lr 0)."""
-    assert run_distributed(_scheduled_run, 1, str(tmp_path / "run")) == [True]
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_the_schedule_reaches_the_dense_lr_and_the_value_lr(tmp_path, zero_stage):
+    """train.lr_schedule drives both learning rates: step 0 of a warm-up moves nothing (lr 0), also
+    through ZeRO's optimizer wrapper."""
+    assert run_distributed(_scheduled_run, 1, str(tmp_path / "run"), zero_stage) == [True]
 
 
 def test_loss_on_all_labels_every_token_of_prompt_and_answer():
