@@ -468,6 +468,8 @@ def worker(a) -> None:
     """--worker time: every path and size; --worker mem: one path, every size (smallest first)."""
     import torch
     torch.manual_seed(a.seed)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     out = {"num_threads": torch.get_num_threads(), "torch": torch.__version__,
            "loadavg_at_start": os.getloadavg()}
     if a.worker == "time":
@@ -490,7 +492,7 @@ def worker(a) -> None:
 # --- driver ----------------------------------------------------------------------------------
 
 PASS_THROUGH = ("sizes", "dim", "tokens", "heads", "knn", "top_t", "steps", "warmup", "seed", "bg_batches",
-                "lr_sgd", "lr_adamw", "paper_adamw", "hot_rows", "device", "paths")
+                "lr_sgd", "lr_adamw", "paper_adamw", "hot_rows", "device", "paths", "threads")
 
 
 def start_worker(a, kind: str, path: str | None = None) -> tuple[subprocess.Popen, str]:
@@ -536,6 +538,9 @@ def main(argv=None) -> int:
     ap.add_argument("--paper-adamw", choices=["default", "foreach", "fused"], default="default",
                     help="the paper path's AdamW implementation (default: torch's default, on CPU the "
                          "per-tensor loop; fused is several times faster: about 4x at 1M in the README run)")
+    ap.add_argument("--no-paper", action="store_true",
+                    help="leave out the paper path (its dense gradient and AdamW state: 4x the table's memory)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (default: torch's)")
     ap.add_argument("--no-peer", action="store_true",
                     help="leave out the dense rules and FBGEMM (which runs only when the [peer] extra is installed)")
     bench_common.add_device_argument(ap)
@@ -558,7 +563,7 @@ def main(argv=None) -> int:
     bench_common.check_device(ap, a.device)
     sizes = a.sizes
     t_start = time.perf_counter()
-    a.paths = ["ours", "paper"]
+    a.paths = ["ours"] + ([] if a.no_paper else ["paper"])
     peer_missing = "--no-peer" if a.no_peer else bench_common.fbgemm_missing(a.device)
     if not a.no_peer:
         a.paths += ["ours-dense", "ours-dense-all"] + ([] if peer_missing else ["fbgemm"])
@@ -579,8 +584,9 @@ def main(argv=None) -> int:
     for n in sizes:
         table_bytes = n * a.dim * 4
         row = {"num_rows": n, "table_bytes": table_bytes}
-        sel = {name: set(timing["paths"][name][str(n)].pop("selected")) for name in ("ours", "paper")}
-        row["selection_agreement"] = len(sel["ours"] & sel["paper"]) / max(1, len(sel["ours"] | sel["paper"]))
+        if "paper" in a.paths:
+            sel = {name: set(timing["paths"][name][str(n)].pop("selected")) for name in ("ours", "paper")}
+            row["selection_agreement"] = len(sel["ours"] & sel["paper"]) / max(1, len(sel["ours"] | sel["paper"]))
         for name in a.paths:
             r = dict(timing["paths"][name][str(n)])
             if name in mem:
@@ -601,8 +607,9 @@ def main(argv=None) -> int:
                     path: row[path]["rss_peak_growth_bytes"] / max(1, peer["rss_peak_growth_bytes"])
                     for path in ("ours", "ours-dense", "ours-dense-all")}
             row["checks"] = timing["checks"].get(str(n), {})
-        row["speedup"] = row["paper"]["step_ms_median"] / row["ours"]["step_ms_median"]
-        row["speedup_min"] = row["paper"]["step_ms_min"] / row["ours"]["step_ms_min"]
+        if "paper" in a.paths:
+            row["speedup"] = row["paper"]["step_ms_median"] / row["ours"]["step_ms_median"]
+            row["speedup_min"] = row["paper"]["step_ms_min"] / row["ours"]["step_ms_min"]
         rows.append(row)
     for row in rows:
         row["ours_ratio_to_smallest"] = row["ours"]["step_ms_median"] / rows[0]["ours"]["step_ms_median"]
@@ -618,10 +625,11 @@ def main(argv=None) -> int:
          "value": last["ours_ratio_to_smallest"], "value_min": last["ours_min_ratio_to_smallest"],
          "target": GOAL_FLAT_RATIO, "pass": last["ours_ratio_to_smallest"] <= GOAL_FLAT_RATIO,
          "row_read_floor_ratio": ratio_at_floor},
-        {"goal": f"ours >= {GOAL_SPEEDUP:g}x faster than paper at N={large}",
-         "value": last["speedup"], "value_min": last["speedup_min"],
-         "target": GOAL_SPEEDUP, "pass": last["speedup"] >= GOAL_SPEEDUP},
     ]
+    if "paper" in a.paths:
+        goals.append({"goal": f"ours >= {GOAL_SPEEDUP:g}x faster than paper at N={large}",
+                      "value": last["speedup"], "value_min": last["speedup_min"],
+                      "target": GOAL_SPEEDUP, "pass": last["speedup"] >= GOAL_SPEEDUP})
     if not a.no_memory:
         frac = last["ours"]["rss_peak_growth_frac_of_table"]
         goals.append({"goal": f"ours peak growth during the step < {100 * GOAL_PEAK_FRAC:g}% of the table at N={large}",
@@ -641,35 +649,36 @@ def main(argv=None) -> int:
           f"median (min) of {a.steps} interleaved steps; peak growth = RSS high-water mark during the "
           f"step - RSS before it")
     print()
-    print("| N | ours ms | paper ms | speedup | ours N/16k ratio | ours peak growth (% of table) "
-          "| paper peak growth (% of table) |".replace("16k", small))
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        o, p = row["ours"], row["paper"]
-        print(f"| {fmt_n(row['num_rows'])} | {o['step_ms_median']:.1f} ({o['step_ms_min']:.1f}) "
-              f"| {p['step_ms_median']:.1f} ({p['step_ms_min']:.1f}) | {row['speedup']:.1f}x "
-              f"| {row['ours_ratio_to_smallest']:.2f} ({row['ours_min_ratio_to_smallest']:.2f}) "
-              f"| {fmt_pct(o.get('rss_peak_growth_frac_of_table'))} "
-              f"| {fmt_pct(p.get('rss_peak_growth_frac_of_table'))} |")
-    print()
-    print("| N | table | unique rows read | fwd ms ours / paper | fwd growth ours / paper "
-          "| step tensor alloc peak ours / paper | state ours / paper (AdamW) "
-          "| rows changed ours / paper | same selection |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        o, p = row["ours"], row["paper"]
-        if "state_bytes_exact" in o:
-            mem_cols = (f"| {fmt_bytes(o['rss_forward_growth_bytes'])} / {fmt_bytes(p['rss_forward_growth_bytes'])} "
-                        f"| {fmt_bytes(o['alloc_peak_bytes'])} / {fmt_bytes(p['alloc_peak_bytes'])} "
-                        f"| {fmt_bytes(o['state_bytes_exact'])} / {fmt_bytes(p['state_bytes_exact'])} ")
-        else:
-            mem_cols = "| n/a | n/a | n/a "
-        print(f"| {fmt_n(row['num_rows'])} | {fmt_bytes(row['table_bytes'])} "
-              f"| {o['breakdown_ms']['unique_rows_read']:,} "
-              f"| {o['forward_ms_median']:.1f} / {p['forward_ms_median']:.1f} {mem_cols}"
-              f"| {o['rows_changed_per_step']:,} / {p['rows_changed_per_step']:,} "
-              f"| {100 * row['selection_agreement']:.0f}% |")
-    print()
+    if "paper" in a.paths:  # --no-paper: only the peer table
+        print("| N | ours ms | paper ms | speedup | ours N/16k ratio | ours peak growth (% of table) "
+              "| paper peak growth (% of table) |".replace("16k", small))
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for row in rows:
+            o, p = row["ours"], row["paper"]
+            print(f"| {fmt_n(row['num_rows'])} | {o['step_ms_median']:.1f} ({o['step_ms_min']:.1f}) "
+                  f"| {p['step_ms_median']:.1f} ({p['step_ms_min']:.1f}) | {row['speedup']:.1f}x "
+                  f"| {row['ours_ratio_to_smallest']:.2f} ({row['ours_min_ratio_to_smallest']:.2f}) "
+                  f"| {fmt_pct(o.get('rss_peak_growth_frac_of_table'))} "
+                  f"| {fmt_pct(p.get('rss_peak_growth_frac_of_table'))} |")
+        print()
+        print("| N | table | unique rows read | fwd ms ours / paper | fwd growth ours / paper "
+              "| step tensor alloc peak ours / paper | state ours / paper (AdamW) "
+              "| rows changed ours / paper | same selection |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for row in rows:
+            o, p = row["ours"], row["paper"]
+            if "state_bytes_exact" in o:
+                mem_cols = (f"| {fmt_bytes(o['rss_forward_growth_bytes'])} / {fmt_bytes(p['rss_forward_growth_bytes'])} "
+                            f"| {fmt_bytes(o['alloc_peak_bytes'])} / {fmt_bytes(p['alloc_peak_bytes'])} "
+                            f"| {fmt_bytes(o['state_bytes_exact'])} / {fmt_bytes(p['state_bytes_exact'])} ")
+            else:
+                mem_cols = "| n/a | n/a | n/a "
+            print(f"| {fmt_n(row['num_rows'])} | {fmt_bytes(row['table_bytes'])} "
+                  f"| {o['breakdown_ms']['unique_rows_read']:,} "
+                  f"| {o['forward_ms_median']:.1f} / {p['forward_ms_median']:.1f} {mem_cols}"
+                  f"| {o['rows_changed_per_step']:,} / {p['rows_changed_per_step']:,} "
+                  f"| {100 * row['selection_agreement']:.0f}% |")
+        print()
     keys = [k for k in first["ours"]["breakdown_ms"] if k != "unique_rows_read"]
     print("Ours, pieces of the step (ms, median):")
     print()

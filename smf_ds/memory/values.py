@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Elements of one block of gradient rows formed at once (1 MiB of fp32): bounds the step's scratch.
-_GRAD_BLOCK = 1 << 18
+# Elements of one block of gradient rows formed at once (2 MiB of fp32): bounds the step's scratch.
+_GRAD_BLOCK = 1 << 19
 _FILTER_SIZE = 1 << 16  # entries of the membership filter of reads_of (64 KiB); a power of two
 _FEW_ROWS = 1 << 12  # up to this many rows asked for, row_grad filters the reads (reads_of) instead of sorting all
 
@@ -107,6 +107,7 @@ class RowGradSink:
             else:  # many: sort every read by row, then place each distinct row read in rows_S
                 by_row, hits = torch.sort(flat, stable=True)
                 rows_R, per_row = torch.unique_consecutive(by_row, return_counts=True)
+                del by_row  # reads-sized: the step's peak is a few of these
                 pos_R = torch.searchsorted(rows_S, rows_R).clamp_(max=rows_S.numel() - 1)
                 in_S = rows_S[pos_R] == rows_R
                 if not bool(in_S.all()):
@@ -134,14 +135,17 @@ class RowGradSink:
         rows_S = rows_S.contiguous()
         entries, read_S = self._sorted_reads(rows_S, dtype)
         block = max(1, _GRAD_BLOCK // max(1, width))
-        for part in read_S.split(block):
+        # Where each row's reads start in each entry, and the block bounds, found once (few small ops per block).
+        starts = [torch.searchsorted(pos, read_S) for pos, *_ in entries]
+        bounds = [s[::block].tolist() + [pos.numel()] for s, (pos, *_) in zip(starts, entries)]
+        for b, part in enumerate(read_S.split(block)):
             grad = None
-            for pos, bags, weights, grad_BD in entries:
-                starts = torch.searchsorted(pos, part)
-                lo, hi = int(starts[0]), int(torch.searchsorted(pos, part[-1:], right=True)[0])
+            for (_, bags, weights, grad_BD), start, bound in zip(entries, starts, bounds):
+                lo, hi = bound[b], bound[b + 1]
                 if hi == lo:
                     continue
-                g = F.embedding_bag(bags[lo:hi], grad_BD, starts - lo, per_sample_weights=weights[lo:hi], mode="sum")
+                offsets = start[b * block:b * block + part.numel()] - lo
+                g = F.embedding_bag(bags[lo:hi], grad_BD, offsets, per_sample_weights=weights[lo:hi], mode="sum")
                 grad = g if grad is None else grad.add_(g)
             yield part, grad
 
