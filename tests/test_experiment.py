@@ -189,10 +189,13 @@ def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
     assert list(results["variants"]) == ["smf-tfidf", "lora"]
     for row in results["variants"].values():
         assert row["seeds"] == [0, 1]
-        for task in ("medmcqa", "wikitext", "triviaqa"):
+        for task in ("medmcqa", "wikitext", "triviaqa", "wikitext_memorised"):
             assert len(row[task]["per_seed"]) == 2 and math.isfinite(row[task]["delta"]["value"])
+    # the world's probes read held-out text; its memorised windows are the extra column
+    assert results["base"]["wikitext"] != results["base"]["wikitext_memorised"]
     report = (out / "report.md").read_text()
     assert "| smf-tfidf | 2 |" in report and "| lora | 2 |" in report and "tradeoff.png" in report
+    assert "| Δ memorised ppl [95% CI] |" in report and "held-out" in report
     assert "Controls:" not in report  # no dense control ran
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifact = out / "runs" / "lora" / "seed1" / "lora_adapter"
