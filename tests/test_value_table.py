@@ -96,7 +96,7 @@ def test_sgd_update_from_the_sink_equals_the_update_with_the_gradient_formed():
     weight = table.weight[10:].clone()
     sq_norm = table.sink.sgd_update(weight, rows_S, lr=0.5, divisor=3.0, first_row=10)
     assert torch.equal(weight, expected)
-    assert math.isclose(float(sq_norm), float(grad.double().pow(2).sum()), rel_tol=1e-12)
+    assert math.isclose(float(sq_norm), float(grad.double().pow(2).sum()), rel_tol=1e-6)
 
 
 def test_read_counts_are_taken_at_the_step_padding_excluded():

@@ -95,7 +95,7 @@ from row_read_floor import floor_ratio, row_read_floor_ms
 
 FULL_SIZES = [16_384, 262_144, 1_048_576]
 QUICK_SIZES = [1_024, 4_096, 16_384]  # perfect squares: the layer runs too (n_keys 32, 64, 128)
-STRATEGIES = ("replicated", "row", "column", "fbgemm")  # fbgemm: the peer, at 1 process, when installed
+STRATEGIES = ("replicated", "row", "column")
 PEER_LR = 1e-3  # SGD lr of the dense-accessed steps (ours and FBGEMM's fused): the tables barely drift
 DRAWS = ("uniform", "hot")
 GOAL_FLAT_RATIO = 1.2
@@ -191,7 +191,7 @@ def fbgemm_cases(n: int, weight, rank: int, a) -> list[Case]:
             out.backward(grad)
             w_flat.grad = None
 
-        case = Case(f"lookup/{draw}", n, step, {"unique_rows": int(torch.unique(idx).numel()),
+        case = Case(f"fbgemm/{draw}", n, step, {"unique_rows": int(torch.unique(idx).numel()),
                                                  "local_weight_shape": list(weight.shape)})
         box.append(case)
         cases.append(case)
@@ -216,10 +216,8 @@ def build_cases(strategy: str, rank: int, world: int, a) -> list[Case]:
         else:
             weight = torch.randn(n, a.dim, generator=torch.Generator().manual_seed(a.seed)) * a.dim ** -0.5
         weight = weight.to(a.device)
-        if strategy == "fbgemm":
+        if strategy == "replicated" and world == 1 and a.peer:  # timed in the same rounds as ours
             cases.extend(fbgemm_cases(n, weight, rank, a))
-            del weight, layer
-            continue
         grad_rows = torch.linspace(0, n - 1, min(a.grad_rows, n), device=a.device).long().unique()
         for draw in a.draws:
             table = shard(weight, strategy, world)
@@ -342,8 +340,6 @@ def bench_rank(rank: int, world: int, a) -> dict:
     if a.worker in ("mem", "both"):  # one-time profiler start-up, outside any measurement
         torch_step_allocations(lambda: torch.ones(1))
     for strategy in a.strategies:
-        if strategy == "fbgemm" and world > 1:  # the peer runs at 1 process (TorchRec's sharding: not here)
-            continue
         cases = build_cases(strategy, rank, world, a)
         for c in cases:
             for _ in range(a.warmup):
@@ -452,7 +448,7 @@ def worker_main(a) -> None:
 
 
 PASS_THROUGH = ("sizes", "tokens", "steps", "warmup", "strategies", "draws", "dim", "heads", "knn",
-                "k_dim", "hot_rows", "seed", "track_access", "layer", "rank_timeout", "device", "dense")
+                "k_dim", "hot_rows", "seed", "track_access", "layer", "rank_timeout", "device", "dense", "peer")
 
 
 def start_worker(a, kind: str, procs: int) -> subprocess.Popen:
@@ -504,10 +500,10 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
     by = {(r["strategy"], r["procs"], r["kind"], r["num_rows"]): r for r in rows}
     out = []
     for (strategy, procs, kind, n), fb in sorted(by.items(), key=lambda kv: (kv[0][2], kv[0][3])):
-        if strategy != "fbgemm" or not kind.startswith("lookup/"):
+        if strategy != "replicated" or procs != 1 or not kind.startswith("fbgemm/"):
             continue
         draw = kind.split("/", 1)[1]
-        ours, dense = by.get(("replicated", 1, kind, n)), by.get(("replicated", 1, f"dense/{draw}", n))
+        ours, dense = by.get(("replicated", 1, f"lookup/{draw}", n)), by.get(("replicated", 1, f"dense/{draw}", n))
         if ours is None or dense is None:
             continue
 
@@ -575,14 +571,11 @@ def main(argv=None) -> int:
     bench_common.check_device(ap, a.device)
     if a.device == "cuda" and a.procs != [1]:
         ap.error(f"--device cuda: --procs must be 1 (one GPU; NCCL puts one rank per device), got {a.procs}")
-    peer_missing = None
-    if a.dense and 1 in a.procs and "fbgemm" not in a.strategies and "replicated" in a.strategies:
-        peer_missing = bench_common.fbgemm_missing(a.device)
-        if peer_missing is None:
-            a.strategies = a.strategies + ["fbgemm"]
-        else:
-            print(f"[bench_memory] FBGEMM left out ({peer_missing}); pip install -e '.[peer]' adds it",
-                  file=sys.stderr, flush=True)
+    peer_missing = "--no-peer" if not a.dense else bench_common.fbgemm_missing(a.device)
+    a.peer = peer_missing is None and 1 in a.procs and "replicated" in a.strategies
+    if peer_missing and a.dense:
+        print(f"[bench_memory] FBGEMM left out ({peer_missing}); pip install -e '.[peer]' adds it",
+              file=sys.stderr, flush=True)
     bad = [s for s in a.strategies if s not in STRATEGIES] + [d for d in a.draws if d not in DRAWS]
     if bad:
         ap.error(f"unknown strategies/draws {bad}; expected {list(STRATEGIES)} / {list(DRAWS)}")
@@ -622,8 +615,7 @@ def main(argv=None) -> int:
 
     goals = []
     for r in rows:
-        if r["num_rows"] != largest or not r["kind"].startswith("lookup") or r["ratio_to_smallest"] is None \
-                or r["strategy"] == "fbgemm":
+        if r["num_rows"] != largest or not r["kind"].startswith("lookup") or r["ratio_to_smallest"] is None:
             continue
         g = {"goal": f"{r['kind']} {r['strategy']} x{r['procs']}: step {fmt_n(largest)}/{fmt_n(smallest)} "
                      f"<= {GOAL_FLAT_RATIO}",

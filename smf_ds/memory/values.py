@@ -167,8 +167,8 @@ class RowGradSink:
         for part, grad in self.row_grad_blocks(rows_S, weight.shape[1], weight.dtype):
             if divisor != 1:
                 grad.div_(divisor)
-            as_double = grad.reshape(-1).double()  # squares exact, summed in float64 (5x faster than vector_norm)
-            sq_norm += torch.dot(as_double, as_double)
+            flat = grad.reshape(-1)
+            sq_norm += torch.dot(flat, flat).double()  # no block-sized float64 copy (the step's peak is a few blocks)
             weight.index_add_(0, rows_S[part] - first_row, grad.mul_(-lr))  # w + (-(lr g)) == w - lr g exactly
         return sq_norm
 
@@ -184,7 +184,7 @@ class RowGradSink:
             return torch.empty(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
         reads = [rows for rows, counts in entries if counts is None]
         if reads:
-            rows, counts = torch.unique(torch.cat(reads), return_counts=True)
+            rows, counts = torch.unique(reads[0] if len(reads) == 1 else torch.cat(reads), return_counts=True)
             entries = [(rows, counts)] + [e for e in entries if e[1] is not None]
         if len(entries) == 1:  # its rows are already sorted and unique
             return entries[0]
