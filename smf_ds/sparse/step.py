@@ -107,7 +107,9 @@ class SparseMemoryUpdater:
                                    self.background, self.step_count, self.cfg.seed, self.cfg.kl_eps)
             if self._sgd_from_sink(table):  # no gradient rows formed: the update forms them block by block
                 start, stop = table.owned_row_range()
-                return rows, counts, selected, selected[(selected >= start) & (selected < stop)], None
+                mine = selected if (start, stop) == (0, table.num_rows) else \
+                    selected[(selected >= start) & (selected < stop)]  # no copy of a whole table's (dense-all) rows
+                return rows, counts, selected, mine, None
             mine, grad = step_grad(table, selected)
             return rows, counts, selected, mine, grad
         empty = torch.empty(0, dtype=torch.long, device=table.local_weight.device)
