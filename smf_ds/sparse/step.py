@@ -158,7 +158,7 @@ class SparseMemoryUpdater:
                 if clip != 1.0:
                     g.mul_(clip)
                 self.optimizer.update(layer, mine, g)
-            local = (mine - start).cpu()
+            local = (mine - start if start else mine).cpu()  # no copy for a whole table (dense-all: all rows)
             self.n_ever_updated[layer] += int((~self.ever_updated[layer][local]).sum())
             self.ever_updated[layer][local] = True
             self.window_counts[layer].index_add_(0, (rows - start).cpu(), counts.cpu())
