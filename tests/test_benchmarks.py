@@ -75,7 +75,8 @@ def test_the_gpu_check_runs_dry_on_the_cpu(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert result["dry_run"] and set(result["parts"]) == {"env", "merged", "stop", "elastic", "bench"}
+    assert result["dry_run"] and set(result["parts"]) == {"env", "merged", "stop", "elastic", "bench", "smf"}
     assert all(part["ok"] for part in result["parts"].values())
     assert result["parts"]["stop"]["stop_exit"] == 75 and result["parts"]["stop"]["bitwise_equal"]
     assert "| merged | True |" in (tmp_path / "gpu_check.md").read_text()
+    assert result["parts"]["smf"]["smf_tokens_per_s_over_lora"] > 0 and "smf_memory_share@256" in result["parts"]["smf"]

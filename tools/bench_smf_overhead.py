@@ -184,7 +184,7 @@ def add_memory(model, n_keys: int, layers: list[int], group, device: str, seed: 
 
     A table too large to build whole in every process (smf_ds builds the whole table, then shards)
     is made directly in its final layout: the layers are injected small, then each gets keys and
-    a value table (or this rank's row shard) of the real size, drawn as build_memory draws them."""
+    a value table (or this rank's row shard) of the real size, from build_memory's distributions."""
     import torch
     from torch import nn
 
@@ -449,14 +449,14 @@ def per_process_batch(a, procs: int) -> int:
     return max(1, a.batch // procs)
 
 
-def start(a, runs: list[tuple[str, int | None]], procs: int) -> list:
-    """The worker processes of one group of runs (one per rank)."""
+def start(a, runs: list[tuple[str, int | None]], procs: int, share: int = 1) -> list:
+    """The worker processes of one group of runs (one per rank); `share`: groups running at once."""
     from smf_ds.parallel.process_group import free_port
 
     settings = {k: getattr(a, k) for k in ("quick", "batch", "seq_len", "steps", "warmup", "seed", "dtype", "device",
                                            "profile", "layers")}
     settings |= {"runs": runs, "procs": procs, "port": free_port(), "batch": per_process_batch(a, procs),
-                 "threads": max(1, a.threads // procs) if a.device == "cpu" else a.threads}
+                 "threads": max(1, a.threads // (procs * share)) if a.device == "cpu" else a.threads}
     return [bench_common.start_worker(__file__, ["run"], settings | {"rank": r}, memory_pass=a.device == "cpu",
                                       thp=False) for r in range(procs)]
 
@@ -547,6 +547,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per run (default 3; quick 1)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 1; quick 0)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads in all (split over a run's processes)")
+    ap.add_argument("--side-by-side", action="store_true", help="CPU: run the one-process methods two at a time "
+                    "(in --methods order), one thread each, so that each pair meets the same load")
     ap.add_argument("--profile", default="", help="comma-separated methods to profile one more step of (torch.profiler, top ops)")
     ap.add_argument("--quick", action="store_true", help="Qwen's depth at hidden 64, vocab 2,048, tables of 256 and 1k slots, one step")
     ap.add_argument("--seed", type=int, default=0)
@@ -587,18 +589,28 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     runs, skipped = [], []
-    for group, procs in plan(a):
-        need = sum(estimate_bytes(a, m, k, procs) for m, k in group) if len(group) == 1 else \
-            max(estimate_bytes(a, m, k, procs) for m, k in group)
+    groups = plan(a)
+    # Side by side: the one-process runs two at a time, one thread each, so that a pair meets the
+    # same load from whatever else runs on the machine (their ratio is then the fairer one).
+    pair = a.side_by_side and a.device == "cpu"
+    waves = [[g] for g in groups if g[1] > 1 or not pair]
+    singles = [g for g in groups if g[1] == 1 and pair]
+    waves = [singles[i:i + 2] for i in range(0, len(singles), 2)] + waves
+    for wave in waves:
+        need = sum(estimate_bytes(a, m, k, procs) if len(group) == 1 else
+                   max(estimate_bytes(a, m, k, procs) for m, k in group) for group, procs in wave)
         free = mem_available()
-        names = ", ".join(f"{m}@{fmt_slots(k * k) if k else '-'}" for m, k in group)
+        names = " | ".join(", ".join(f"{m}@{fmt_slots(k * k) if k else '-'}" for m, k in group) + f" x{procs}"
+                           for group, procs in wave)
         if a.device == "cpu" and need > free:
-            skipped.append({"runs": names, "procs": procs, "needs_bytes": need, "available_bytes": free})
-            print(f"[bench_smf_overhead] skipped {names} x{procs}: needs ~{need / GIB:.1f} GiB, "
+            skipped.append({"runs": names, "needs_bytes": need, "available_bytes": free})
+            print(f"[bench_smf_overhead] skipped {names}: needs ~{need / GIB:.1f} GiB, "
                   f"{free / GIB:.1f} GiB available", file=sys.stderr, flush=True)
             continue
-        print(f"[bench_smf_overhead] {names} x{procs} ({free / GIB:.1f} GiB available) ...", file=sys.stderr, flush=True)
-        for run in collect(start(a, group, procs), names):
+        print(f"[bench_smf_overhead] {names} ({free / GIB:.1f} GiB available) ...", file=sys.stderr, flush=True)
+        started = [(start(a, group, procs, share=len(wave)), names) for group, procs in wave]
+        for run in (r for workers, what in started for r in collect(workers, what)):
+            run["side_by_side"] = len(wave) > 1
             runs.append(summarize(run))
             print(f"[bench_smf_overhead]   {fmt_row(run, table_label(run))}", file=sys.stderr, flush=True)
 
@@ -621,10 +633,10 @@ def main(argv=None) -> int:
     for k, v in ratios.items():
         print(f"  {k}: {v:.2f}")
     for s in skipped:
-        print(f"  skipped {s['runs']} x{s['procs']}: needs ~{s['needs_bytes'] / GIB:.1f} GiB, "
+        print(f"  skipped {s['runs']}: needs ~{s['needs_bytes'] / GIB:.1f} GiB, "
               f"{s['available_bytes'] / GIB:.1f} GiB available")
     settings = {k: getattr(a, k) for k in ("device", "dtype", "quick", "batch", "seq_len", "steps", "warmup", "threads", "layers",
-                                           "table_procs", "methods", "tables", "seed")}
+                                           "table_procs", "methods", "tables", "seed", "side_by_side")}
     result = {"settings": settings, "model": QWEN_0_5B | QUICK if a.quick else QWEN_0_5B,
               "memory": {"layers": a.layers, "heads": 4, "knn": 16, "k_dim": 256, "scoring": "kl", "top_t": 512,
                          "value_lr": 2.0},

@@ -16,6 +16,9 @@ Parts:
   elastic   a checkpoint made on the GPU resumed on the CPU (DS_ACCELERATOR=cpu): it continues,
             and its final adapter is close to the straight GPU run's
   bench     tools/bench_eval.py --device cuda, small (batched evaluators against per-example loops)
+  smf       tools/bench_smf_overhead.py --device cuda (bf16): an SMF step at Qwen2.5-0.5B's shape
+            split into backbone and memory parts, against LoRA and full finetuning, tables of
+            16k/262k/1M slots; SMF's tokens/s over LoRA's (goal: at least 0.9)
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
-PARTS = ("env", "merged", "stop", "elastic", "bench")
-BUDGET = {"env": 60, "merged": 120, "stop": 120, "elastic": 120, "bench": 120}  # seconds, within 8 minutes
+PARTS = ("env", "merged", "stop", "elastic", "bench", "smf")
+BUDGET = {"env": 60, "merged": 120, "stop": 120, "elastic": 120, "bench": 120, "smf": 150}  # seconds
 
 
 def _env(device: str) -> dict:
@@ -183,6 +186,25 @@ def part_bench(work: Path, device: str) -> dict:
     tasks = json.loads(out.read_text())["tasks"]
     return {"ok": done.returncode == 0 and all(t["identical"] for t in tasks.values()),
             **{f"{name}_speedup": t.get("speedup") for name, t in tasks.items()}}
+
+
+def part_smf(work: Path, device: str) -> dict:
+    """#20: what an SMF step costs at Qwen's shape on the GPU, in bf16 (dry run: one tiny step of SMF and LoRA)."""
+    out = work / "smf_overhead.json"
+    what = ["--quick", "--methods", "smf,lora", "--tables", "none"] if device == "cpu" else ["--device", "cuda", "--steps", "3"]
+    done = _run([sys.executable, str(REPO / "tools" / "bench_smf_overhead.py"), *what, "--out", str(out)], device,
+                BUDGET["smf"] - 10)
+    if done.returncode or not out.is_file():
+        return {"ok": False, "error": (done.stdout + done.stderr)[-1500:]}
+    result = json.loads(out.read_text())
+    runs = {f"{r['method']}@{r['slots_per_layer'] or '-'}": {k: round(r[k], 3) for k in
+                                                              ("step_s", "tokens_per_s", "memory_share")}
+            for r in result["runs"]}
+    shares = {f"smf_memory_share@{r['slots_per_layer']}": round(r["memory_share"], 3) for r in result["runs"]
+              if r["method"] == "smf"}
+    ratio = result["ratios"].get("smf_tokens_per_s_over_lora")
+    return {"ok": ratio is not None, "smf_tokens_per_s_over_lora": ratio,
+            "goal_smf_at_least_0.9x_lora": None if ratio is None else ratio >= 0.9, **shares, "runs": runs}
 
 
 def main(argv=None) -> int:
