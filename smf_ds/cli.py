@@ -97,7 +97,7 @@ def _cmd_experiment(args) -> dict:
     stop.listen(ClusterConfig().stop_signals)  # a run stopped mid-grid is resumed by the next call
     methods = args.methods.split(",") if args.methods else None
     run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config, world_seed=args.world_seed,
-                   sweep=args.sweep, ablation=args.ablation)
+                   sweep=args.sweep, ablation=args.ablation, bases=args.bases)
     return _written_to(*(Path(args.out) / name for name in ("results.json", "report.md", "tradeoff.png")))
 
 
@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "finished runs and resumes those cut short")
     p.add_argument("--world-seed", type=int, default=None,
                    help="which synthetic world (default 0; the world's settings were chosen on world 0)")
+    p.add_argument("--bases", choices=("per-seed", "shared"), default=None,
+                   help="synthetic world: seed k finetunes a base pretrained with seed k (per-seed, the default: "
+                        "intervals and signs then cover the base model's variance) or all seeds one base (shared)")
     p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="rebuild an experiment's results.json, report.md and plot")

@@ -76,6 +76,20 @@ def test_ablation_pairs_each_correction_with_smf_paper_on_the_same_resamples():
     assert table.count("] *") == 2 and "| none |" in table and "task gain, forgetting (TriviaQA acc)" in table
 
 
+def test_with_a_base_per_seed_a_correction_whose_sign_differs_between_bases_is_marked():
+    fix = "smf-paper+no-clip"
+    rows = {PAPER: [0.10, 0.10], fix: [0.15, 0.05]}  # +0.05 on base 0, -0.05 on base 1
+    variants = {name: {"seeds": [0, 1], **{t: {"delta": {"value": float(np.mean(v)), "per_base": v}}
+                                           for t in ("medmcqa", "triviaqa", "wikitext")}}
+                for name, v in rows.items()}
+    samples = {name: {t: np.full(50, np.mean(v)) for t in ("medmcqa", "triviaqa", "wikitext")}
+               for name, v in rows.items()}
+    found = ablation(variants, samples)
+    assert found["rows"][0]["medmcqa"]["same_sign_on_every_base"] is False
+    assert "| smf-paper+no-clip |" in "\n".join(ablation_table({"ablation": found}))
+    assert "+0.000 [+0.000, +0.000] ~" in "\n".join(ablation_table({"ablation": found}))
+
+
 def test_no_ablation_without_smf_paper_or_a_correction():
     samples = {PAPER: {"medmcqa": np.zeros(3)}}
     assert ablation(_variants({PAPER: {"medmcqa": 0.0}}), samples) is None

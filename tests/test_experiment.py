@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from smf_ds.eval.bootstrap import CHUNK, bootstrap_statistic
-from smf_ds.experiment.stats import aggregate, metric_of, paired_delta
+from smf_ds.experiment.stats import aggregate, metric_of, paired_delta, paired_delta_per_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,33 @@ def test_bootstrap_statistic_of_nothing_is_empty():
     assert bootstrap_statistic(lambda idx: idx.sum(axis=1), 0)["value"] is None
 
 
+def test_per_base_interval_carries_the_spread_between_bases():
+    """Runs that beat their own base by 0, 1 and 2 on every example: the shared-base interval
+    (examples only) has no width; the per-base one spans most of [0, 2] and never leaves it."""
+    rng = np.random.default_rng(1)
+    bases = rng.random((3, 30))
+    runs = bases + np.array([[0.0], [1.0], [2.0]])
+    got = paired_delta_per_base(bases, runs, None, n_boot=400, seed=3)
+    assert got["value"] == pytest.approx(1.0) and got["per_base"] == pytest.approx([0.0, 1.0, 2.0])
+    lo, hi = got["ci95"]
+    assert 0.0 <= lo <= 1 / 3 + 1e-9 and 5 / 3 - 1e-9 <= hi <= 2.0
+    assert not got["same_sign_on_every_base"]  # 0 on base 0, + on the others
+    shifted = paired_delta_per_base(bases, bases + 0.5, None, n_boot=100)
+    assert shifted["same_sign_on_every_base"] and shifted["ci95"] == pytest.approx([0.5, 0.5])
+
+
+def test_per_base_interval_of_identical_bases_is_the_shared_base_interval():
+    """With every base the same (and every run), only the examples vary: the per-base interval is
+    the shared-base one, resample for resample (the example resamples are the same draws)."""
+    rng = np.random.default_rng(2)
+    base = rng.integers(0, 2, 50).astype(float)
+    run = rng.integers(0, 2, 50).astype(float)
+    shared = paired_delta(base, np.stack([run] * 3), None, n_boot=250, seed=5, keep_samples=True)
+    per_base = paired_delta_per_base(np.stack([base] * 3), np.stack([run] * 3), None, n_boot=250, seed=5,
+                                     keep_samples=True)
+    assert np.allclose(per_base["samples"], shared["samples"]) and per_base["ci95"] == pytest.approx(shared["ci95"])
+
+
 def _write_eval(directory: Path, correct_med, contains, nll, ids=None):
     directory.mkdir(parents=True)
     ids = ids or [f"q{i}" for i in range(len(correct_med))]
@@ -80,6 +107,29 @@ def test_aggregate_averages_seeds_and_pairs_with_the_base(tmp_path):
     for task in ("medmcqa", "triviaqa", "wikitext"):
         lo, hi = row[task]["delta"]["ci95"]
         assert lo <= row[task]["delta"]["value"] <= hi
+
+
+def test_aggregate_pairs_each_seed_with_its_own_base_and_marks_sign_changes(tmp_path):
+    from smf_ds.experiment.report import results_table
+
+    bases = {0: _write_eval(tmp_path / "b0", [0, 0, 1, 1], [1, 1, 1, 1], [4.0, 4.0]),
+             1: _write_eval(tmp_path / "b1", [1, 1, 1, 0], [1, 1, 0, 0], [8.0, 8.0])}
+    s0 = _write_eval(tmp_path / "s0", [1, 0, 1, 1], [1, 0, 1, 1], [8.0, 8.0])  # medmcqa +0.25 on base 0
+    s1 = _write_eval(tmp_path / "s1", [1, 1, 0, 0], [1, 1, 0, 0], [4.0, 12.0])  # medmcqa -0.25 on base 1
+    out = aggregate(bases, {"lora": {0: s0, 1: s1}}, n_boot=200)
+    assert out["bases"] == "per seed"
+    assert out["base"]["medmcqa"] == pytest.approx((0.5 + 0.75) / 2)
+    assert out["base_per_seed"]["medmcqa"] == pytest.approx({"0": 0.5, "1": 0.75})
+    med, trivia = out["variants"]["lora"]["medmcqa"]["delta"], out["variants"]["lora"]["triviaqa"]["delta"]
+    assert med["per_base"] == pytest.approx([0.25, -0.25]) and med["value"] == pytest.approx(0.0)
+    assert not med["same_sign_on_every_base"]
+    assert trivia["per_base"] == pytest.approx([-0.25, 0.0]) and not trivia["same_sign_on_every_base"]
+    wiki = out["variants"]["lora"]["wikitext"]["delta"]  # exp(2) - e on base 0, exp(2) - exp(2) on base 1
+    assert wiki["per_base"] == pytest.approx([math.exp(2) - math.e, 0.0])
+    row = next(line for line in results_table(out).splitlines() if line.startswith("| lora |"))
+    assert row.count(" ~") == 3
+    with pytest.raises(ValueError, match=r"seeds \[2\] have runs but no evaluation of their own base"):
+        aggregate(bases, {"lora": {0: s0, 2: s1}}, n_boot=10)
 
 
 def test_report_prints_no_sd_for_a_single_seed(tmp_path):
@@ -146,8 +196,11 @@ def test_a_quick_sweep_reports_frontiers_and_matched_tables(tmp_path):
     from smf_ds.experiment.jobs import WORLD_SWEEP
 
     out = tmp_path / "sweep"
-    _cli("experiment", "--quick", "--sweep", "--methods", "lora,smf-tfidf", "--seeds", "0", "--out", str(out))
+    _cli("experiment", "--quick", "--sweep", "--bases", "shared", "--methods", "lora,smf-tfidf", "--seeds", "0",
+         "--out", str(out))
     results = json.loads((out / "results.json").read_text())
+    assert results["bases"] == "shared" and (out / "base" / "config.json").is_file()
+    assert (out / "base_eval" / "summary.json").is_file() and not (out / "base" / "seed0").exists()
     variants = results["variants"]
     assert list(variants) == [f"smf-tfidf@memory.value_lr={v}" for v in WORLD_SWEEP["smf-tfidf"]["memory.value_lr"]] + [
         f"lora@train.lr={v}" for v in WORLD_SWEEP["lora"]["train.lr"]]
@@ -175,9 +228,10 @@ def test_a_quick_sweep_reports_frontiers_and_matched_tables(tmp_path):
 
     one = tmp_path / "one"
     point = f"lora@train.lr={WORLD_SWEEP['lora']['train.lr'][1]}"
-    _cli("experiment", "--quick", "--sweep", "--methods", point, "--seeds", "0", "--out", str(one))
+    _cli("experiment", "--quick", "--sweep", "--bases", "shared", "--methods", point, "--seeds", "0", "--out", str(one))
     assert list(json.loads((one / "results.json").read_text())["variants"]) == [point]
-    done = _cli("experiment", "--quick", "--sweep", "--methods", "lora@train.lr=5", "--out", str(one), check=False)
+    done = _cli("experiment", "--quick", "--sweep", "--bases", "shared", "--methods", "lora@train.lr=5", "--out",
+                str(one), check=False)
     assert done.returncode == 2 and "--methods: expected a comma-separated list of" in done.stderr
 
 
@@ -196,6 +250,15 @@ def test_quick_experiment_runs_the_grid_and_report_rebuilds_it(tmp_path):
     report = (out / "report.md").read_text()
     assert "| smf-tfidf | 2 |" in report and "| lora | 2 |" in report and "tradeoff.png" in report
     assert "| Δ memorised ppl [95% CI] |" in report and "held-out" in report
+    # each seed finetuned its own base, pretrained with that seed, and is compared with it
+    assert results["bases"] == "per seed"
+    base_weights = [load_file(out / "base" / f"seed{s}" / "model.safetensors") for s in (0, 1)]
+    assert any(not torch.equal(base_weights[0][k], base_weights[1][k]) for k in base_weights[0])
+    for seed in (0, 1):
+        assert json.loads((out / "base_eval" / f"seed{seed}" / "summary.json").read_text())["seed"] == seed
+        assert f"base/seed{seed}" in (out / "runs" / "lora" / f"seed{seed}" / "config.yaml").read_text()
+    assert all(len(row[t]["delta"]["per_base"]) == 2 for row in results["variants"].values() for t in row if t != "seeds")
+    assert "finetunes its own base model" in report
     assert "Controls:" not in report  # no dense control ran
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     artifact = out / "runs" / "lora" / "seed1" / "lora_adapter"
@@ -285,7 +348,7 @@ def test_experiment_and_report_name_the_bad_flag(tmp_path):
     done = _cli("experiment", "--methods", "smf,lora", "--out", str(tmp_path / "x"), check=False)
     assert done.returncode == 2 and "--methods" in done.stderr and "smf-tfidf" in done.stderr
     (tmp_path / "exp.yaml").write_text("run: run.yaml\n")
-    for flag in (["--quick"], ["--world-seed", "1"]):
+    for flag in (["--quick"], ["--world-seed", "1"], ["--bases", "shared"]):
         done = _cli("experiment", *flag, "--config", str(tmp_path / "exp.yaml"), "--out", str(tmp_path / "y"),
                     check=False)
         assert done.returncode == 2 and flag[0] in done.stderr and "synthetic world" in done.stderr

@@ -156,7 +156,7 @@ def test_experiment_under_the_deepspeed_launcher(tmp_path):
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     results = json.loads((out / "results.json").read_text())
     assert results["variants"]["lora"]["seeds"] == [0]
-    for summary in (out / "base_eval" / "summary.json", out / "runs" / "lora" / "seed0" / "eval" / "summary.json"):
+    for summary in (out / "base_eval" / "seed0" / "summary.json", out / "runs" / "lora" / "seed0" / "eval" / "summary.json"):
         assert json.loads(summary.read_text())["world_size"] == 2
     assert json.loads((out / "runs" / "lora" / "seed0" / "train_summary.json").read_text())["world_size"] == 2
 

@@ -20,16 +20,17 @@ N_BOOT = 1000
 CHUNK = 100  # resamples drawn at once (bounds memory for large n)
 
 
-def _resampled_sums(arrays: list[np.ndarray], n_boot: int, seed: int) -> list[np.ndarray]:
-    n = len(arrays[0])
+def resample_indices(n: int, n_boot: int = N_BOOT, seed: int = 0):
+    """The n_boot resamples of range(n) that every call with this n and seed draws, in chunks of
+    at most CHUNK rows."""
     rng = np.random.default_rng(seed)
-    out = [np.empty(n_boot) for _ in arrays]
-    for s in range(0, n_boot, CHUNK):
-        m = min(CHUNK, n_boot - s)
-        idx = rng.integers(0, n, size=(m, n))
-        for a, o in zip(arrays, out):
-            o[s:s + m] = a[idx].sum(axis=1)
-    return out
+    for start in range(0, n_boot, CHUNK):
+        yield rng.integers(0, n, size=(min(CHUNK, n_boot - start), n))
+
+
+def _resampled_sums(arrays: list[np.ndarray], n_boot: int, seed: int) -> list[np.ndarray]:
+    return [np.concatenate(parts) for parts in
+            zip(*([a[idx].sum(axis=1) for a in arrays] for idx in resample_indices(len(arrays[0]), n_boot, seed)))]
 
 
 def percentile_interval(stats: np.ndarray, alpha: float = 0.05) -> list[float]:
@@ -69,8 +70,6 @@ def bootstrap_statistic(statistic: Callable[[np.ndarray], np.ndarray], n: int, n
     n_boot resampled values (the same resamples for every call with this n and seed)."""
     if n == 0:
         return {"value": None, "ci95": [None, None], "n": 0}
-    rng = np.random.default_rng(seed)
-    stats = np.concatenate([statistic(rng.integers(0, n, size=(min(CHUNK, n_boot - s), n)))
-                            for s in range(0, n_boot, CHUNK)])
+    stats = np.concatenate([statistic(idx_MN) for idx_MN in resample_indices(n, n_boot, seed)])
     value = float(statistic(np.arange(n)[None])[0])
     return {"value": value, "ci95": percentile_interval(stats, alpha), "n": int(n), **({"samples": stats} if keep_samples else {})}

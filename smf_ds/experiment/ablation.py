@@ -66,5 +66,9 @@ def ablation(variants: dict, samples: dict[str, dict[str, np.ndarray]]) -> dict 
             interval = None if paper_samples is None or own is None else percentile_interval(own - paper_samples)
             row[task] = {"value": float(value), "ci95": interval,
                          "beyond": interval is not None and not interval[0] <= 0 <= interval[1]}
+            own_bases, paper_bases = (variants[v][task]["delta"].get("per_base") for v in (name, PAPER))
+            if own_bases and paper_bases and variants[name]["seeds"] == variants[PAPER]["seeds"]:
+                per_base = np.subtract(own_bases, paper_bases)  # a base per seed: the change on each
+                row[task]["same_sign_on_every_base"] = len(set(np.sign(per_base))) == 1
         rows.append(row)
     return {"reference": PAPER, "rows": rows}

@@ -3,9 +3,10 @@ plotted and reported, from one command; on the embedded synthetic world by defau
 user's model and data with --config (smf_ds.experiment.setups).
 
 Layout of <out> (each rank runs the same code; rank 0 writes):
-  world/  base/                                the synthetic world and its pretrained base (default)
+  world/  base/seed<k>/                        the synthetic world and seed k's pretrained base (default;
+                                               base/ itself with --bases shared)
   retrofit/seed<k>/                            the memory retrofit of seed k (--config, retrofit: true)
-  base_eval/                                   the base model's evaluation
+  base_eval/  (base_eval/seed<k>/)             the base model's evaluation (seed k's base's)
   runs/<variant>/seed<k>/                      one finetuning run (config, TensorBoard, artifact)
   runs/<variant>/seed<k>/eval/                 its evaluation (per-example predictions)
   results.json  report.md  tradeoff.png        the aggregate (smf_ds.experiment.stats / report)
@@ -42,6 +43,16 @@ def run_dir(out: Path, variant: str, seed: int) -> Path:
     return out / "runs" / variant / f"seed{seed}"
 
 
+def base_eval_dirs(out: Path, per_seed_bases: bool, seeds: Sequence[int] | None = None) -> Path | dict[int, Path]:
+    """The base model's eval dir, or {seed: its base's eval dir} (every one present when seeds is None)."""
+    if not per_seed_bases:
+        return out / "base_eval"
+    if seeds is None:
+        seeds = sorted(int(p.name[len("seed"):]) for p in (out / "base_eval").glob("seed*")
+                       if re.fullmatch(r"seed\d+", p.name) and (p / SUMMARY).is_file())
+    return {seed: out / "base_eval" / f"seed{seed}" for seed in seeds}
+
+
 def run_one(setup, out: Path, variant: str, seed: int) -> Path:
     """Train (unless done) and evaluate (unless done) one run; its eval dir."""
     directory = run_dir(out, variant, seed)
@@ -56,7 +67,7 @@ def run_one(setup, out: Path, variant: str, seed: int) -> Path:
         artifact = Path(read_run_summary(summary_path)["artifact"])
     else:
         artifact = setup.finetune(variant, seed, directory)
-    setup.evaluate(artifact, eval_dir, {"model": variant, "seed": seed})
+    setup.evaluate(artifact, eval_dir, {"model": variant, "seed": seed}, seed=seed)
     return eval_dir
 
 
@@ -111,17 +122,19 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
                  n_boot: int = 1000) -> dict:
     """Aggregate the evaluations under `out`; write results.json, report.md and tradeoff.png."""
     out = Path(out)
-    if not (out / "base_eval" / SUMMARY).is_file():
-        raise ConfigError(f"--out {out}: no base-model evaluation ({out}/base_eval/{SUMMARY}); is it an experiment dir?")
-    previous = out / "results.json"
     if settings is None:  # `smf-ds report`: the settings the experiment recorded
         settings, order = _recorded_report_settings(out)
+    bases = base_eval_dirs(out, settings.get("bases") == "per seed")
+    if not bases or (isinstance(bases, Path) and not (bases / SUMMARY).is_file()):
+        where = f"{out}/base_eval/seed<k>/{SUMMARY}" if isinstance(bases, dict) else f"{out}/base_eval/{SUMMARY}"
+        raise ConfigError(f"--out {out}: no base-model evaluation ({where}); is it an experiment dir?")
+    previous = out / "results.json"
     runs, unevaluated = collect_runs(out, order)
     if not runs:
         raise ConfigError(f"--out {out}: no evaluated run under {out}/runs to report on")
     boot = settings.get("eval") or {}  # an experiment config's eval settings set the paired intervals too
     try:
-        results = aggregate(out / "base_eval", runs, medmcqa_mode=settings.get("medmcqa_mode", "answer"),
+        results = aggregate(bases, runs, medmcqa_mode=settings.get("medmcqa_mode", "answer"),
                             n_boot=boot.get("n_boot", n_boot), seed=boot.get("boot_seed", 0))
     except (OSError, ValueError, KeyError) as err:  # a damaged or hand-edited evaluation
         raise ConfigError(f"--out {out}: cannot aggregate the evaluations: {err}. To evaluate a damaged run "
@@ -141,22 +154,25 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
 
 def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] | None = None,
                    seeds: Sequence[int] | None = None, quick: bool = False, config: str | None = None,
-                   world_seed: int | None = None, sweep: bool = False, ablation: bool = False) -> dict:
+                   world_seed: int | None = None, sweep: bool = False, ablation: bool = False,
+                   bases: str | None = None) -> dict:
     """`variants` / `seeds` default to the setup's (all variants; the config's seeds, or 0, 1, 2); a
     swept method's name stands for all its points. `world_seed` picks the synthetic world (default
     0); `sweep` runs the world's default sweep (WORLD_SWEEP; a config has its own `sweep:`); `ablation`
-    adds smf-paper and its corrections (ABLATION_VARIANTS)."""
+    adds smf-paper and its corrections (ABLATION_VARIANTS); `bases`: a base model per seed
+    ("per-seed", the world's default) or one for all ("shared")."""
     out = Path(out)
     if config:
         for flag, value in (("--quick", quick or None), ("--world-seed", world_seed), ("--sweep", sweep or None),
-                            ("--ablation", ablation or None)):
+                            ("--ablation", ablation or None), ("--bases", bases)):
             if value is not None:
                 raise ConfigError(f"{flag}: applies to the embedded synthetic world only, not with --config "
                                   f"(set train.steps or seeds in the experiment config)")
         exp = load_experiment_config(config)
         setup, seeds = ConfigSetup(exp, out), list(seeds or exp.seeds)
     else:
-        setup, seeds = WorldSetup(out, quick, world_seed or 0, sweep, ablation), list(seeds or (0, 1, 2))
+        setup = WorldSetup(out, quick, world_seed or 0, sweep, ablation, bases or "per-seed")
+        seeds = list(seeds or (0, 1, 2))
     asked = [v.strip() for v in (variants or setup.variants) if v.strip()]
     variants = [v for v in setup.variants if v in asked or method_of(v) in asked]
     unknown = [v for v in asked if v not in setup.variants and v not in map(method_of, setup.variants)]
@@ -177,8 +193,10 @@ def _run_grid(out: Path, setup, variants: list[str], seeds: list[int]) -> dict:
     # and say which of the runs asked for (now and by earlier calls) it lacks.
     planned = list(dict.fromkeys([*_planned_runs(out), *(f"{v}/seed{s}" for v in variants for s in seeds)]))
     _write_json(out / REPORT_SETTINGS, {"settings": setup.settings(), "order": list(setup.variants), "planned": planned})
-    if not (out / "base_eval" / SUMMARY).is_file():
-        setup.evaluate(None, out / "base_eval", {"model": "base"})
+    bases = base_eval_dirs(out, setup.per_seed_bases, seeds)
+    for seed, eval_dir in (bases.items() if isinstance(bases, dict) else [(None, bases)]):
+        if not (eval_dir / SUMMARY).is_file():
+            setup.evaluate(None, eval_dir, {"model": "base", **({} if seed is None else {"seed": seed})}, seed=seed)
     for variant in variants:
         for seed in seeds:
             run_one(setup, out, variant, seed)

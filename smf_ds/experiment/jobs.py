@@ -94,17 +94,18 @@ def _read_texts(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def pretrain_base(world: dict[str, Path], out: Path, steps: int) -> Path:
-    """Tokenizer + tiny Qwen2 that has learned the world's general text; saved to `out` (kept if there)."""
+def pretrain_base(world: dict[str, Path], out: Path, steps: int, seed: int = 0) -> Path:
+    """Tokenizer + tiny Qwen2 that has learned the world's general text; saved to `out` (kept if there).
+    The seed sets the model's initialisation and the order of its pretraining data."""
     if (out / "config.json").is_file():
         return out
     general = _read_texts(world["general"])
     docs, _ = load_wikitext(str(world["wikitext_seen"]))  # never the held-out articles the probe reads
     articles = join_docs(docs)
     tokenizer = build_tiny_tokenizer(general + [articles], vocab_size=768, single_tokens=OPTION_LETTERS)
-    model = build_tiny_model(tokenizer, hidden=64, layers=4, heads=4, kv_heads=2, init_std=0.02)
+    model = build_tiny_model(tokenizer, hidden=64, layers=4, heads=4, kv_heads=2, init_std=0.02, seed=seed)
     cfg = load_config(overrides=[
-        "train.method=full", f"train.steps={steps}", "train.micro_batch_size=16", "train.lr=0.003",
+        "train.method=full", f"train.steps={steps}", f"train.seed={seed}", "train.micro_batch_size=16", "train.lr=0.003",
         f"train.max_length={PRETRAIN_LENGTH}", f"out_dir={out}/pretrain_run"])
     examples = [tokenize_text(tokenizer, t + tokenizer.eos_token, PRETRAIN_LENGTH) for t in general]
     # The seen articles as a WikiText probe reads them (one text, lines joined), in overlapping

@@ -27,6 +27,8 @@ def _signed(x: float) -> str:
 def _delta_cell(delta: dict) -> str:
     lo, hi = delta["ci95"]
     mark = "" if lo <= 0 <= hi else " *"
+    if not delta.get("same_sign_on_every_base", True):
+        mark += " ~"
     return f"{_signed(delta['value'])} [{_signed(lo)}, {_signed(hi)}]{mark}"
 
 
@@ -129,7 +131,8 @@ def _ablation_cell(entry: dict) -> str:
     interval = entry["ci95"]
     if not interval:
         return _signed(entry["value"])
-    return f"{_signed(entry['value'])} [{_signed(interval[0])}, {_signed(interval[1])}]" + (" *" if entry["beyond"] else "")
+    mark = (" *" if entry["beyond"] else "") + ("" if entry.get("same_sign_on_every_base", True) else " ~")
+    return f"{_signed(entry['value'])} [{_signed(interval[0])}, {_signed(interval[1])}]{mark}"
 
 
 def ablation_table(results: dict) -> list[str]:
@@ -144,14 +147,22 @@ def ablation_table(results: dict) -> list[str]:
              f"`{found['reference']}` trains as the paper's code does (docs/paper.md); each row corrects one of its "
              "differences and nothing else. Δ is the mean over seeds of (correction - "
              f"{found['reference']}) on the same examples, with a paired bootstrap interval; * marks an interval "
-             "that excludes 0. Task gain is Δ MedMCQA; forgetting is a fall of TriviaQA accuracy or a rise of "
-             "WikiText perplexity.", "",
+             "that excludes 0; ~ one whose sign is not the same on every base (a base per seed). Task gain is "
+             "Δ MedMCQA; forgetting is a fall of TriviaQA accuracy or a rise of WikiText perplexity.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in found["rows"]:
         beyond = [("task gain" if t == "medmcqa" else f"forgetting ({TASK_LABELS[t]})") for t in tasks if row[t]["beyond"]]
         lines.append("| " + " | ".join([row["variant"], row["corrects"], *(_ablation_cell(row[t]) for t in tasks),
                                         ", ".join(beyond) or "none"]) + " |")
     return [*lines, ""]
+
+
+SHARED_BASE_NOTE = ("Δ is the mean over seeds of (variant - base) on the same examples; the interval is a "
+                    "paired bootstrap over examples (WikiText: windows);")
+PER_SEED_BASES_NOTE = ("Every seed finetunes its own base model (pretrained with that seed); the base row is their "
+                       "mean. Δ is the mean over seeds of (variant - its seed's base) on the same examples; the "
+                       "interval resamples the bases (with their runs) and the examples (WikiText: windows), "
+                       "paired; ~ marks a change whose sign is not the same on every base;")
 
 
 CONTROLS_NOTE = [
@@ -186,16 +197,17 @@ def write_report(results: dict, out_dir: Path) -> Path:
         + f"; {settings.get('steps', '?')} finetuning steps each; data: {settings.get('data', '?')}.", "",
         results_table(results), "",
         f"MedMCQA accuracy is under the `{results['medmcqa_mode']}` mode; TriviaQA accuracy is alias-contains. "
-        "Δ is the mean over seeds of (variant - base) on the same examples; the interval is a paired "
-        f"bootstrap over examples (WikiText: windows), {results['n_boot']} resamples; * marks an "
-        "interval that excludes 0. Lower perplexity is better; a rise is forgetting.", "",
+        + (PER_SEED_BASES_NOTE if results.get("bases") == "per seed" else SHARED_BASE_NOTE)
+        + f" {results['n_boot']} resamples; * marks an interval that excludes 0. Lower perplexity is better; a "
+        "rise is forgetting.", "",
         *(MEMORISED_NOTE if "wikitext_memorised" in results["base"] else []),
         *(CONTROLS_NOTE if any(name.startswith("smf-dense") for name in results["variants"]) else []),
         *_missing_note(results.get("not_in_report", {})),
         f"![task gain against forgetting]({plot.name})", "",
         *matched_tables(results),
         *ablation_table(results),
-        "Per-example predictions of every run: `runs/<variant>/seed<k>/eval/`; the base model's: `base_eval/`.",
+        "Per-example predictions of every run: `runs/<variant>/seed<k>/eval/`; the base model's: `base_eval/`"
+        + (" (seed k's base: `base_eval/seed<k>/`)." if results.get("bases") == "per seed" else "."),
     ]
     path = out_dir / "report.md"
     path.write_text("\n".join(text) + "\n")

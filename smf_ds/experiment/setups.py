@@ -64,28 +64,41 @@ class ExperimentConfig:
             raise ConfigError(f"seeds: expected distinct integers, got {self.seeds}")
 
 
+BASES = ("per-seed", "shared")
+
+
 class WorldSetup:
-    """The embedded synthetic world: smf_ds.experiment.jobs."""
+    """The embedded synthetic world: smf_ds.experiment.jobs. With bases="per-seed" (the default),
+    seed k finetunes a base pretrained with seed k (<out>/base/seed<k>/), so that the seeds vary
+    the base model as well as the finetuning; "shared": one base (<out>/base/) for every seed."""
 
     def __init__(self, out: Path, quick: bool = False, world_seed: int = 0, sweep: bool = False,
-                 ablation: bool = False) -> None:
+                 ablation: bool = False, bases: str = "per-seed") -> None:
+        if bases not in BASES:
+            raise ConfigError(f"--bases: expected one of {list(BASES)}, got {bases!r}")
         self.out, self.mode, self.world_seed = out, "quick" if quick else "full", world_seed
         paper = ablation_variants(SMF_MEMORY, TASK_STEPS[self.mode]) if ablation else {}
         self.variants = expand_sweep({**VARIANTS, **paper}, WORLD_SWEEP if sweep else {})
-        self.world = self.base = None
+        self.per_seed_bases = bases == "per-seed"
+        self.world = None
 
     def prepare(self) -> None:
         from ..data.synthetic_world import WorldSpec
 
         self.world = prepare_world(self.out / "world", WorldSpec(seed=self.world_seed))
-        self.base = pretrain_base(self.world, self.out / "base", BASE_STEPS[self.mode])
+
+    def base(self, seed: int | None) -> Path:
+        """The base model that seed finetunes (pretrained on first use, kept after)."""
+        if not self.per_seed_bases:
+            return pretrain_base(self.world, self.out / "base", BASE_STEPS[self.mode])
+        return pretrain_base(self.world, self.out / "base" / f"seed{seed}", BASE_STEPS[self.mode], seed=seed)
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:
-        return Path(finetune(self.world, self.base, self.variants[variant], run_dir, TASK_STEPS[self.mode],
+        return Path(finetune(self.world, self.base(seed), self.variants[variant], run_dir, TASK_STEPS[self.mode],
                              seed)["artifact"])
 
-    def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
-        return evaluate(self.world, self.base, artifact, eval_dir, meta)
+    def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict, seed: int | None = None) -> dict:
+        return evaluate(self.world, self.base(seed), artifact, eval_dir, meta)
 
     def fingerprint(self) -> dict:
         """What the runs in the output directory depend on (smf_ds.experiment.outdir)."""
@@ -94,11 +107,13 @@ class WorldSetup:
     def settings(self) -> dict:
         return {"steps": TASK_STEPS[self.mode], "base_steps": BASE_STEPS[self.mode],
                 "data": f"embedded synthetic world (seed {self.world_seed})", "world_seed": self.world_seed,
-                "medmcqa_mode": MEDMCQA_MODES[0]}
+                "bases": "per seed" if self.per_seed_bases else "shared", "medmcqa_mode": MEDMCQA_MODES[0]}
 
 
 class ConfigSetup:
     """A user's model and data: every variant is `smf-ds train` of the run config plus its overrides."""
+
+    per_seed_bases = False  # the user's model is the one base of every seed
 
     def __init__(self, exp: ExperimentConfig, out: Path) -> None:
         self.exp, self.out = exp, out
@@ -147,7 +162,7 @@ class ConfigSetup:
                                         adapter)
         return Path(summary["artifact"])
 
-    def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict) -> dict:
+    def evaluate(self, artifact: Path | None, eval_dir: Path, meta: dict, seed: int | None = None) -> dict:
         model, tokenizer = load_for_eval(self.base, artifact, f"run: {self.exp.run}: model.name_or_path={self.base!r}")
         return run_tasks(model, tokenizer, TASKS, self.exp.eval, eval_dir, echo=None, overwrite=True,
                          meta={**meta, "artifact": str(artifact or self.base)})

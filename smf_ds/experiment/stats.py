@@ -8,6 +8,14 @@ same examples); the interval resamples examples (windows) once for base and ever
 so it is paired: the base's own difficulty of each example cancels. Seeds are averaged, not
 resampled: with the 2-5 seeds of a grid, their spread is reported as a standard deviation.
 
+With a base per seed (the world's default: seed k finetunes a base pretrained with seed k), each
+run is compared with its own base, and the interval resamples the bases as well as the examples:
+every replicate draws S of the S bases (with their runs) and one resample of the examples, the
+same for every variant. Examples are crossed with bases (every base is evaluated on the same
+examples), so one draw of each factor per replicate carries both sources of variance (Owen's
+bootstrap for crossed random effects; it errs wide, not narrow). Each change also records its
+value on every base and whether it has the same sign on all of them.
+
   medmcqa   per example: correct under the headline mode (`correct_<mode>`); metric: accuracy
   triviaqa  per example: `contains` (the paper's alias-contains); metric: accuracy
   wikitext  per window: NLL sum and scored tokens; metric: exp(sum NLL / sum tokens)
@@ -22,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eval.bootstrap import bootstrap_statistic
+from ..eval.bootstrap import bootstrap_statistic, percentile_interval, resample_indices
 from ..eval.runner import TASKS
 from .ablation import ablation
 from .frontier import tradeoffs
@@ -72,26 +80,71 @@ def paired_delta(base_N: np.ndarray, runs_SN: np.ndarray, tokens_N: np.ndarray |
     return bootstrap_statistic(statistic, base_N.shape[0], n_boot, seed, keep_samples=keep_samples)
 
 
+def paired_delta_per_base(bases_SN: np.ndarray, runs_SN: np.ndarray, tokens_N: np.ndarray | None,
+                          n_boot: int = 1000, seed: int = 0, keep_samples: bool = False) -> dict:
+    """Mean over runs of (run s's metric - its base s's metric), with an interval that resamples the
+    bases (with their runs) and the examples, each once per replicate and alike for every variant;
+    also the change on each base and whether its sign is the same on all."""
+    n, n_bases = bases_SN.shape[1], bases_SN.shape[0]
+    if n == 0:
+        return {"value": None, "ci95": [None, None], "n": 0}
+    every = np.arange(n)[None]
+    per_base = (metric_of(runs_SN, tokens_N, every) - metric_of(bases_SN, tokens_N, every))[:, 0]
+    deltas_MS = np.concatenate([(metric_of(runs_SN, tokens_N, idx) - metric_of(bases_SN, tokens_N, idx)).T
+                                for idx in resample_indices(n, n_boot, seed)])
+    drawn_MS = np.random.default_rng([seed, n_bases]).integers(0, n_bases, size=(n_boot, n_bases))
+    samples = np.take_along_axis(deltas_MS, drawn_MS, axis=1).mean(axis=1)
+    return {"value": float(per_base.mean()), "ci95": percentile_interval(samples), "n": int(n),
+            "per_base": [float(v) for v in per_base], "same_sign_on_every_base": len(set(np.sign(per_base))) == 1,
+            **({"samples": samples} if keep_samples else {})}
+
+
 # Extra columns: a task evaluated into a subdirectory of every eval dir, read when the base's eval
 # dir has it (the world's memorised windows: smf_ds.experiment.jobs.MEMORISED_DIR).
 EXTRA_COLUMNS = {"wikitext_memorised": ("memorised", "wikitext")}
 
 
-def aggregate(base_dir: Path, runs: dict[str, dict[int, Path]], medmcqa_mode: str = "answer", n_boot: int = 1000,
-              seed: int = 0) -> dict:
-    """runs: variant -> {seed: eval dir}. The summary written to results.json, with each probe's
-    frontiers and matched tables (smf_ds.experiment.frontier)."""
-    base, out = {}, {"base": {}, "variants": {}, "medmcqa_mode": medmcqa_mode, "n_boot": n_boot}
+def _read_bases(base_dirs: dict[int, Path], sub: str, task: str, medmcqa_mode: str):
+    """(keys, {seed: values}, tokens) of every seed's base, which must share their examples."""
+    read = {s: per_example(Path(d) / sub, task, medmcqa_mode) for s, d in sorted(base_dirs.items())}
+    keys, _, tokens = next(iter(read.values()))
+    for s, (other_keys, _, _) in read.items():
+        if other_keys != keys:
+            raise ValueError(f"{Path(base_dirs[s]) / sub / f'{task}.predictions.jsonl'}: its examples differ from "
+                             f"those of the other bases; compare evaluations of the same data")
+    return keys, {s: v for s, (_, v, _) in read.items()}, tokens
+
+
+def aggregate(base_dir: Path | dict[int, Path], runs: dict[str, dict[int, Path]], medmcqa_mode: str = "answer",
+              n_boot: int = 1000, seed: int = 0) -> dict:
+    """runs: variant -> {seed: eval dir}; base_dir: the base model's eval dir, or {seed: eval dir} of
+    each seed's own base. The summary written to results.json, with each probe's frontiers and
+    matched tables (smf_ds.experiment.frontier)."""
+    per_seed_bases = isinstance(base_dir, dict)
+    base_dirs = base_dir if per_seed_bases else {}
+    any_base = Path(next(iter(base_dirs.values()))) if per_seed_bases else Path(base_dir)
+    out = {"base": {}, "variants": {}, "medmcqa_mode": medmcqa_mode, "n_boot": n_boot,
+           "bases": "per seed" if per_seed_bases else "shared"}
+    base: dict[str, tuple] = {}  # column -> (keys, values or {seed: values}, tokens)
     samples: dict[str, dict[str, np.ndarray]] = {}
     columns = {task: ("", task) for task in TASKS}  # column -> (subdirectory, task)
     columns.update({c: (sub, task) for c, (sub, task) in EXTRA_COLUMNS.items()
-                    if (Path(base_dir) / sub / f"{task}.predictions.jsonl").is_file()})
+                    if (any_base / sub / f"{task}.predictions.jsonl").is_file()})
     for column, (sub, task) in columns.items():
-        keys, values, tokens = per_example(Path(base_dir) / sub, task, medmcqa_mode)
+        if per_seed_bases:
+            keys, values, tokens = _read_bases(base_dirs, sub, task, medmcqa_mode)
+            metrics = {str(s): float(metric_of(v[None], tokens, np.arange(len(v))[None])[0, 0]) for s, v in values.items()}
+            out["base"][column] = float(np.mean(list(metrics.values())))
+            out.setdefault("base_per_seed", {})[column] = metrics
+        else:
+            keys, values, tokens = per_example(Path(base_dir) / sub, task, medmcqa_mode)
+            out["base"][column] = float(metric_of(values[None], tokens, np.arange(len(values))[None])[0, 0])
         base[column] = (keys, values, tokens)
-        out["base"][column] = float(metric_of(values[None], tokens, np.arange(len(values))[None])[0, 0])
     for variant, by_seed in runs.items():
         seeds = sorted(by_seed)
+        missing = [s for s in seeds if per_seed_bases and s not in base_dirs]
+        if missing:
+            raise ValueError(f"{variant}: seeds {missing} have runs but no evaluation of their own base")
         row = {"seeds": seeds}
         for column, (sub, task) in columns.items():
             keys, base_values, tokens = base[column]
@@ -100,11 +153,16 @@ def aggregate(base_dir: Path, runs: dict[str, dict[int, Path]], medmcqa_mode: st
                 run_keys, values, _ = per_example(Path(by_seed[s]) / sub, task, medmcqa_mode)
                 if run_keys != keys:
                     raise ValueError(f"{Path(by_seed[s]) / sub / f'{task}.predictions.jsonl'}: its examples differ "
-                                     f"from the base model's ({Path(base_dir) / sub}); compare evaluations of the same data")
+                                     f"from the base model's ({Path(base_dirs.get(s, base_dir)) / sub}); compare "
+                                     f"evaluations of the same data")
                 per_seed.append(values)
             runs_SN = np.stack(per_seed)
             values_S = metric_of(runs_SN, tokens, np.arange(len(keys))[None])[:, 0]
-            delta = paired_delta(base_values, runs_SN, tokens, n_boot, seed, keep_samples=True)
+            if per_seed_bases:
+                delta = paired_delta_per_base(np.stack([base_values[s] for s in seeds]), runs_SN, tokens, n_boot,
+                                              seed, keep_samples=True)
+            else:
+                delta = paired_delta(base_values, runs_SN, tokens, n_boot, seed, keep_samples=True)
             samples.setdefault(variant, {})[column] = delta.pop("samples", None)  # none for a task with no examples
             row[column] = {"per_seed": [float(v) for v in values_S], "mean": float(values_S.mean()),
                            "sd": float(values_S.std(ddof=1)) if len(seeds) > 1 else 0.0, "delta": delta}
