@@ -1,4 +1,4 @@
-"""smf-ds: retrofit | background | train | eval | export | demo | experiment | report."""
+"""smf-ds: retrofit | background | train | eval | export | demo | experiment | continual | report."""
 from __future__ import annotations
 
 import argparse
@@ -101,6 +101,16 @@ def _cmd_experiment(args) -> dict:
     return _written_to(*(Path(args.out) / name for name in ("results.json", "report.md", "tradeoff.png")))
 
 
+def _cmd_continual(args) -> dict:
+    from .config import ClusterConfig
+    from .experiment.continual import run_continual
+
+    stop.listen(ClusterConfig().stop_signals)
+    run_continual(args.out, args.tasks, args.methods.split(",") if args.methods else None, args.seeds,
+                  quick=args.quick, world_seed=args.world_seed)
+    return _written_to(*(Path(args.out) / name for name in ("continual.json", "continual.md", "continual.png")))
+
+
 def _cmd_report(args) -> dict:
     from .experiment.grid import build_report
     from .experiment.report import results_table
@@ -185,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synthetic world: seed k finetunes a base pretrained with seed k (per-seed, the default: "
                         "intervals and signs then cover the base model's variance) or all seeds one base (shared)")
     p.set_defaults(func=_cmd_experiment)
+
+    from .experiment.continual import VARIANTS_DEFAULT
+
+    p = sub.add_parser("continual", help="synthetic world: K tasks learned one after another by each method; "
+                                         "forgetting curves")
+    p.add_argument("--out", default="runs/continual", metavar="DIR",
+                   help="output directory: runs/<variant>/seed<k>/stage<j>/ (with eval/), continual.json, "
+                        "continual.md, continual.png (default: %(default)s)")
+    p.add_argument("--tasks", type=int, default=4, help="how many tasks the world's diseases are dealt into "
+                                                        "(default: %(default)s)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated variants of `experiment` (default: {','.join(VARIANTS_DEFAULT)})")
+    p.add_argument("--seeds", type=_int_list, default=None, help="comma-separated (default: 0,1,2)")
+    p.add_argument("--quick", action="store_true", help="fewer steps (smoke run)")
+    p.add_argument("--world-seed", type=int, default=0, help="which synthetic world (default 0)")
+    p.set_defaults(func=_cmd_continual)
 
     p = sub.add_parser("report", help="rebuild an experiment's results.json, report.md and plot")
     p.add_argument("--out", default="runs/experiment", help="the experiment's directory (default: runs/experiment)")

@@ -13,6 +13,13 @@ from ..config import RULES_NEEDING_BACKGROUND, ConfigError, SMFConfig
 
 
 @dataclass(frozen=True)
+class Start:
+    """What a run starts from: a model (hub id or directory) and, for SMF, a memory adapter on it."""
+    model: str
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     name: str
     artifact: str  # what a run leaves in its out_dir
@@ -25,6 +32,11 @@ class Method:
     def trainable(self, model: nn.Module, cfg: SMFConfig) -> tuple[nn.Module, list[nn.Parameter]]:
         """The (possibly wrapped) model and its dense trainable parameters."""
         raise NotImplementedError
+
+    def continued(self, start: Start, artifact: Path, workdir: Path) -> Start:
+        """Where a run that goes on from this run's result starts (continual learning): here, the
+        model directory the run saved."""
+        return Start(str(artifact))
 
     def save_artifact(self, model: nn.Module, tokenizer, target: Path) -> None:
         """Every rank calls it (gathers are collectives); rank 0 writes."""
@@ -51,6 +63,9 @@ class SMF(Method):
         # sharded tables; rank 0 writes.
         save_memory_adapter(model, target, process_collective())
 
+    def continued(self, start, artifact, workdir):
+        return Start(start.model, str(artifact))  # the same backbone; the memory as this run left it
+
 
 class LoRA(Method):
     def trainable(self, model, cfg):
@@ -64,6 +79,23 @@ class LoRA(Method):
         except ValueError as err:  # peft: no module matches the targets
             raise ConfigError(f"train.lora_targets={list(t.lora_targets)}: {err}") from None
         return model, [p for p in model.parameters() if p.requires_grad]
+
+    def continued(self, start, artifact, workdir):
+        """The adapter merged into its model, saved to workdir: the next run adds a new adapter."""
+        from peft import PeftModel
+
+        from ..models import load_model_and_tokenizer
+        from ..parallel.process_group import barrier, get_rank
+
+        if get_rank() == 0 and not workdir.is_dir():
+            model, tokenizer = load_model_and_tokenizer(start.model)
+            merged = PeftModel.from_pretrained(model, str(artifact)).merge_and_unload()
+            partial = workdir.with_name(workdir.name + ".partial")  # renamed whole: a cut-off save is redone
+            merged.save_pretrained(str(partial))
+            tokenizer.save_pretrained(str(partial))
+            partial.rename(workdir)
+        barrier()
+        return Start(str(workdir))
 
 
 class Full(Method):
