@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo experiment test test-fast test-deps bench clean install-mpi
+.PHONY: install demo experiment continual test test-fast test-deps bench clean install-mpi
 
 install: $(STAMP)
 
@@ -48,6 +48,11 @@ demo: $(STAMP)
 # intervals, frontiers, matched-gain and ablation tables, a plot, a report.
 experiment: $(STAMP)
 	$(PY) -m smf_ds.cli experiment --sweep --ablation --out runs/experiment
+
+# Lin et al.'s continual setting: the world's task dealt into 4 tasks, learned one after another by
+# smf-tfidf, LoRA and full finetuning (3 seeds); forgetting curves after every task.
+continual: $(STAMP)
+	$(PY) -m smf_ds.cli continual --out runs/continual
 
 # Everything (the README's and CI's command), with what the launcher and cluster tests need
 # installed first (root Debian machines); a skipped test fails it. The 15 slowest are listed.
