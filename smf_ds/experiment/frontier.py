@@ -84,9 +84,9 @@ def tradeoffs(variants: dict[str, dict], samples: dict[str, dict[str, np.ndarray
         gain_B = np.stack([samples[v][TASK] for v in names], axis=1)  # (resamples, variants)
         forgetting_B = sign * np.stack([samples[v][probe] for v in names], axis=1)
         fronts: dict[str, list[int]] = {}
-        for method in dict.fromkeys(map(method_of, names)):
-            members = [i for i, v in enumerate(names) if method_of(v) == method]
-            fronts[method] = [members[k] for k in pareto_front(gain[members], forgetting[members])]
+        for method_name in dict.fromkeys(map(method_of, names)):
+            members = [i for i, v in enumerate(names) if method_of(v) == method_name]
+            fronts[method_name] = [members[k] for k in pareto_front(gain[members], forgetting[members])]
         out[probe] = {
             "frontiers": {m: [names[i] for i in front] for m, front in fronts.items()},
             "matched_gain": _matched(fronts, gain, forgetting, gain_B, forgetting_B),
@@ -100,13 +100,13 @@ def _matched(fronts: dict[str, list[int]], x: np.ndarray, y: np.ndarray, x_B: np
     rows = []
     for level in matched_levels(spans):
         row = {"level": level, "methods": {}}
-        for method in spans:
-            front = fronts[method]
+        for method_name in spans:
+            front = fronts[method_name]
             value = interpolate(x[front], y[front], level)
             if value is None:
                 continue
             resampled = [v for b in range(len(x_B)) if (v := interpolate(x_B[b, front], y_B[b, front], level)) is not None]
-            row["methods"][method] = {"value": value, "ci95": percentile_interval(np.array(resampled)) if resampled else None,
+            row["methods"][method_name] = {"value": value, "ci95": percentile_interval(np.array(resampled)) if resampled else None,
                                       "reached": len(resampled) / max(len(x_B), 1)}
         rows.append(row)
     return rows

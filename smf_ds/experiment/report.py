@@ -65,13 +65,13 @@ def plot_tradeoff(results: dict, path: Path) -> Path:
     for ax, probe in zip(axes, ("triviaqa", "wikitext")):
         labelled = set()
         for name, row in variants.items():
-            method = method_of(name)
+            method_name = method_of(name)
             dx, dy = row[probe]["delta"], row["medmcqa"]["delta"]
             xerr = [[dx["value"] - dx["ci95"][0]], [dx["ci95"][1] - dx["value"]]]
             yerr = [[dy["value"] - dy["ci95"][0]], [dy["ci95"][1] - dy["value"]]]
-            ax.errorbar(dx["value"], dy["value"], xerr=xerr, yerr=yerr, fmt="o", capsize=3, color=colours[method],
-                        label=None if method in labelled else method)
-            labelled.add(method)
+            ax.errorbar(dx["value"], dy["value"], xerr=xerr, yerr=yerr, fmt="o", capsize=3, color=colours[method_name],
+                        label=None if method_name in labelled else method_name)
+            labelled.add(method_name)
         for method, front in results.get("tradeoffs", {}).get(probe, {}).get("frontiers", {}).items():
             if len(front) > 1:  # a method's frontier through its sweep's points
                 ax.plot([variants[v][probe]["delta"]["value"] for v in front],

@@ -12,7 +12,7 @@ An experiment config (YAML; unknown keys are errors that name them):
     smf-kl: [train.method=smf, sparse.scoring=kl]
     lora: [train.method=lora, train.lr=2.0e-4]
   sweep:                      # optional: each combination a variant <name>@<key>=<value>,... (a
-    lora: {train.lr: [1.0e-4, 3.0e-4]}    # frontier per method in the report; smf_ds.experiment.sweep)
+    lora: {train.lr: [1.0e-4, 3.0e-4]}    # frontier for each method, in the report; smf_ds.experiment.sweep)
   retrofit: true              # SMF variants start from `smf-ds retrofit` of their seed's memory
   eval: {medmcqa_split: validation, limit: {triviaqa: 2000}}   # smf-ds eval's settings; n_boot and
                               # boot_seed also set the report's paired intervals (default 1000, 0)
