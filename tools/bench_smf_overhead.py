@@ -597,8 +597,8 @@ def main(argv=None) -> int:
     singles = [g for g in groups if g[1] == 1 and pair]
     waves = [singles[i:i + 2] for i in range(0, len(singles), 2)] + waves
     for wave in waves:
-        need = sum(estimate_bytes(a, m, k, procs) if len(group) == 1 else
-                   max(estimate_bytes(a, m, k, procs) for m, k in group) for group, procs in wave)
+        # A group's runs follow one another in its processes: the largest of them counts.
+        need = sum(max(estimate_bytes(a, m, k, procs) for m, k in group) for group, procs in wave)
         free = mem_available()
         names = " | ".join(", ".join(f"{m}@{fmt_slots(k * k) if k else '-'}" for m, k in group) + f" x{procs}"
                            for group, procs in wave)
