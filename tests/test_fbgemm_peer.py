@@ -10,6 +10,9 @@ from smf_ds.config import SparseConfig  # noqa: E402
 from smf_ds.memory.values import LocalValueTable  # noqa: E402
 from smf_ds.sparse.step import SparseMemoryUpdater  # noqa: E402
 
+# FBGEMM's CPU build warns, on its own import, that its SSD optimizers (not used here) are missing.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:fbgemm_gpu.split_embedding_codegen_lookup_invokers")
+
 N, D, TOKENS, K, LR = 300, 16, 24, 12, 0.7
 
 
