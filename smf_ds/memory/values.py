@@ -114,6 +114,7 @@ class RowGradSink:
                     hits = hits[in_S.repeat_interleave(per_row)]
                     pos_R, per_row = pos_R[in_S], per_row[in_S]
                 pos = pos_R.repeat_interleave(per_row)
+                del rows_R, per_row, pos_R, in_S  # the step's peak is a few reads-sized tensors: not these too
             bags = hits // per_bag if bags_E is None else bags_E[hits]
             entries.append((pos, bags, weights_E.reshape(-1)[hits].to(dtype), grad_BD.to(dtype)))
             read.append(torch.unique_consecutive(pos))
