@@ -20,10 +20,13 @@ inputs), one optimizer step per micro-batch:
   full           every parameter (AdamW)
 
 Each step is split into: the backbone's forward and backward (the rest of each), the memory's
-forward (the product-key layers, read counting included) and backward (the autograd nodes the
-memory layers made, timed one by one with node hooks), selection (read coalescing, scores, top-t),
-the selected rows' gradients, the sparse update (norm, SGD, bookkeeping) and the dense optimizer.
-The timers are hooks and wrappers installed by this script; the library runs unchanged.
+forward (the product-key layers, with a sharded table's all-to-alls) and backward (the autograd
+nodes the memory layers made, timed one by one with node hooks), selection (read counting, scores,
+top-t), the update (the selected rows' gradients, in the JSON also alone as row_grads_s; SGD, norm,
+bookkeeping) and the dense optimizer. The timers are hooks and wrappers installed by this script;
+the library runs unchanged. A run reports its median step (of an even number, the slower middle
+one) and that step's parts. On a loaded machine, --side-by-side runs the one-process methods two at
+a time (one thread each), so that the two of a pair meet the same load.
 
 Table sizes past 16k run SMF alone (the other methods do not depend on the table): on the CPU
 row-sharded over 2 processes (`memory.sharding=row`, gloo, data-parallel, one thread each, the
@@ -39,7 +42,6 @@ import argparse
 import gc
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -382,8 +384,6 @@ def run_one(a, method: str, n_keys: int | None, device: str, group=None) -> dict
            "trainable_dense_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if profile is not None:
         out["profile_top_ops"] = profile
-    del model, optimizer, updater
-    gc.collect()
     return out
 
 
@@ -409,7 +409,10 @@ def worker(a) -> None:
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.procs)
         group = dist.group.WORLD
-    results = [run_one(a, method, n_keys, a.device, group) for method, n_keys in a.runs]
+    results = []
+    for method, n_keys in a.runs:
+        results.append(run_one(a, method, n_keys, a.device, group))
+        gc.collect()  # the last run's model and its hooks' cycles, before the next one is built
     if group is not None:
         import torch.distributed as dist
 
@@ -514,7 +517,8 @@ def fmt_row(run: dict, label: str) -> str:
 
 
 def fmt_slots(n: int) -> str:
-    return bench_common.fmt_n(n) if n >= 1024 else str(n)
+    """16k, 262k, 1M: the names --tables takes."""
+    return f"{n / 2**20:g}M" if n >= 2**20 else f"{round(n / 1000)}k" if n >= 1000 else str(n)
 
 
 def table_label(run: dict) -> str:
