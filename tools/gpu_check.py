@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 PARTS = ("env", "merged", "stop", "elastic", "bench", "smf")
-BUDGET = {"env": 60, "merged": 120, "stop": 120, "elastic": 120, "bench": 120, "smf": 150}  # seconds
+BUDGET = {"env": 60, "merged": 120, "stop": 120, "elastic": 120, "bench": 120, "smf": 150}  # seconds, each part's most
 
 
 def _env(device: str) -> dict:
