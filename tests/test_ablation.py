@@ -5,7 +5,7 @@ import pytest
 
 from smf_ds.config import flatten_dotted, load_config, to_dict
 from smf_ds.experiment.ablation import CORRECTIONS, PAPER, ablation, ablation_variants
-from smf_ds.experiment.jobs import ABLATION_VARIANTS, SMF_MEMORY, VARIANTS, variant_overrides
+from smf_ds.experiment.jobs import SMF_MEMORY, VARIANTS, variant_overrides
 from smf_ds.experiment.report import ablation_table
 
 
@@ -15,8 +15,17 @@ def _resolved(variant):
     return flatten_dotted(to_dict(load_config(overrides=variant_overrides(world, "base", variant, "run", 300))))
 
 
+def _world_variants(**kwargs):
+    from pathlib import Path
+
+    from smf_ds.experiment.setups import WorldSetup
+
+    return WorldSetup(Path("unused"), ablation=True, **kwargs).variants  # what the experiment runs
+
+
 def test_each_correction_changes_exactly_one_item_of_smf_paper():
-    paper = _resolved(ABLATION_VARIANTS[PAPER])
+    variants = _world_variants()
+    paper = _resolved(variants[PAPER])
     ours = _resolved(VARIANTS["smf-tfidf"])
     # smf-paper differs from our smf-tfidf in every training item it reproduces
     for key in ("sparse.select_every", "sparse.count_padding", "sparse.optimizer", "train.accum_reduction",
@@ -27,7 +36,7 @@ def test_each_correction_changes_exactly_one_item_of_smf_paper():
     assert (paper["train.micro_batch_size"], paper["train.grad_accum"]) == (4, 2)
     assert ours["train.micro_batch_size"] * ours["train.grad_accum"] == 8
     for name, (_, overrides) in CORRECTIONS.items():
-        fixed = _resolved(ABLATION_VARIANTS[name])
+        fixed = _resolved(variants[name])
         changed = {key for key in paper if paper[key] != fixed[key]}
         assert changed == {o.split("=", 1)[0] for o in overrides}, name
         # corrected to smf-ds's setting; the optimizer to smf-ds's lazy AdamW (its default is SGD, another lr)
@@ -43,7 +52,7 @@ def test_world_setup_adds_the_ablation_only_when_asked(tmp_path):
     assert {PAPER, *CORRECTIONS} <= set(with_ablation)
     assert set(VARIANTS) <= set(with_ablation)
     assert ablation_variants(SMF_MEMORY) == {k: with_ablation[k] for k in (PAPER, *CORRECTIONS)}
-    assert "train.warmup_steps=100" in ABLATION_VARIANTS[PAPER]  # the paper's, within the world's 300 steps
+    assert "train.warmup_steps=100" in with_ablation[PAPER]  # the paper's, within the world's 300 steps
     quick = WorldSetup(tmp_path, quick=True, ablation=True).variants
     assert quick[PAPER][-1] == "train.warmup_steps=3"  # --quick's 10 steps: a third of the run
 

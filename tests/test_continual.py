@@ -36,6 +36,16 @@ def test_the_task_is_dealt_by_disease_into_k_tasks(tmp_path):
         split_task(world, 1000, tmp_path / "too_many")
 
 
+def test_a_bad_number_of_tasks_is_refused_before_anything_runs(tmp_path):
+    from smf_ds.config import ConfigError
+    from smf_ds.experiment.continual import run_continual
+
+    for tasks in (1, 49):
+        with pytest.raises(ConfigError, match=f"--tasks: expected 2 to 48 tasks .* got {tasks}"):
+            run_continual(tmp_path / "c", tasks=tasks)
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_lora_stage_goes_on_from_its_adapter_merged_into_the_model(tmp_path, eval_world):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -90,6 +100,8 @@ def test_quick_continual_stream_of_four_tasks(tmp_path):
         assert ("base" if stage == 0 else f"stage{stage - 1}/continued") in cfg
         smf = json.loads((out / "runs" / "smf-tfidf" / "seed0" / f"stage{stage}" / "train_summary.json").read_text())
         assert smf["artifact"].endswith(f"stage{stage}/memory_adapter")
+        started = smf["started_from"]["memory_adapter"]  # the memory the stage before left, not a fresh one
+        assert (started is None) if stage == 0 else started.endswith(f"stage{stage - 1}/memory_adapter")
     report = (out / "continual.md").read_text()
     assert "| smf-tfidf | 4 |" in report and "| lora | 1 |" in report
     assert (out / "continual.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -59,8 +59,10 @@ def test_per_base_interval_carries_the_spread_between_bases():
     runs = bases + np.array([[0.0], [1.0], [2.0]])
     got = paired_delta_per_base(bases, runs, None, n_boot=400, seed=3)
     assert got["value"] == pytest.approx(1.0) and got["per_base"] == pytest.approx([0.0, 1.0, 2.0])
-    lo, hi = got["ci95"]
-    assert 0.0 <= lo <= 1 / 3 + 1e-9 and 5 / 3 - 1e-9 <= hi <= 2.0
+    # 3 of 3 bases drawn: their deviations widened by sqrt(3/2) first (else the spread shrinks by 2/3);
+    # all three draws the lowest base (or the highest) in 1 of 27 replicates, more than 2.5%
+    widened = np.sqrt(3 / 2)
+    assert got["ci95"] == pytest.approx([1 - widened, 1 + widened])
     assert not got["same_sign_on_every_base"]  # 0 on base 0, + on the others
     shifted = paired_delta_per_base(bases, bases + 0.5, None, n_boot=100)
     assert shifted["same_sign_on_every_base"] and shifted["ci95"] == pytest.approx([0.5, 0.5])
@@ -130,6 +132,26 @@ def test_aggregate_pairs_each_seed_with_its_own_base_and_marks_sign_changes(tmp_
     assert row.count(" ~") == 3
     with pytest.raises(ValueError, match=r"seeds \[2\] have runs but no evaluation of their own base"):
         aggregate(bases, {"lora": {0: s0, 2: s1}}, n_boot=10)
+
+    # a variant with other seeds than the rest is left out of the comparisons between variants
+    mixed = aggregate(bases, {"lora": {0: s0, 1: s1}, "full": {0: s1, 1: s0}, "smf-tfidf": {0: s0}}, n_boot=10)
+    assert mixed["not_compared"] == {"seeds": [0, 1], "variants": {"smf-tfidf": [0]}}
+    assert "smf-tfidf" not in mixed["tradeoffs"]["wikitext"]["frontiers"]
+    assert set(mixed["tradeoffs"]["wikitext"]["frontiers"]) == {"lora", "full"}
+    from smf_ds.experiment.report import _not_compared_note
+
+    assert "smf-tfidf (seeds 0)" in _not_compared_note(mixed)[0]
+
+
+def test_the_ablation_is_refused_under_a_launcher_before_any_run(tmp_path, monkeypatch):
+    from smf_ds.config import ConfigError
+    from smf_ds.experiment import grid
+
+    monkeypatch.setattr(grid, "init_process_group", lambda: None)
+    monkeypatch.setattr(grid, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"--ablation: .* \(got 2 processes\)"):
+        grid.run_experiment(tmp_path / "exp", quick=True, ablation=True)
+    assert not (tmp_path / "exp").exists()
 
 
 def test_report_prints_no_sd_for_a_single_seed(tmp_path):
@@ -321,7 +343,7 @@ def _grid_killed_in_its_second_run(rank, world_size, out):
 
     grid.run_one = run_one
     try:
-        grid.run_experiment(out, variants=["lora"], seeds=[0, 1], quick=True)
+        grid.run_experiment(out, variants=["lora"], seeds=[0, 1], quick=True, bases="shared")
     except KeyboardInterrupt:
         pass
     return len(calls)

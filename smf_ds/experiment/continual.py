@@ -63,7 +63,7 @@ def split_task(world: dict[str, Path], k: int, out: Path) -> list[dict[str, Path
 class Stream:
     def __init__(self, out: Path, k: int, quick: bool, world_seed: int) -> None:
         self.out, self.k, self.mode, self.world_seed = out, k, "quick" if quick else "full", world_seed
-        self.steps = max(TASK_STEPS[self.mode] // 2, 1)  # a task is a quarter of the whole; half its steps
+        self.steps = max(TASK_STEPS[self.mode] // 2, 1)  # per task, whatever K: half the whole task's steps
         self.world = self.base = self.tasks = None
 
     def settings(self) -> dict:
@@ -130,8 +130,11 @@ def run_continual(out: str | Path = "runs/continual", tasks: int = 4, variants: 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise ConfigError(f"--methods: expected a comma-separated list of {list(VARIANTS)}, got {unknown or variants}")
-    if tasks < 2:
-        raise ConfigError(f"--tasks: expected at least 2 tasks to learn one after another, got {tasks}")
+    from ..data.synthetic_world import WorldSpec
+
+    if not 2 <= tasks <= WorldSpec().diseases:  # a task is at least one disease
+        raise ConfigError(f"--tasks: expected 2 to {WorldSpec().diseases} tasks (the world's diseases, dealt out), "
+                          f"got {tasks}")
     seeds = list(seeds or (0, 1, 2))
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds: expected distinct integers, got {seeds}")
@@ -202,8 +205,10 @@ def write_continual_report(results: dict, out: Path) -> Path:
     k = results["tasks"]
     lines = ["# Continual learning", "",
              f"{k} tasks learned one after another (each a {1}/{k} share of the world's diseases), each stage "
-             f"from the model the stage before left; seeds {results['seeds']}. Δ against the base model on the "
-             "same examples, mean over seeds, paired bootstrap 95% interval; * excludes 0.", "",
+             f"from the model the stage before left; seeds {results['seeds']}, all from one base model. Δ against "
+             "the base model on the same examples, mean over seeds; the 95% interval is a paired bootstrap over the "
+             "examples only (not over base models: one base; see `smf-ds experiment`'s base per seed); * "
+             "excludes 0.", "",
              "| variant | after task | Δ task 1 acc | Δ mean acc of tasks learned | Δ WikiText ppl | Δ TriviaQA acc |",
              "|---|---|---|---|---|---|"]
     for variant, stages in results["variants"].items():

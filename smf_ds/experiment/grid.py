@@ -27,7 +27,7 @@ from typing import Sequence
 
 from ..config import ConfigError
 from ..owner import owning
-from ..parallel.process_group import barrier, get_rank, init_process_group
+from ..parallel.process_group import barrier, get_rank, get_world_size, init_process_group
 from .frontier import method_of
 from .outdir import claim
 from .report import results_table, write_report
@@ -159,7 +159,7 @@ def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] 
     """`variants` / `seeds` default to the setup's (all variants; the config's seeds, or 0, 1, 2); a
     swept method's name stands for all its points. `world_seed` picks the synthetic world (default
     0); `sweep` runs the world's default sweep (WORLD_SWEEP; a config has its own `sweep:`); `ablation`
-    adds smf-paper and its corrections (ABLATION_VARIANTS); `bases`: a base model per seed
+    adds smf-paper and its corrections (smf_ds.experiment.ablation); `bases`: a base model per seed
     ("per-seed", the world's default) or one for all ("shared")."""
     out = Path(out)
     if config:
@@ -182,6 +182,9 @@ def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] 
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds: expected distinct integers, got {seeds}")
     init_process_group()
+    if ablation and get_world_size() > 1:  # said now, not after the other variants' runs
+        raise ConfigError(f"--ablation: smf-paper counts background document frequency per document, which runs in "
+                          f"one process; run the ablation without a launcher (got {get_world_size()} processes)")
     with owning(out, "experiment", "--out"):  # one experiment writes into --out at a time
         return _run_grid(out, setup, variants, seeds)
 

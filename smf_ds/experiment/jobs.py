@@ -30,7 +30,6 @@ from ..parallel.process_group import barrier, get_rank
 from ..train.batches import tokenize_text
 from ..train.loop import Trainer
 from ..train.methods import method_of
-from .ablation import ablation_variants
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +62,6 @@ VARIANTS: dict[str, list[str]] = {
     "lora": ["train.method=lora", "train.lr=0.003", "train.lora_r=8", "train.lora_alpha=16"],
     "full": ["train.method=full", "train.lr=0.001"],
 }
-
-# `smf-ds experiment --ablation` (make experiment): the paper code's procedure, `smf-paper`, and one
-# variant per difference that corrects it alone (smf_ds.experiment.ablation).
-ABLATION_VARIANTS: dict[str, list[str]] = ablation_variants(SMF_MEMORY)
 
 # `smf-ds experiment --sweep` (make experiment): each method's step size from a tenth of the value
 # above to a third of it. A sweep from x0.3 to x3 put every point of smf-tfidf and LoRA past their

@@ -173,6 +173,15 @@ CONTROLS_NOTE = [
     "differ (`smf-tfidf-adamw` against `smf-dense-all-adamw`).", ""]
 
 
+def _not_compared_note(results: dict) -> list[str]:
+    skipped = results.get("not_compared")
+    if not skipped:
+        return []
+    listed = ", ".join(f"{v} (seeds {', '.join(map(str, s))})" for v, s in skipped["variants"].items())
+    return [f"Not in the frontiers, matched or ablation tables: {listed}. Each seed has its own base model, so "
+            f"variants are compared on the same seeds, here {', '.join(map(str, skipped['seeds']))}.", ""]
+
+
 def _missing_note(missing: dict) -> list[str]:
     parts = []
     if missing.get("unevaluated_runs"):
@@ -203,6 +212,7 @@ def write_report(results: dict, out_dir: Path) -> Path:
         *(MEMORISED_NOTE if "wikitext_memorised" in results["base"] else []),
         *(CONTROLS_NOTE if any(name.startswith("smf-dense") for name in results["variants"]) else []),
         *_missing_note(results.get("not_in_report", {})),
+        *_not_compared_note(results),
         f"![task gain against forgetting]({plot.name})", "",
         *matched_tables(results),
         *ablation_table(results),

@@ -91,6 +91,8 @@ class WorldSetup:
         """The base model that seed finetunes (pretrained on first use, kept after)."""
         if not self.per_seed_bases:
             return pretrain_base(self.world, self.out / "base", BASE_STEPS[self.mode])
+        if seed is None:
+            raise ValueError("a base per seed: say which seed's base")
         return pretrain_base(self.world, self.out / "base" / f"seed{seed}", BASE_STEPS[self.mode], seed=seed)
 
     def finetune(self, variant: str, seed: int, run_dir: Path) -> Path:

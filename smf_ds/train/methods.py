@@ -88,7 +88,8 @@ class LoRA(Method):
         from ..parallel.process_group import barrier, get_rank
 
         if get_rank() == 0 and not workdir.is_dir():
-            model, tokenizer = load_model_and_tokenizer(start.model)
+            # float32 on the CPU: a bf16 merge would round the whole backbone at every stage
+            model, tokenizer = load_model_and_tokenizer(start.model, dtype="float32", device="cpu")
             merged = PeftModel.from_pretrained(model, str(artifact)).merge_and_unload()
             partial = workdir.with_name(workdir.name + ".partial")  # renamed whole: a cut-off save is redone
             merged.save_pretrained(str(partial))

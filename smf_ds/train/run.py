@@ -37,4 +37,5 @@ def train_main(cfg: SMFConfig, adapter_dir: str | None = None, resume: bool = Fa
     examples = task_examples(cfg, tokenizer, rows)
     trainer = Trainer(cfg, model, examples, tokenizer.pad_token_id, background)
     finished, extra = resume_from_checkpoint(trainer, resume, TRAIN_SUMMARY, "train.steps")
-    return finished or fit_and_save(trainer, tokenizer, TRAIN_SUMMARY, progress, **extra)
+    started_from = {"model": cfg.model.name_or_path, "memory_adapter": adapter_dir}  # what the run went on from
+    return finished or fit_and_save(trainer, tokenizer, TRAIN_SUMMARY, progress, started_from=started_from, **extra)
