@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 PARTS = ("env", "merged", "stop", "elastic", "bench", "smf")
 BUDGET = {"env": 60, "merged": 120, "stop": 120, "elastic": 120, "bench": 120, "smf": 150}  # seconds, each part's most
+TOTAL_BUDGET = 480  # the whole GPU run: a part gets at most what is left of it (the dry run: its parts' budgets)
 
 
 def _env(device: str) -> dict:
@@ -228,21 +229,27 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             ap.error("no CUDA device here; --dry-run runs every part on the CPU")
     results = {}
+    deadline = time.time() + (sum(BUDGET.values()) if args.dry_run else TOTAL_BUDGET)
     for part in args.parts.split(","):
         start = time.time()
+        budget = min(BUDGET[part], int(deadline - start))
+        if budget < 10:
+            results[part] = {"ok": False, "error": f"not run: {TOTAL_BUDGET} s in all were spent", "seconds": 0.0}
+            print(f"{part}: FAILED (not run, no time left)", flush=True)
+            continue
         child = [sys.executable, __file__, str(args.out), "--part", part] + (["--dry-run"] if args.dry_run else [])
         # Its own session, so that a part out of budget is stopped with the launchers and ranks it started.
         proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(device),
                                 start_new_session=True)
         try:
-            stdout, stderr = proc.communicate(timeout=BUDGET[part])
+            stdout, stderr = proc.communicate(timeout=budget)
             lines = stdout.strip().splitlines()
             results[part] = json.loads(lines[-1]) if proc.returncode == 0 and lines else \
                 {"ok": False, "error": stderr[-2000:]}
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            results[part] = {"ok": False, "error": f"out of its {BUDGET[part]} s budget"}
+            results[part] = {"ok": False, "error": f"out of its {budget} s budget"}
         results[part]["seconds"] = round(time.time() - start, 1)
         print(f"{part}: {'ok' if results[part].get('ok', True) else 'FAILED'} ({results[part]['seconds']} s)", flush=True)
     summary = {"device": device, "dry_run": args.dry_run, "parts": results}
