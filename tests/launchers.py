@@ -1,4 +1,5 @@
-"""The launchers' test machinery: which launcher can run here, and the one test cluster.
+"""The launchers' test machinery: smf-ds in a subprocess, which launcher can run here, and the one
+test cluster.
 
 The test cluster is one slurm cluster on this machine (launch/slurm_one_node.sh) with, when this
 runs as root, the two network-namespace nodes of launch/netns_nodes.sh in it. The namespaces come
@@ -8,11 +9,22 @@ another's job. Tests that use it share the xdist group CLUSTER (one pytest worke
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
+    """`python -m smf_ds.cli ARGS` on the CPU, one thread; with check, a failure shows its stderr."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "smf_ds.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    if check:
+        assert done.returncode == 0, done.stderr[-6000:]
+    return done
 CLUSTER = pytest.mark.xdist_group("cluster")
 
 

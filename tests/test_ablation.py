@@ -2,6 +2,7 @@
 and the report's table."""
 import numpy as np
 import pytest
+from launchers import smf_ds_cli
 
 from smf_ds.config import flatten_dotted, load_config, to_dict
 from smf_ds.experiment.ablation import CORRECTIONS, PAPER, ablation, ablation_variants
@@ -106,18 +107,7 @@ def test_no_ablation_without_smf_paper_or_a_correction():
     assert ablation_table({}) == []
 
 
-def _cli(*args, check=True):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
-    done = subprocess.run([sys.executable, "-m", "smf_ds.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=900)
-    if check:
-        assert done.returncode == 0, done.stderr[-6000:]
-    return done
+_cli = smf_ds_cli
 
 
 @pytest.mark.e2e

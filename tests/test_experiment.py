@@ -2,15 +2,13 @@
 whole grid end to end on the embedded world (quick)."""
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from launchers import smf_ds_cli
 from safetensors.torch import load_file
 
 from smf_ds.eval.bootstrap import CHUNK, bootstrap_statistic
@@ -198,13 +196,7 @@ def test_the_memorised_windows_are_an_extra_column_where_evaluated(tmp_path):
         aggregate(base, {"full": {0: other}}, n_boot=20)
 
 
-def _cli(*args, check=True):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "smf_ds.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=900)
-    if check:
-        assert done.returncode == 0, done.stderr[-6000:]
-    return done
+_cli = smf_ds_cli
 
 
 @pytest.mark.e2e
