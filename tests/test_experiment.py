@@ -152,6 +152,13 @@ def test_the_ablation_is_refused_under_a_launcher_before_any_run(tmp_path, monke
     assert not (tmp_path / "exp").exists()
 
 
+def test_every_method_of_the_plot_has_its_own_colour():
+    from smf_ds.experiment.report import method_colours
+
+    for n in (3, 17, 20):
+        assert len(set(method_colours([f"m{i}" for i in range(n)]).values())) == n
+
+
 def test_report_prints_no_sd_for_a_single_seed(tmp_path):
     from smf_ds.experiment.report import results_table
 

@@ -51,6 +51,14 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def method_colours(methods: list[str]) -> dict[str, tuple]:
+    """One colour per method, distinct up to 20 (the sweep's and the ablation's together are 17)."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if len(methods) <= 10 else "tab20"]
+    return {m: palette(i % palette.N) for i, m in enumerate(methods)}
+
+
 def plot_tradeoff(results: dict, path: Path) -> Path:
     """Task gain (y) against each probe's change (x), one point per variant with 95% intervals."""
     import matplotlib
@@ -60,7 +68,7 @@ def plot_tradeoff(results: dict, path: Path) -> Path:
 
     variants = results["variants"]
     methods = list(dict.fromkeys(map(method_of, variants)))
-    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    colours = method_colours(methods)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, probe in zip(axes, ("triviaqa", "wikitext")):
         labelled = set()
