@@ -123,8 +123,7 @@ class SparseMemoryUpdater:
     def _sgd_from_sink(self, table: ValueTable) -> bool:
         """SGD without clipping on a table whose sink holds every read of its rows: the sink updates
         the rows in place (RowGradSink.sgd_update), with no rows x dim gradient ever formed."""
-        return (self.cfg.optimizer == "sgd" and self.cfg.max_grad_norm == 0 and table.replica_group is None
-                and self.cfg.select_every != "micro_batch")
+        return self.cfg.optimizer == "sgd" and self.cfg.max_grad_norm == 0 and table.replica_group is None
 
     def step(self) -> dict[str, float]:
         """Select and update; clears every sink; returns metrics keyed 'layer<i>/<name>'."""
