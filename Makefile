@@ -58,7 +58,7 @@ continual: $(STAMP)
 # installed first (root Debian machines); a skipped test fails it. The 15 slowest are listed.
 # TEST_WORKERS pytest processes share the tests (many of them wait on launchers and timeouts);
 # the tests of the one test cluster run in one of them (xdist group "cluster").
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test: $(STAMP) $(PEER) test-deps
 	SMF_NO_SKIPS=1 $(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadgroup tests
 

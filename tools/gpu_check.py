@@ -37,6 +37,14 @@ sys.path.insert(0, str(REPO / "tools"))
 PARTS = ("env", "merged", "stop", "elastic", "bench", "smf")
 BUDGET = {"env": 60, "merged": 120, "stop": 120, "elastic": 120, "bench": 120, "smf": 150}  # seconds, each part's most
 TOTAL_BUDGET = 480  # the whole GPU run: a part gets at most what is left of it (the dry run: its parts' budgets)
+# The budgets guard lent GPU time. A dry run checks the script on a CPU that may be running other
+# work (CI's 2 cores run two tests at once), so its parts get this many times theirs.
+DRY_RUN_BUDGET_FACTOR = 4
+
+
+def _limit(seconds: float, device: str) -> float:
+    """A wait inside a part, longer in a dry run (see DRY_RUN_BUDGET_FACTOR)."""
+    return seconds * (DRY_RUN_BUDGET_FACTOR if device == "cpu" else 1)
 
 
 def _env(device: str) -> dict:
@@ -49,7 +57,7 @@ def _env(device: str) -> dict:
 
 
 def _run(argv: list[str], device: str, timeout: float, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, env=_env(device), capture_output=True, text=True, timeout=timeout, **kw)
+    return subprocess.run(argv, env=_env(device), capture_output=True, text=True, timeout=_limit(timeout, device), **kw)
 
 
 def part_env(work: Path, device: str) -> dict:
@@ -129,7 +137,7 @@ def _train(work: Path, device: str, out: Path, *extra: str, wait: bool = True):
             "sparse.scoring=tf", *extra]
     env = dict(_env(device), MASTER_PORT=str(free_port()))
     if wait:
-        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=_limit(120, device))
     log = open(out.parent / f"{out.name}.log", "w")  # a file, not a pipe: nobody reads it while it runs
     return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
 
@@ -151,11 +159,11 @@ def part_stop(work: Path, device: str) -> dict:
         return {"ok": False, "error": straight.stderr[-2000:]}
     run = work / "stopped"
     proc = _train(work, device, run, *steps, "--resume", "auto", wait=False)
-    deadline = time.time() + 60
+    deadline = time.time() + _limit(60, device)
     while not (run / "checkpoints" / "latest_memory").is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=60)
+    code = proc.wait(timeout=_limit(60, device))
     resumed = _train(work, device, run, *steps, "--resume", "auto")
     same = resumed.returncode == 0 and all(torch.equal(a, b) for a, b in zip(_adapter(run).values(),
                                                                             _adapter(work / "straight").values()))
@@ -229,10 +237,11 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             ap.error("no CUDA device here; --dry-run runs every part on the CPU")
     results = {}
-    deadline = time.time() + (sum(BUDGET.values()) if args.dry_run else TOTAL_BUDGET)
+    factor = DRY_RUN_BUDGET_FACTOR if args.dry_run else 1
+    deadline = time.time() + (factor * sum(BUDGET.values()) if args.dry_run else TOTAL_BUDGET)
     for part in args.parts.split(","):
         start = time.time()
-        budget = min(BUDGET[part], int(deadline - start))
+        budget = min(factor * BUDGET[part], int(deadline - start))
         if budget < 10:
             results[part] = {"ok": False, "error": f"not run: {TOTAL_BUDGET} s in all were spent", "seconds": 0.0}
             print(f"{part}: FAILED (not run, no time left)", flush=True)
