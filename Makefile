@@ -47,7 +47,7 @@ demo: $(STAMP)
 # swept, and the paper code's procedure with one correction per difference (--ablation): paired
 # intervals, frontiers, matched-gain and ablation tables, a plot, a report.
 experiment: $(STAMP)
-	$(PY) -m smf_ds.cli experiment --sweep --ablation --out runs/experiment
+	$(PY) -m smf_ds.cli experiment --sweep --ablation --jobs 2 --out runs/experiment
 
 # Lin et al.'s continual setting: the world's task dealt into 4 tasks, learned one after another by
 # smf-tfidf, LoRA and full finetuning (3 seeds); forgetting curves after every task.

@@ -97,7 +97,7 @@ def _cmd_experiment(args) -> dict:
     stop.listen(ClusterConfig().stop_signals)  # a run stopped mid-grid is resumed by the next call
     methods = args.methods.split(",") if args.methods else None
     run_experiment(args.out, methods, args.seeds, quick=args.quick, config=args.config, world_seed=args.world_seed,
-                   sweep=args.sweep, ablation=args.ablation, bases=args.bases)
+                   sweep=args.sweep, ablation=args.ablation, bases=args.bases, jobs=args.jobs)
     return _written_to(*(Path(args.out) / name for name in ("results.json", "report.md", "tradeoff.png")))
 
 
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bases", choices=("per-seed", "shared"), default=None,
                    help="synthetic world: seed k finetunes a base pretrained with seed k (per-seed, the default: "
                         "intervals and signs then cover the base model's variance) or all seeds one base (shared)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="synthetic world: N runs side by side, each in a worker process with one thread (one per CPU "
+                        "core; the same results as one at a time) (default: %(default)s)")
     p.set_defaults(func=_cmd_experiment)
 
     from .experiment.continual import VARIANTS_DEFAULT

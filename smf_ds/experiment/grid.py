@@ -16,18 +16,27 @@ A run whose evaluation is already there is not redone, and one whose training fi
 evaluated: an interrupted experiment continues where it stopped when called again with the
 same --out (a run cut short resumes from its checkpoint). `smf-ds report --out DIR` rebuilds
 results.json, report.md and the plot from the evaluations present.
+
+With --jobs N (synthetic world), N worker processes pretrain and evaluate the bases and make the
+runs side by side, with the results of one process (each run seeds itself); this process keeps
+--out, and writes the report.
 """
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import re
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Sequence
 
-from ..config import ConfigError
+import torch
+
+from ..config import ConfigError, InputError
 from ..owner import owning
 from ..parallel.process_group import barrier, get_rank, get_world_size, init_process_group
+from ..train import stop
 from .frontier import method_of
 from .outdir import claim
 from .report import results_table, write_report
@@ -155,13 +164,19 @@ def build_report(out: str | Path, settings: dict | None = None, order: Sequence[
 def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] | None = None,
                    seeds: Sequence[int] | None = None, quick: bool = False, config: str | None = None,
                    world_seed: int | None = None, sweep: bool = False, ablation: bool = False,
-                   bases: str | None = None) -> dict:
+                   bases: str | None = None, jobs: int = 1) -> dict:
     """`variants` / `seeds` default to the setup's (all variants; the config's seeds, or 0, 1, 2); a
     swept method's name stands for all its points. `world_seed` picks the synthetic world (default
     0); `sweep` runs the world's default sweep (WORLD_SWEEP; a config has its own `sweep:`); `ablation`
     adds smf-paper and its corrections (smf_ds.experiment.ablation); `bases`: a base model per seed
-    ("per-seed", the world's default) or one for all ("shared")."""
+    ("per-seed", the world's default) or one for all ("shared"); `jobs`: how many runs go side by
+    side, each in a worker process of its own (synthetic world; the results are those of jobs=1)."""
     out = Path(out)
+    if jobs < 1:
+        raise ConfigError(f"--jobs: expected a number of worker processes, 1 or more, got {jobs!r}")
+    if config and jobs > 1:  # its SMF variants of one seed share a retrofit that the first one makes
+        raise ConfigError(f"--jobs {jobs}: runs the synthetic world's small runs side by side, not with --config "
+                          f"(a run of your model has the machine to itself; run it without --jobs)")
     if config:
         for flag, value in (("--quick", quick or None), ("--world-seed", world_seed), ("--sweep", sweep or None),
                             ("--ablation", ablation or None), ("--bases", bases)):
@@ -185,11 +200,19 @@ def run_experiment(out: str | Path = "runs/experiment", variants: Sequence[str] 
     if ablation and get_world_size() > 1:  # said now, not after the other variants' runs
         raise ConfigError(f"--ablation: smf-paper counts background document frequency per document, which runs in "
                           f"one process; run the ablation without a launcher (got {get_world_size()} processes)")
+    if jobs > 1 and get_world_size() > 1:
+        raise ConfigError(f"--jobs {jobs}: under a launcher every run already spans its {get_world_size()} "
+                          f"processes; use --jobs without a launcher, or the launcher without --jobs")
     with owning(out, "experiment", "--out"):  # one experiment writes into --out at a time
-        return _run_grid(out, setup, variants, seeds)
+        return _run_grid(out, setup, variants, seeds, jobs)
 
 
-def _run_grid(out: Path, setup, variants: list[str], seeds: list[int]) -> dict:
+def _evaluate_base(setup, seed: int | None, eval_dir: Path) -> None:
+    if not (eval_dir / SUMMARY).is_file():
+        setup.evaluate(None, eval_dir, {"model": "base", **({} if seed is None else {"seed": seed})}, seed=seed)
+
+
+def _run_grid(out: Path, setup, variants: list[str], seeds: list[int], jobs: int = 1) -> dict:
     claim(out, setup.fingerprint())
     setup.prepare()
     # Recorded before any run, so that `smf-ds report` can report the runs of a grid cut short,
@@ -197,15 +220,78 @@ def _run_grid(out: Path, setup, variants: list[str], seeds: list[int]) -> dict:
     planned = list(dict.fromkeys([*_planned_runs(out), *(f"{v}/seed{s}" for v in variants for s in seeds)]))
     _write_json(out / REPORT_SETTINGS, {"settings": setup.settings(), "order": list(setup.variants), "planned": planned})
     bases = base_eval_dirs(out, setup.per_seed_bases, seeds)
-    for seed, eval_dir in (bases.items() if isinstance(bases, dict) else [(None, bases)]):
-        if not (eval_dir / SUMMARY).is_file():
-            setup.evaluate(None, eval_dir, {"model": "base", **({} if seed is None else {"seed": seed})}, seed=seed)
-    for variant in variants:
-        for seed in seeds:
-            run_one(setup, out, variant, seed)
+    if jobs > 1:
+        _run_in_workers(out, setup, bases, variants, seeds, jobs)
+    else:
+        for seed, eval_dir in (bases.items() if isinstance(bases, dict) else [(None, bases)]):
+            _evaluate_base(setup, seed, eval_dir)
+        for variant in variants:
+            for seed in seeds:
+                run_one(setup, out, variant, seed)
     results = None
     if get_rank() == 0:
         results = build_report(out, setup.settings(), order=list(setup.variants))
         log.info("experiment results (%s):\n%s", out / "report.md", results_table(results))
     barrier()
     return results or {}
+
+
+def _run_in_workers(out: Path, setup, bases: Path | dict[int, Path], variants: list[str], seeds: list[int],
+                    jobs: int) -> None:
+    """The grid in `jobs` worker processes: each base pretrained and evaluated, then the runs that
+    finetune it, slowest variants first (smf-paper's), each run as soon as a worker is free. A
+    failure, or a stop signal, starts no further run; the runs under way finish and stay."""
+    base_jobs = list(bases.items()) if isinstance(bases, dict) else [(None, bases)]
+    order = sorted(variants, key=lambda v: not v.startswith("smf-paper"))
+    # spawn, not fork: a forked child would inherit the parent's process group and torch's thread pool.
+    # The setup goes as it is, prepared: a worker must not build the world the other workers read.
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(setup, logging.getLogger().getEffectiveLevel())) as pool:
+        # each job: (what it is, the seeds whose runs can start once it is done)
+        pending = {pool.submit(_in_worker, _base_job, seed, eval_dir):
+                   ("the base model", seeds) if seed is None else (f"seed {seed}'s base model", [seed])
+                   for seed, eval_dir in base_jobs}
+        try:
+            while pending and not stop.requested():
+                done, _ = wait(pending, timeout=5, return_when=FIRST_COMPLETED)  # timeout: to see a stop signal
+                for future in done:
+                    what, ready = pending.pop(future)
+                    try:
+                        future.result()
+                    except InputError as err:
+                        raise InputError(f"{what}: {err}") from None
+                    except Exception as err:
+                        raise RuntimeError(f"{what}: {err}; the finished runs are kept: run the same command "
+                                           f"again to continue") from err
+                    pending.update({pool.submit(_in_worker, run_one, out, variant, seed): (f"{variant} seed {seed}", [])
+                                    for variant in order for seed in ready})
+        finally:
+            pool.shutdown(cancel_futures=True)
+    if stop.requested():
+        raise RuntimeError(f"stopped on {stop.requested()}: the runs under way finished, no further one started; "
+                           f"run the same command again to continue")
+
+
+_setup = None  # a worker process's setup (_start_worker)
+
+
+def _start_worker(setup, log_level: int) -> None:
+    global _setup
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    torch.set_num_threads(1)  # tiny models: one thread per run, the runs side by side on the cores
+    init_process_group()  # a group of one, as the parent's: DeepSpeed runs unlaunched
+    _setup = setup
+
+
+def _base_job(setup, seed: int | None, eval_dir: Path) -> None:
+    setup.base(seed)  # made here, before the runs that read it start side by side
+    _evaluate_base(setup, seed, eval_dir)
+
+
+def _in_worker(job, *args) -> None:
+    try:
+        job(_setup, *args)
+    except InputError as err:  # sent back as a type that pickles (RunStopped does not); InputError stays one
+        raise InputError(str(err)) from None
+    except Exception as err:
+        raise RuntimeError(f"{type(err).__name__}: {err}") from err

@@ -1,0 +1,68 @@
+"""`smf-ds experiment --jobs N`: the runs side by side in worker processes, with the results of one at a time."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from smf_ds.config import ConfigError
+from smf_ds.experiment import grid
+
+pytestmark = pytest.mark.e2e  # it starts worker processes
+
+VARIANTS, SEEDS = ["smf-tfidf", "lora"], [0, 1]  # memory and LoRA: each initialises what it adds from its seed
+
+
+def _evaluations(out):
+    """{eval dir: {task: its results}} of the base and every run, less timings and paths into `out`."""
+    return {str(path.parent.relative_to(out)): {
+        task: {k: v for k, v in result.items() if k not in ("seconds", "source", "predictions", "malformed_report")}
+        for task, result in json.loads(path.read_text())["tasks"].items()} for path in sorted(out.glob("**/summary.json"))}
+
+
+def test_runs_in_workers_equal_the_runs_one_at_a_time_and_a_failed_one_is_named(tmp_path):
+    side_by_side, one_at_a_time = tmp_path / "jobs2", tmp_path / "jobs1"
+    blocked = grid.run_dir(side_by_side, "lora", 1)
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("")  # a file where the run dir goes: that run fails in its worker
+    with pytest.raises(RuntimeError, match=r"^lora seed 1: .*run the same command again to continue"):
+        grid.run_experiment(side_by_side, VARIANTS, SEEDS, quick=True, bases="shared", jobs=2)
+    finished = {f"{v}/seed{s}": grid.run_dir(side_by_side, v, s) / "eval" / "summary.json"
+                for v, s in (("smf-tfidf", 0), ("smf-tfidf", 1), ("lora", 0))}
+    assert all(path.is_file() for path in finished.values())  # the runs finished beside it stay
+    stamps = {name: path.stat().st_mtime_ns for name, path in finished.items()}
+
+    blocked.unlink()
+    parallel = grid.run_experiment(side_by_side, VARIANTS, SEEDS, quick=True, bases="shared", jobs=2)
+    assert {name: path.stat().st_mtime_ns for name, path in finished.items()} == stamps  # kept, not redone
+    serial = grid.run_experiment(one_at_a_time, VARIANTS, SEEDS, quick=True, bases="shared")
+
+    # The same numbers, exactly: every run seeds itself (torch.manual_seed(train.seed), the memory's
+    # and the data order's own generators) and each worker computes with one thread, as this process.
+    evaluations, n_evals = _evaluations(one_at_a_time), 1 + len(VARIANTS) * len(SEEDS)  # the base's and each run's
+    assert len(evaluations) == 2 * n_evals  # each with its memorised windows
+    assert _evaluations(side_by_side) == evaluations
+    predictions = sorted(p.relative_to(one_at_a_time) for p in one_at_a_time.glob("**/*.predictions.jsonl"))
+    assert len(predictions) == 4 * n_evals  # the 3 tasks and the memorised windows, per example, byte for byte
+    assert all((side_by_side / p).read_bytes() == (one_at_a_time / p).read_bytes() for p in predictions)
+    weights = sorted(p.relative_to(one_at_a_time) for p in one_at_a_time.glob("runs/*/seed*/*_adapter/*.safetensors"))
+    assert len(weights) == len(VARIANTS) * len(SEEDS)
+    for path in weights:  # tensor for tensor (the files' headers may list them in another order)
+        trained, expected = load_file(side_by_side / path), load_file(one_at_a_time / path)
+        assert trained.keys() == expected.keys() and all(torch.equal(trained[k], expected[k]) for k in expected), path
+    assert parallel == serial
+    assert json.loads((side_by_side / "results.json").read_text()) == json.loads(
+        (one_at_a_time / "results.json").read_text())
+
+
+def test_jobs_is_refused_where_it_cannot_apply(tmp_path, monkeypatch):
+    for jobs in (0, -2):
+        with pytest.raises(ConfigError, match=rf"--jobs: expected a number of worker processes, 1 or more, got {jobs}"):
+            grid.run_experiment(tmp_path / "a", quick=True, jobs=jobs)
+    with pytest.raises(ConfigError, match=r"--jobs 2: .*not with --config"):
+        grid.run_experiment(tmp_path / "b", config="exp.yaml", jobs=2)
+    monkeypatch.setattr(grid, "init_process_group", lambda: None)
+    monkeypatch.setattr(grid, "get_world_size", lambda: 2)
+    with pytest.raises(ConfigError, match=r"--jobs 2: under a launcher every run already spans its 2 processes"):
+        grid.run_experiment(tmp_path / "c", quick=True, jobs=2)
+    assert not any(tmp_path.iterdir())
