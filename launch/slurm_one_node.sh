@@ -68,9 +68,10 @@ $node State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 if (( ${#netns[@]} == 2 )); then
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)   # nproc answers OMP_NUM_THREADS when it is set
   cat >>"$new_conf" <<EOF
-NodeName=n1 NodeAddr=$prefix.11 NodeHostname=$host CPUs=$(nproc) State=UNKNOWN
-NodeName=n2 NodeAddr=$prefix.12 NodeHostname=$host CPUs=$(nproc) State=UNKNOWN
+NodeName=n1 NodeAddr=$prefix.11 NodeHostname=$host CPUs=$cpus State=UNKNOWN
+NodeName=n2 NodeAddr=$prefix.12 NodeHostname=$host CPUs=$cpus State=UNKNOWN
 PartitionName=netns Nodes=n1,n2 MaxTime=INFINITE State=UP OverSubscribe=YES
 EOF
 fi

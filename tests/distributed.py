@@ -97,7 +97,7 @@ def _end_groups() -> None:
         _GROUPS.popitem()[1].end(graceful=True)
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 300.0, fresh: bool = False):
+def run_distributed(fn, world_size: int, *args, timeout: float = 600.0, fresh: bool = False):
     group = _Group(world_size) if fresh else _GROUPS.pop(world_size, None) or _Group(world_size)
     try:
         results = group.run(fn, args, timeout)

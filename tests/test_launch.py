@@ -103,6 +103,13 @@ def test_the_accelerator_is_the_machines_unless_set(tmp_path):
         assert done.stdout.strip() == want, done.stderr
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One tiny world and one-process run per process count for every launcher's check (the
+    launcher tests share a worker: xdist group "cluster")."""
+    return tmp_path_factory.mktemp("launcher_reference")
+
+
 def _check_launcher():
     sys.path.insert(0, str(REPO / "tools"))
     import check_launcher
@@ -113,7 +120,7 @@ def _check_launcher():
 @pytest.mark.e2e
 @CLUSTER
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "slurm"])
-def test_launcher_equals_one_process(launcher, tmp_path):
+def test_launcher_equals_one_process(launcher, tmp_path, reference):
     """tools/check_launcher.py: 2 processes through the launcher equal one process."""
     missing = launcher_missing(launcher)
     if missing:
@@ -121,7 +128,7 @@ def test_launcher_equals_one_process(launcher, tmp_path):
     out = tmp_path / "checks.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, str(REPO / "tools" / "check_launcher.py"), launcher,
-                           "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                           "--workdir", str(tmp_path / "work"), "--reference", str(reference), "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"check_launcher {launcher} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     result = json.loads(out.read_text())
@@ -146,6 +153,36 @@ def test_launcher_check_fails_on_a_difference():
     assert not check.compare(one, run, 4)[0]["passed"]  # world size 2, asked for 4
 
 
+def test_launcher_check_reuses_a_finished_reference_only(tmp_path, monkeypatch):
+    """--reference: a finished one-process run there is read, not trained again; an unfinished one is."""
+    check = _check_launcher()
+    calls = []
+
+    def fake_run(how, n, args, log_dir, sbatch_args="", netns=False):
+        calls.append((how, args[0]))
+        out = Path(next(a for a in args if a.startswith("out_dir="))[len("out_dir="):])
+        _fake_run_outputs(out, finished=True)
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(check, "run_smf_ds", fake_run)
+    reference = tmp_path / "reference"
+    _fake_run_outputs(reference / "one_process_for_2", finished=False)
+    check.train_twice(tmp_path / "run.yaml", "deepspeed", 2, tmp_path / "a", reference=reference)
+    assert calls == [(None, "background"), (None, "train"), ("deepspeed", "background"), ("deepspeed", "train")]
+    calls.clear()
+    runs = check.train_twice(tmp_path / "run.yaml", "mpirun", 2, tmp_path / "b", reference=reference)
+    assert calls == [("mpirun", "background"), ("mpirun", "train")] and runs["one_process"]["summary"]["finished"]
+
+
+def _fake_run_outputs(out: Path, finished: bool) -> None:
+    from safetensors.torch import save_file
+
+    (out / "memory_adapter").mkdir(parents=True, exist_ok=True)
+    (out / "train_summary.json").write_text(json.dumps({"finished": finished}))
+    save_file({"df": torch.zeros(2)}, str(out / "background.safetensors"))
+    save_file({"values": torch.zeros(2)}, str(out / "memory_adapter" / "memory_adapter.safetensors"))
+
+
 @pytest.mark.e2e
 def test_experiment_under_the_deepspeed_launcher(tmp_path):
     """The grid's steps hand files from rank 0 to every rank (a run's artifact, then its
@@ -164,7 +201,7 @@ def test_experiment_under_the_deepspeed_launcher(tmp_path):
 @pytest.mark.e2e
 @CLUSTER
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "slurm"])
-def test_launcher_across_two_nodes_equals_one_process(launcher, tmp_path):
+def test_launcher_across_two_nodes_equals_one_process(launcher, tmp_path, reference):
     """Two nodes made of network namespaces on this machine (each its own address), 2 processes
     on each: the launcher's run equals one process on the same global batches, and the rendezvous
     was node 1's address (tools/check_launcher.py --netns)."""
@@ -180,7 +217,8 @@ def test_launcher_across_two_nodes_equals_one_process(launcher, tmp_path):
     out = tmp_path / "checks.json"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, str(REPO / "tools" / "check_launcher.py"), launcher, "--netns",
-                           "--procs", "4", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                           "--procs", "4", "--workdir", str(tmp_path / "work"), "--reference", str(reference),
+                           "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"check_launcher {launcher} --netns failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     result = json.loads(out.read_text())

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import time
 import sys
@@ -157,26 +158,39 @@ def _has_cuda() -> bool:
 
 
 def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_args: str = "",
-                netns: bool = False) -> dict:
-    """background + train once as one process and once under the launcher; returns each run's outputs."""
+                netns: bool = False, reference: Path | None = None) -> dict:
+    """background + train once as one process and once under the launcher; returns each run's outputs.
+    With `reference`, the one-process run lives there and one finished by an earlier check is reused."""
     from safetensors.torch import load_file
 
     runs = {}
     for name, how, n in (("one_process", None, 1), (launcher, launcher, procs)):
-        out = workdir / name
-        common = ["--config", str(config), f"out_dir={out}", f"train.grad_accum={procs // n}"]
-        for args in (["background", *common],
-                     ["train", *common, f"sparse.background={out / 'background.safetensors'}"]):
-            done = run_smf_ds(how, n, args, out / "logs", sbatch_args, netns=netns)
-            if done.returncode != 0:
-                raise RuntimeError(f"{' '.join(launch_command(how, n, args, out / 'logs', sbatch_args))} "
-                                   f"failed (exit status {done.returncode}):\n{done.stdout[-3000:]}\n"
-                                   f"{done.stderr[-6000:]}")
+        shared = reference is not None and how is None
+        out = reference / f"one_process_for_{procs}" if shared else workdir / name
+        if not (shared and _finished(out)):
+            if shared:
+                shutil.rmtree(out, ignore_errors=True)  # an earlier check's run cut short: train it afresh
+            common = ["--config", str(config), f"out_dir={out}", f"train.grad_accum={procs // n}"]
+            for args in (["background", *common],
+                         ["train", *common, f"sparse.background={out / 'background.safetensors'}"]):
+                done = run_smf_ds(how, n, args, out / "logs", sbatch_args, netns=netns)
+                # `sbatch --wait` exits 0 for a job cancelled before it ran: the outputs say whether it did.
+                wrote = out / ("background.safetensors" if args[0] == "background" else "train_summary.json")
+                if done.returncode != 0 or not wrote.is_file():
+                    raise RuntimeError(f"{' '.join(launch_command(how, n, args, out / 'logs', sbatch_args))} "
+                                       f"failed (exit status {done.returncode}"
+                                       f"{'' if wrote.is_file() else f', no {wrote.name} written'}):\n"
+                                       f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
         summary = json.loads((out / "train_summary.json").read_text())
         runs[name] = {"summary": summary,
                       "background": load_file(out / "background.safetensors"),
                       "adapter": load_file(out / "memory_adapter" / "memory_adapter.safetensors")}
     return runs
+
+
+def _finished(run: Path) -> bool:
+    summary = run / "train_summary.json"
+    return summary.is_file() and json.loads(summary.read_text())["finished"]
 
 
 def compare(one: dict, launched: dict, procs: int, netns: bool = False) -> list[dict]:
@@ -211,6 +225,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the model, data and runs go (default: a temporary dir)")
     parser.add_argument("--sbatch-args", default="", help="extra sbatch flags for the slurm launcher")
     parser.add_argument("--out", type=Path, help="write the checks as JSON here")
+    parser.add_argument("--reference", type=Path,
+                        help="a folder kept for the tiny world and the one-process runs: a later check with as many "
+                             "processes reuses them instead of training again (the tests share one)")
     parser.add_argument("--netns", action="store_true",
                         help="across two nodes made of network namespaces on this machine (root; launch/netns_nodes.sh)")
     args = parser.parse_args(argv)
@@ -225,9 +242,11 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="check_launcher_") as tmp:
         workdir = args.workdir or Path(tmp)
-        config = build_world(workdir / "world")
+        world = (args.reference or workdir) / "world"
+        config = world / "run.yaml" if args.reference and (world / "run.yaml").is_file() else build_world(world)
         try:
-            runs = train_twice(config, args.launcher, args.procs, workdir / "runs", args.sbatch_args, args.netns)
+            runs = train_twice(config, args.launcher, args.procs, workdir / "runs", args.sbatch_args, args.netns,
+                               args.reference)
         except RuntimeError as err:
             print(err, file=sys.stderr)
             return 2
