@@ -31,6 +31,16 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
+def _environment_restored():
+    """A test that runs smf-ds in this process (a group of one exports RANK=0, WORLD_SIZE=1 and its
+    MASTER_PORT) must not hand those to the processes that later tests of this worker start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(autouse=True)
 def _processes_need_a_tier(request, monkeypatch):
     if request.node.get_closest_marker("dist") or request.node.get_closest_marker("e2e"):
         yield
