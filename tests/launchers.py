@@ -18,8 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
-    """`python -m smf_ds.cli ARGS` on the CPU, one thread; with check, a failure shows its stderr."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    """`python -m smf_ds.cli ARGS` on the CPU (one thread: conftest); with check, a failure shows its stderr."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "smf_ds.cli", *args], env=env, capture_output=True, text=True,
                           timeout=900)
     if check:

@@ -18,7 +18,7 @@ from smf_ds.train.stop import STOPPED_EXIT_CODE
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
 STEPS = ["train.steps=30", "train.save_every=4"]
 
 

@@ -77,7 +77,7 @@ def test_a_lora_stage_goes_on_from_its_adapter_merged_into_the_model(tmp_path, e
 @pytest.mark.e2e
 def test_quick_continual_stream_of_four_tasks(tmp_path):
     out = tmp_path / "continual"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     argv = [sys.executable, "-m", "smf_ds.cli", "continual", "--quick", "--tasks", "4", "--methods", "smf-tfidf,lora",
             "--seeds", "0", "--out", str(out)]
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)

@@ -18,7 +18,7 @@ def _rows(path) -> int:
 
 @pytest.mark.e2e
 def test_quick_demo_trains_and_evaluates_every_method(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "smf_ds.cli", "demo", "--quick", "--out", str(tmp_path / "demo")],
                           env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-6000:]

@@ -52,7 +52,7 @@ def test_two_trainings_into_one_out_dir(tmp_path):
 
     config = build_world(tmp_path / "world")
     run = tmp_path / "run"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     argv = [sys.executable, "-m", "smf_ds.cli", "train", "--config", str(config), f"out_dir={run}",
             "sparse.scoring=tf", "train.steps=100000", "train.save_every=50"]
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -108,7 +108,7 @@ def test_a_full_disk_is_named_and_costs_no_checkpoint_or_result(small_disk, tmp_
 
     config = build_world(tmp_path / "world")
     run = small_disk / "run"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
     argv = [sys.executable, "-m", "smf_ds.cli", "train", "--config", str(config), f"out_dir={run}",
             "sparse.scoring=tf", "train.steps=100000", "train.save_every=200", "--resume", "auto"]
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

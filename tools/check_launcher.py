@@ -163,11 +163,13 @@ def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_a
     With `reference`, the one-process run lives there and one finished by an earlier check is reused."""
     from safetensors.torch import load_file
 
+    from smf_ds.train.rundir import run_finished
+
     runs = {}
     for name, how, n in (("one_process", None, 1), (launcher, launcher, procs)):
         shared = reference is not None and how is None
         out = reference / f"one_process_for_{procs}" if shared else workdir / name
-        if not (shared and _finished(out)):
+        if not (shared and run_finished(out / "train_summary.json")):
             if shared:
                 shutil.rmtree(out, ignore_errors=True)  # an earlier check's run cut short: train it afresh
             common = ["--config", str(config), f"out_dir={out}", f"train.grad_accum={procs // n}"]
@@ -186,11 +188,6 @@ def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_a
                       "background": load_file(out / "background.safetensors"),
                       "adapter": load_file(out / "memory_adapter" / "memory_adapter.safetensors")}
     return runs
-
-
-def _finished(run: Path) -> bool:
-    summary = run / "train_summary.json"
-    return summary.is_file() and json.loads(summary.read_text())["finished"]
 
 
 def compare(one: dict, launched: dict, procs: int, netns: bool = False) -> list[dict]:

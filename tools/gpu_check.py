@@ -237,11 +237,10 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             ap.error("no CUDA device here; --dry-run runs every part on the CPU")
     results = {}
-    factor = DRY_RUN_BUDGET_FACTOR if args.dry_run else 1
-    deadline = time.time() + (factor * sum(BUDGET.values()) if args.dry_run else TOTAL_BUDGET)
+    deadline = time.time() + (sum(_limit(b, device) for b in BUDGET.values()) if args.dry_run else TOTAL_BUDGET)
     for part in args.parts.split(","):
         start = time.time()
-        budget = min(factor * BUDGET[part], int(deadline - start))
+        budget = min(int(_limit(BUDGET[part], device)), int(deadline - start))
         if budget < 10:
             results[part] = {"ok": False, "error": f"not run: {TOTAL_BUDGET} s in all were spent", "seconds": 0.0}
             print(f"{part}: FAILED (not run, no time left)", flush=True)
