@@ -19,7 +19,10 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-STEPS = ["train.steps=30", "train.save_every=4"]
+# A stop signal must land while the run still trains: the first checkpoint (the tests' cue to send
+# it) comes at step 20 and 180 steps (seconds on a loaded machine) follow it.
+TOTAL_STEPS, SAVE_EVERY = 200, 20
+STEPS = [f"train.steps={TOTAL_STEPS}", f"train.save_every={SAVE_EVERY}"]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,7 @@ def test_a_stop_signal_saves_and_resume_auto_continues_exactly(world, tmp_path):
         summary = json.loads((run / "train_summary.json").read_text())
         assert summary["finished"] is False
         (stopped,) = summary["interruptions"]
-        assert stopped["signal"] == ("SIGTERM" if how == "script" else "SIGUSR1") and 4 <= stopped["step"] < 30
+        assert stopped["signal"] == ("SIGTERM" if how == "script" else "SIGUSR1") and SAVE_EVERY <= stopped["step"] < TOTAL_STEPS
         checkpoints = run / "checkpoints"
         assert (checkpoints / "latest_memory").read_text() == f"step{stopped['step']:07d}"
         assert (checkpoints / f"step{stopped['step']:07d}" / "run.json").is_file()

@@ -42,6 +42,15 @@ def test_single_process_cases():
     assert launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
 
 
+def test_an_inherited_group_of_one_does_not_hide_the_launcher():
+    """A process that ran smf-ds as a group of one exports RANK=0 WORLD_SIZE=1; an srun task it
+    starts still joins its step of two."""
+    inherited = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "4321"}
+    step = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1"}
+    assert launcher_env({**inherited, **step}) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "4321"}
+
+
 def test_bad_launcher_variables_name_them():
     with pytest.raises(ValueError, match="OMPI_COMM_WORLD_RANK=4 is outside 0..3"):
         launcher_env({"OMPI_COMM_WORLD_RANK": "4", "OMPI_COMM_WORLD_SIZE": "4"})

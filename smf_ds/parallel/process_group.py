@@ -81,8 +81,8 @@ def launcher_env(environ=None) -> dict[str, str] | None:
             raise ValueError(f"{name} launcher variables: expected integers in {rank_var}, {world_var}, "
                              f"{local_var}; got {environ.get(rank_var)!r}, {environ.get(world_var)!r}, "
                              f"{environ.get(local_var)!r}") from None
-        if world <= 1:
-            return None
+        if world <= 1:  # a group of one, perhaps inherited from a parent process: another launcher may hold more
+            continue
         if not 0 <= rank < world:
             raise ValueError(f"{name} launcher variables: {rank_var}={rank} is outside 0..{world - 1} "
                              f"({world_var}={world})")
