@@ -19,9 +19,7 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-# A stop signal must land while the run still trains: the first checkpoint (the tests' cue to send
-# it) comes at step 20 and 180 steps (seconds on a loaded machine) follow it.
-TOTAL_STEPS, SAVE_EVERY = 200, 20
+TOTAL_STEPS, SAVE_EVERY = 30, 4
 STEPS = [f"train.steps={TOTAL_STEPS}", f"train.save_every={SAVE_EVERY}"]
 
 
@@ -67,8 +65,42 @@ def _wait_for_checkpoint(run: Path, proc, seconds=300):
         time.sleep(0.2)
 
 
-def _ranks(proc) -> list[int]:
-    """The smf-ds rank processes under a launch script (launch/common.sh's rank_pids)."""
+def _signal_after_first_checkpoint(run: Path, ranks, send, signum: int, seconds: float = 300) -> None:
+    """Freeze the ranks (SIGSTOP) the moment the first checkpoint appears, `send()` the stop signal,
+    wait until it is pending on a rank, and let them go on: it then lands before the run can finish,
+    however loaded the machine (the run has only a second left)."""
+    pids = _wait_for(lambda: (found := ranks()) and len(found) == 2 and found, seconds, "the two ranks to start")
+    checkpoint = run / "checkpoints" / "latest_memory"
+    _wait_for(lambda: checkpoint.is_file() or not all(map(_alive, pids)), seconds, "the first checkpoint", poll=0.002)
+    assert checkpoint.is_file(), "a rank ended before the first checkpoint"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        send()
+        _wait_for(lambda: any(_pending(pid) & 1 << (signum - 1) for pid in pids), 60, "the signal to reach a rank")
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _wait_for(check, seconds: float, what: str, poll: float = 0.2):
+    deadline = time.time() + seconds
+    while not (result := check()):
+        assert time.time() < deadline, f"waited {seconds} s for {what}"
+        time.sleep(poll)
+    return result
+
+
+def _pending(pid: int) -> int:
+    """The signals pending on a process (/proc status ShdPnd | SigPnd), as a mask: bit n-1 is signal n."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return int(fields["ShdPnd"], 16) | int(fields["SigPnd"], 16)
+
+
+def _ranks(proc, alive=False) -> list[int]:
+    """The smf-ds rank processes under a launch script (launch/common.sh's rank_pids); `alive`: the
+    script must still run."""
+    assert not alive or proc.poll() is None, f"the launch script ended ({proc.returncode})"
     out = subprocess.run(["bash", "-c", f"source {REPO}/launch/common.sh 2 x >/dev/null; rank_pids {proc.pid}"],
                          capture_output=True, text=True, check=True).stdout.split()
     return [int(p) for p in out]
@@ -99,11 +131,11 @@ def test_a_stop_signal_saves_and_resume_auto_continues_exactly(world, tmp_path):
         run = tmp_path / name
         with open(tmp_path / f"{name}.log", "w") as log:
             proc = _launch(2, "train", config, run, *_train_argv(stats), "--resume", "auto", log=log)
-            _wait_for_checkpoint(run, proc)
             if how == "script":
-                proc.send_signal(signal.SIGTERM)
+                send, signum = (lambda: proc.send_signal(signal.SIGTERM)), signal.SIGTERM
             else:
-                os.kill(_ranks(proc)[1], signal.SIGUSR1)
+                send, signum = (lambda: os.kill(_ranks(proc)[1], signal.SIGUSR1)), signal.SIGUSR1
+            _signal_after_first_checkpoint(run, lambda: _ranks(proc, alive=True), send, signum)
             assert proc.wait(timeout=300) == STOPPED_EXIT_CODE, _log(tmp_path / f"{name}.log")[-3000:]
             stopped = time.time()  # nothing of the run is left: no orphaned launcher or rank
             while subprocess.run(["pgrep", "-f", f"out_dir={run}"], capture_output=True).returncode == 0:
@@ -204,11 +236,14 @@ def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(
 
     run = tmp_path / "requeued"
     job = submit(run)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "latest_memory").is_file():
-        assert time.time() < deadline and _slurm_job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
-        time.sleep(0.2)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+
+    def ranks():
+        assert _slurm_job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
+        found = subprocess.run(["pgrep", "-f", rf"^\S*python\S* -m smf_ds.cli .*out_dir={run} "], capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split()]
+
+    _signal_after_first_checkpoint(run, ranks, lambda: subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True),
+                                   signal.SIGUSR1)
     deadline = time.time() + 300  # the requeue takes effect as the allocation ends (COMPLETING, REQUEUED...)
     while (requeued := _slurm_job(job))["Restarts"] != "1" or requeued["JobState"] != "PENDING":
         assert requeued["JobState"] not in ("FAILED", "CANCELLED", "COMPLETED") and time.time() < deadline, requeued
