@@ -112,11 +112,12 @@ def test_the_accelerator_is_the_machines_unless_set(tmp_path):
         assert done.stdout.strip() == want, done.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def reference(tmp_path_factory):
-    """One tiny world and one-process run per process count for every launcher's check (the
-    launcher tests share a worker: xdist group "cluster")."""
-    return tmp_path_factory.mktemp("launcher_reference")
+    """One tiny world and one-process run per process count for every launcher's check, shared by
+    the test workers (check_launcher takes turns in it)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "launcher_reference"
 
 
 def _check_launcher():
@@ -127,8 +128,7 @@ def _check_launcher():
 
 
 @pytest.mark.e2e
-@CLUSTER
-@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "slurm"])
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", pytest.param("slurm", marks=CLUSTER)])
 def test_launcher_equals_one_process(launcher, tmp_path, reference):
     """tools/check_launcher.py: 2 processes through the launcher equal one process."""
     missing = launcher_missing(launcher)
@@ -181,6 +181,24 @@ def test_launcher_check_reuses_a_finished_reference_only(tmp_path, monkeypatch):
     calls.clear()
     runs = check.train_twice(tmp_path / "run.yaml", "mpirun", 2, tmp_path / "b", reference=reference)
     assert calls == [("mpirun", "background"), ("mpirun", "train")] and runs["one_process"]["summary"]["finished"]
+
+
+def test_checks_sharing_a_reference_take_turns_in_it(tmp_path):
+    import threading
+
+    holding = _check_launcher()._holding
+    entered = threading.Event()
+
+    def second_check():
+        with holding(tmp_path / "reference"):
+            entered.set()
+
+    with holding(tmp_path / "reference"):
+        waiting = threading.Thread(target=second_check)
+        waiting.start()
+        assert not entered.wait(0.5)
+    assert entered.wait(30)
+    waiting.join()
 
 
 def _fake_run_outputs(out: Path, finished: bool) -> None:

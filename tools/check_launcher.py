@@ -24,6 +24,8 @@ mismatch (2 when a run fails; its log is printed).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import shlex
@@ -157,37 +159,58 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@contextlib.contextmanager
+def _holding(reference: Path | None):
+    """Checks run side by side that share a --reference folder take turns building in it."""
+    if reference is None:
+        yield
+        return
+    reference.mkdir(parents=True, exist_ok=True)
+    with open(reference / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_args: str = "",
                 netns: bool = False, reference: Path | None = None) -> dict:
     """background + train once as one process and once under the launcher; returns each run's outputs.
     With `reference`, the one-process run lives there and one finished by an earlier check is reused."""
     from safetensors.torch import load_file
 
-    from smf_ds.train.rundir import run_finished
-
     runs = {}
     for name, how, n in (("one_process", None, 1), (launcher, launcher, procs)):
         shared = reference is not None and how is None
         out = reference / f"one_process_for_{procs}" if shared else workdir / name
-        if not (shared and run_finished(out / "train_summary.json")):
-            if shared:
-                shutil.rmtree(out, ignore_errors=True)  # an earlier check's run cut short: train it afresh
-            common = ["--config", str(config), f"out_dir={out}", f"train.grad_accum={procs // n}"]
-            for args in (["background", *common],
-                         ["train", *common, f"sparse.background={out / 'background.safetensors'}"]):
-                done = run_smf_ds(how, n, args, out / "logs", sbatch_args, netns=netns)
-                # `sbatch --wait` exits 0 for a job cancelled before it ran: the outputs say whether it did.
-                wrote = out / ("background.safetensors" if args[0] == "background" else "train_summary.json")
-                if done.returncode != 0 or not wrote.is_file():
-                    raise RuntimeError(f"{' '.join(launch_command(how, n, args, out / 'logs', sbatch_args))} "
-                                       f"failed (exit status {done.returncode}"
-                                       f"{'' if wrote.is_file() else f', no {wrote.name} written'}):\n"
-                                       f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+        with _holding(reference if shared else None):
+            _run_unless_finished(out, shared, config, how, n, procs, sbatch_args, netns)
         summary = json.loads((out / "train_summary.json").read_text())
         runs[name] = {"summary": summary,
                       "background": load_file(out / "background.safetensors"),
                       "adapter": load_file(out / "memory_adapter" / "memory_adapter.safetensors")}
     return runs
+
+
+def _run_unless_finished(out: Path, shared: bool, config: Path, how: str | None, n: int, procs: int,
+                         sbatch_args: str, netns: bool) -> None:
+    """background + train into `out`, as `n` processes under `how` (None: one plain process); a
+    shared reference run that an earlier check finished is kept."""
+    from smf_ds.train.rundir import run_finished
+
+    if shared and run_finished(out / "train_summary.json"):
+        return
+    if shared:
+        shutil.rmtree(out, ignore_errors=True)  # an earlier check's run cut short: train it afresh
+    common = ["--config", str(config), f"out_dir={out}", f"train.grad_accum={procs // n}"]
+    for args in (["background", *common],
+                 ["train", *common, f"sparse.background={out / 'background.safetensors'}"]):
+        done = run_smf_ds(how, n, args, out / "logs", sbatch_args, netns=netns)
+        # `sbatch --wait` exits 0 for a job cancelled before it ran: the outputs say whether it did.
+        wrote = out / ("background.safetensors" if args[0] == "background" else "train_summary.json")
+        if done.returncode != 0 or not wrote.is_file():
+            raise RuntimeError(f"{' '.join(launch_command(how, n, args, out / 'logs', sbatch_args))} "
+                               f"failed (exit status {done.returncode}"
+                               f"{'' if wrote.is_file() else f', no {wrote.name} written'}):\n"
+                               f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
 
 
 def compare(one: dict, launched: dict, procs: int, netns: bool = False) -> list[dict]:
@@ -240,7 +263,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="check_launcher_") as tmp:
         workdir = args.workdir or Path(tmp)
         world = (args.reference or workdir) / "world"
-        config = world / "run.yaml" if args.reference and (world / "run.yaml").is_file() else build_world(world)
+        with _holding(args.reference):
+            config = world / "run.yaml" if args.reference and (world / "run.yaml").is_file() else build_world(world)
         try:
             runs = train_twice(config, args.launcher, args.procs, workdir / "runs", args.sbatch_args, args.netns,
                                args.reference)
