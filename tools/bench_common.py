@@ -181,3 +181,41 @@ def fbgemm_sgd_table(weight, lr: float, device: str = "cpu"):
     with torch.no_grad():
         tbe.split_embedding_weights()[0].copy_(weight)
     return tbe
+
+
+def distinct_rows(num_rows: int, tokens: int, heads: int, knn: int, generator, pool=None):
+    """(tokens, heads*knn) row ids: per token and head, knn distinct rows drawn uniformly (from
+    `pool`, a tensor of row ids, when given)."""
+    import torch
+    if pool is not None:
+        return pool[distinct_rows(pool.numel(), tokens, heads, knn, generator)]
+    pos = torch.randint(0, num_rows, (tokens, heads, knn), generator=generator)
+    while True:  # redraw duplicates within a (token, head) until none are left
+        sorted_pos, order = pos.sort(dim=-1)
+        dup_sorted = sorted_pos[..., 1:] == sorted_pos[..., :-1]
+        if not bool(dup_sorted.any()):
+            break
+        dup = torch.zeros_like(pos, dtype=torch.bool)
+        dup.scatter_(-1, order[..., 1:], dup_sorted)
+        pos[dup] = torch.randint(0, num_rows, (int(dup.sum()),), generator=generator)
+    return pos.reshape(tokens, heads * knn)
+
+
+def cpu_allocations(fn) -> tuple[list[tuple[int, int, int, int]], str | None]:
+    """Run `fn` once under the profiler: its CPU allocator events in time order, as (time ns, size,
+    address, bytes allocated after it; a free has a negative size), and None; or [] and the error
+    where this torch lacks the private event tree (kineto_results.experimental_event_tree)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        stack, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
+        while stack:
+            node = stack.pop()
+            ef = node.extra_fields
+            if type(ef).__name__ == "_ExtraFields_Allocation" and str(ef.device) == "cpu":
+                events.append((node.start_time_ns, ef.alloc_size, ef.ptr, ef.total_allocated))
+            stack.extend(node.children)
+    except AttributeError as err:  # private API moved
+        return [], repr(err)
+    return sorted(events, key=lambda event: event[0]), None

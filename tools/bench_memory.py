@@ -103,21 +103,6 @@ GOAL_FLAT_RATIO = 1.2
 
 # --- inputs ----------------------------------------------------------------------------------
 
-def distinct_rows(tokens: int, heads: int, knn: int, pool, generator):
-    """(tokens, heads*knn) row ids: per token and head, knn distinct entries of `pool`, uniformly."""
-    import torch
-    pos = torch.randint(0, pool.numel(), (tokens, heads, knn), generator=generator)
-    while True:  # redraw duplicates within a (token, head) until none are left
-        sorted_pos, order = pos.sort(dim=-1)
-        dup_sorted = sorted_pos[..., 1:] == sorted_pos[..., :-1]
-        if not bool(dup_sorted.any()):
-            break
-        dup = torch.zeros_like(pos, dtype=torch.bool)
-        dup.scatter_(-1, order[..., 1:], dup_sorted)
-        pos[dup] = torch.randint(0, pool.numel(), (int(dup.sum()),), generator=generator)
-    return pool[pos].reshape(tokens, heads * knn)
-
-
 def lookup_inputs(num_rows: int, draw: str, rank: int, a):
     import torch
     g = torch.Generator().manual_seed(a.seed * 1_000_003 + 7919 * rank + DRAWS.index(draw))
@@ -126,7 +111,7 @@ def lookup_inputs(num_rows: int, draw: str, rank: int, a):
     else:  # the same number of hot rows at every size, spread over the whole table
         pool_g = torch.Generator().manual_seed(a.seed)  # same hot set on every rank
         pool = torch.randperm(num_rows, generator=pool_g)[:a.hot_rows].sort().values
-    indices_NK = distinct_rows(a.tokens, a.heads, a.knn, pool, g)
+    indices_NK = bench_common.distinct_rows(pool.numel(), a.tokens, a.heads, a.knn, g, pool)
     logits = torch.randn(a.tokens, a.heads, a.knn, generator=g)
     weights_NK = torch.softmax(logits, dim=-1).reshape(a.tokens, -1).to(a.device).requires_grad_()
     grad_ND = torch.randn(a.tokens, a.dim, generator=g)
@@ -301,23 +286,11 @@ def torch_step_allocations(step) -> dict:
     Own running sum over the step's events (time order): + size of each allocation, - size of each
     free of a block allocated in this step (frees of older blocks are not step allocations).
     """
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    try:
-        stack = list(prof.profiler.kineto_results.experimental_event_tree())
-        events = []
-        while stack:
-            node = stack.pop()
-            ef = node.extra_fields
-            if type(ef).__name__ == "_ExtraFields_Allocation" and str(ef.device) == "cpu":
-                events.append((node.start_time_ns, ef.alloc_size, ef.ptr))
-            stack.extend(node.children)
-    except AttributeError as e:  # private API moved
-        return {"alloc_peak_bytes": None, "alloc_total_bytes": None, "alloc_error": repr(e)}
-    events.sort(key=lambda e: e[0])
+    events, error = bench_common.cpu_allocations(step)
+    if error:
+        return {"alloc_peak_bytes": None, "alloc_total_bytes": None, "alloc_error": error}
     live, running, peak, total, count = {}, 0, 0, 0, 0
-    for _, size, ptr in events:
+    for _, size, ptr, _ in events:
         if size > 0:
             live[ptr] = size
             running += size

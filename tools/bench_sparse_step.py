@@ -97,24 +97,6 @@ BUSY_WARN = 0.10  # warn when other processes used more than this share of the C
 
 # --- the two paths ---------------------------------------------------------------------------
 
-def distinct_rows(num_rows: int, tokens: int, heads: int, knn: int, generator, pool=None):
-    """(tokens, heads*knn) row ids: per token and head, knn distinct rows drawn uniformly
-    (from `pool`, a tensor of row ids, when given)."""
-    import torch
-    if pool is not None:
-        return pool[distinct_rows(pool.numel(), tokens, heads, knn, generator)]
-    pos = torch.randint(0, num_rows, (tokens, heads, knn), generator=generator)
-    while True:  # redraw duplicates within a (token, head) until none are left
-        sorted_pos, order = pos.sort(dim=-1)
-        dup_sorted = sorted_pos[..., 1:] == sorted_pos[..., :-1]
-        if not bool(dup_sorted.any()):
-            break
-        dup = torch.zeros_like(pos, dtype=torch.bool)
-        dup.scatter_(-1, order[..., 1:], dup_sorted)
-        pos[dup] = torch.randint(0, num_rows, (int(dup.sum()),), generator=generator)
-    return pos.reshape(tokens, heads * knn)
-
-
 def make_batch(num_rows: int, a):
     """Seeded inputs shared by both paths (same tokens whatever the path)."""
     import torch
@@ -122,7 +104,7 @@ def make_batch(num_rows: int, a):
     pool = None
     if a.hot_rows:  # control: the same number of rows read at every N, spread over the whole table
         pool = torch.randperm(num_rows, generator=torch.Generator().manual_seed(a.seed))[:a.hot_rows].sort().values
-    indices_NK = distinct_rows(num_rows, a.tokens, a.heads, a.knn, g, pool)
+    indices_NK = bench_common.distinct_rows(num_rows, a.tokens, a.heads, a.knn, g, pool)
     logits = torch.randn(a.tokens, a.heads, a.knn, generator=g)
     weights_NK = torch.softmax(logits, dim=-1).reshape(a.tokens, -1).requires_grad_()
     grad_out_ND = torch.randn(a.tokens, a.dim, generator=g)
@@ -409,22 +391,12 @@ def torch_alloc_peak(fn) -> dict:
     before); total: all bytes allocated during `fn`. Reads the private event tree
     (kineto_results.experimental_event_tree): None where this torch lacks it.
     """
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    try:
-        stack, allocs = list(prof.profiler.kineto_results.experimental_event_tree()), []
-        while stack:
-            node = stack.pop()
-            ef = node.extra_fields
-            if type(ef).__name__ == "_ExtraFields_Allocation" and str(ef.device) == "cpu":
-                allocs.append((node.start_time_ns, ef.alloc_size, ef.total_allocated))
-            stack.extend(node.children)
-    except AttributeError as err:  # private API moved
-        return {"alloc_peak_bytes": None, "alloc_total_bytes": None, "alloc_error": repr(err)}
+    events, error = bench_common.cpu_allocations(fn)
+    if error:
+        return {"alloc_peak_bytes": None, "alloc_total_bytes": None, "alloc_error": error}
+    allocs = [(when, size, total) for when, size, _, total in events]
     if not allocs:
         return {"alloc_peak_bytes": 0, "alloc_total_bytes": 0}
-    allocs.sort()
     base = allocs[0][2] - allocs[0][1]
     return {"alloc_peak_bytes": max(t for _, _, t in allocs) - base,
             "alloc_total_bytes": sum(s for _, s, _ in allocs if s > 0)}
