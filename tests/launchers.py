@@ -25,7 +25,16 @@ def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
     if check:
         assert done.returncode == 0, done.stderr[-6000:]
     return done
+
+
 CLUSTER = pytest.mark.xdist_group("cluster")
+
+
+def shared_tmp(tmp_path_factory, name: str) -> Path:
+    """A folder that every pytest worker of this session sees (the session's base temp dir); what
+    builds in it takes turns (check_launcher.locked)."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
 
 
 def bring_up_namespaces() -> None:

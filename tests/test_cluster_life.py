@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launchers import CLUSTER, launcher_missing
+from launchers import CLUSTER, launcher_missing, shared_tmp
 from smf_ds.train.stop import STOPPED_EXIT_CODE
 
 pytestmark = pytest.mark.e2e
@@ -23,17 +23,27 @@ TOTAL_STEPS, SAVE_EVERY = 30, 4
 STEPS = [f"train.steps={TOTAL_STEPS}", f"train.save_every={SAVE_EVERY}"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    """check_launcher's tiny world (SMF, tfidf, row-sharded tables) and its background stats."""
+    """check_launcher's tiny world (SMF, tfidf, row-sharded tables), its background stats and a
+    straight 2-process run of STEPS, built once for every test worker: (config, stats, straight)."""
     sys.path.insert(0, str(REPO / "tools"))
-    from check_launcher import build_world
+    from check_launcher import build_world, locked
 
-    root = tmp_path_factory.mktemp("cluster")
-    config = build_world(root / "world")
-    done = _launch(2, "background", config, root / "stats", wait=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return config, root / "stats" / "background.safetensors"
+    from smf_ds.train.rundir import run_finished
+
+    root = shared_tmp(tmp_path_factory, "cluster_world")
+    config, stats, straight = root / "world" / "run.yaml", root / "stats" / "background.safetensors", root / "straight"
+    with locked(root):
+        if not config.is_file():
+            build_world(root / "world")
+        if not stats.is_file():
+            done = _launch(2, "background", config, root / "stats", wait=True)
+            assert done.returncode == 0, done.stderr[-3000:]
+        if not run_finished(straight / "train_summary.json"):
+            done = _launch(2, "train", config, straight, *_train_argv(stats), wait=True)
+            assert done.returncode == 0, done.stderr[-3000:]
+    return config, stats, straight
 
 
 def _log(path: Path) -> str:
@@ -122,10 +132,8 @@ def test_a_stop_signal_saves_and_resume_auto_continues_exactly(world, tmp_path):
     """SIGTERM to the launch script, and SIGUSR1 to rank 1 alone: every rank stops at the same step
     boundary, saves, and exits 75 with a summary saying so; the same command with --resume auto
     then finishes the run bitwise equal to an uninterrupted one (adapter and every step's loss)."""
-    config, stats = world
-    straight = _launch(2, "train", config, tmp_path / "straight", *_train_argv(stats), wait=True)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    reference = _adapter(tmp_path / "straight")
+    config, stats, straight = world
+    reference = _adapter(straight)
 
     for name, how in (("term_script", "script"), ("usr1_rank1", "rank1")):
         run = tmp_path / name
@@ -154,7 +162,7 @@ def test_a_stop_signal_saves_and_resume_auto_continues_exactly(world, tmp_path):
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         adapter = _adapter(run)
         assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter)
-        assert _losses(run) == _losses(tmp_path / "straight")
+        assert _losses(run) == _losses(straight)
         summary = json.loads((run / "train_summary.json").read_text())
         assert summary["finished"] and summary["resumed_at_step"] == stopped["step"]
         assert summary["interruptions"] == [stopped]
@@ -164,7 +172,7 @@ def test_a_stop_signal_saves_and_resume_auto_continues_exactly(world, tmp_path):
 def test_a_lost_rank_ends_the_job_naming_it(world, tmp_path, how):
     """kill -9, or SIGSTOP, of rank 1 of 2: rank 0 exits within the collective timeout naming rank
     1, the launcher exits non-zero, and the checkpoint marked latest is a complete one."""
-    config, stats = world
+    config, stats, _ = world
     run, timeout = tmp_path / "run", 8
     with open(tmp_path / "log", "w") as log:
         proc = _launch(2, "train", config, run, f"sparse.background={stats}", "train.steps=100000",
@@ -220,22 +228,17 @@ def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(
     """launch/slurm.sbatch on the one-node test cluster: the batch script's time-limit signal
     (sent early here: scancel --signal=USR1 --batch) makes the ranks save and exit 75, the script
     requeues the job, and its second allocation continues with the same command line (--resume
-    auto) to the same result as an uninterrupted job; one log holds both allocations."""
+    auto) to the same result as an uninterrupted 2-process run (the world's straight run, through
+    launch/deepspeed.sh: the same ranks, batches and reductions); one log holds both allocations."""
     missing = launcher_missing("slurm")
     assert missing is None, missing
-    config, stats = world
-
-    def submit(run: Path, *flags: str) -> str:
-        argv = ["sbatch", "--parsable", "--ntasks-per-node=2", f"--output={run}.log", f"--chdir={REPO}", *flags,
-                str(REPO / "launch" / "slurm.sbatch"), "train", "--config", str(config), f"out_dir={run}",
-                *_train_argv(stats), "--resume", "auto"]
-        return subprocess.run(argv, env=ENV, capture_output=True, text=True, check=True).stdout.strip()
-
-    straight = submit(tmp_path / "straight", "--wait")
-    assert _slurm_job(straight)["JobState"] == "COMPLETED", _log(tmp_path / "straight.log")[-3000:]
+    config, stats, straight = world
 
     run = tmp_path / "requeued"
-    job = submit(run)
+    argv = ["sbatch", "--parsable", "--ntasks-per-node=2", f"--output={run}.log", f"--chdir={REPO}",
+            str(REPO / "launch" / "slurm.sbatch"), "train", "--config", str(config), f"out_dir={run}",
+            *_train_argv(stats), "--resume", "auto"]
+    job = subprocess.run(argv, env=ENV, capture_output=True, text=True, check=True).stdout.strip()
 
     def ranks():
         assert _slurm_job(job)["JobState"] in ("PENDING", "RUNNING", "CONFIGURING")
@@ -258,6 +261,6 @@ def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(
     assert "stopped on SIGUSR1 at step" in log and "requeued" in log
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["finished"] and [i["signal"] for i in summary["interruptions"]] == ["SIGUSR1"]
-    adapter, reference = _adapter(run), _adapter(tmp_path / "straight")
+    adapter, reference = _adapter(run), _adapter(straight)
     assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter)
-    assert _losses(run) == _losses(tmp_path / "straight")
+    assert _losses(run) == _losses(straight)

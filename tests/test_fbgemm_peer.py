@@ -118,5 +118,6 @@ def test_benchmarks_report_ours_over_fbgemm(tmp_path):
                    "--no-layer", "--draws", "uniform", "--out", str(out))
     (peer,) = json.loads(out.read_text())["ours_over_fbgemm"]
     assert peer["num_rows"] == 1024 and peer["forward"]["median"] > 0 and peer["dense_accessed_step"]["median"] > 0
-    assert all(v is not None and v > 0 for v in peer["peak_bytes"].values())
+    peak = peer["peak_bytes"]  # RSS growth during a step: FBGEMM's in-place one may fit in pages already resident
+    assert peak["ours"] > 0 and peak["ours-dense"] > 0 and peak["fbgemm"] >= 0
     assert "Ours (replicated, 1 process) / FBGEMM TBE" in printed

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launchers import CLUSTER, bring_up_namespaces, launcher_missing
+from launchers import CLUSTER, bring_up_namespaces, launcher_missing, shared_tmp
 from smf_ds.parallel.process_group import launcher_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,8 +116,7 @@ def test_the_accelerator_is_the_machines_unless_set(tmp_path):
 def reference(tmp_path_factory):
     """One tiny world and one-process run per process count for every launcher's check, shared by
     the test workers (check_launcher takes turns in it)."""
-    base = tmp_path_factory.getbasetemp()
-    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "launcher_reference"
+    return shared_tmp(tmp_path_factory, "launcher_reference")
 
 
 def _check_launcher():
@@ -186,7 +185,7 @@ def test_launcher_check_reuses_a_finished_reference_only(tmp_path, monkeypatch):
 def test_checks_sharing_a_reference_take_turns_in_it(tmp_path):
     import threading
 
-    holding = _check_launcher()._holding
+    holding = _check_launcher().locked
     entered = threading.Event()
 
     def second_check():

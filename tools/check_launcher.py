@@ -160,8 +160,8 @@ def _has_cuda() -> bool:
 
 
 @contextlib.contextmanager
-def _holding(reference: Path | None):
-    """Checks run side by side that share a --reference folder take turns building in it."""
+def locked(reference: Path | None):
+    """Checks (and tests) run side by side that share a folder take turns building in it."""
     if reference is None:
         yield
         return
@@ -181,7 +181,7 @@ def train_twice(config: Path, launcher: str, procs: int, workdir: Path, sbatch_a
     for name, how, n in (("one_process", None, 1), (launcher, launcher, procs)):
         shared = reference is not None and how is None
         out = reference / f"one_process_for_{procs}" if shared else workdir / name
-        with _holding(reference if shared else None):
+        with locked(reference if shared else None):
             _run_unless_finished(out, shared, config, how, n, procs, sbatch_args, netns)
         summary = json.loads((out / "train_summary.json").read_text())
         runs[name] = {"summary": summary,
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="check_launcher_") as tmp:
         workdir = args.workdir or Path(tmp)
         world = (args.reference or workdir) / "world"
-        with _holding(args.reference):
+        with locked(args.reference):
             config = world / "run.yaml" if args.reference and (world / "run.yaml").is_file() else build_world(world)
         try:
             runs = train_twice(config, args.launcher, args.procs, workdir / "runs", args.sbatch_args, args.netns,
