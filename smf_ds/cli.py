@@ -234,6 +234,7 @@ def _leave_process_group(all_done: bool) -> None:
     import torch.distributed as dist
 
     from .parallel import watchdog
+    from .parallel.process_group import destroy_process_group
 
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -241,7 +242,7 @@ def _leave_process_group(all_done: bool) -> None:
         watchdog.stop()
         dist.barrier()
     gc.collect()  # drop cycles that still hold tensors a pending work object may reference
-    dist.destroy_process_group()
+    destroy_process_group()
 
 
 def _lost_peers() -> list[str]:

@@ -18,10 +18,42 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
-    """`python -m smf_ds.cli ARGS` on the CPU (one thread: conftest); with check, a failure shows its stderr."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    done = subprocess.run([sys.executable, "-m", "smf_ds.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=900)
+    """`smf-ds ARGS` run in this process, as `python -m smf_ds.cli ARGS` would run (its exit code, what
+    it prints, its log lines), without a new interpreter's imports (seconds per call); on the CPU,
+    one thread (conftest). The stop-signal handlers it installs are put back after. With check, a
+    failure shows its stderr."""
+    import contextlib
+    import io
+    import logging
+    import signal
+    import traceback
+
+    from smf_ds import cli
+    from smf_ds.train import stop
+
+    out, err = io.StringIO(), io.StringIO()
+    log_lines = logging.StreamHandler(err)
+    log_lines.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, handlers = logging.getLogger(), {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    level = root.level
+    root.addHandler(log_lines)
+    root.setLevel(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exit_:  # argparse's refusals
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except Exception:  # what the interpreter would print, with its exit status
+                traceback.print_exc()
+                code = 1
+    finally:
+        root.removeHandler(log_lines)
+        root.setLevel(level)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        stop._listening.clear()
+    done = subprocess.CompletedProcess(["smf-ds", *args], code, out.getvalue(), err.getvalue())
     if check:
         assert done.returncode == 0, done.stderr[-6000:]
     return done

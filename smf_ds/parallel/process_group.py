@@ -5,6 +5,7 @@ Model code never imports this; parallelism is applied from outside (see shard_me
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -104,6 +105,17 @@ def init_process_group(backend: str | None = None, timeout: float = DEFAULT_COLL
     # (another job may hold that one).
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     dist.init_process_group(backend=backend or default_backend(), rank=0, world_size=1)
+
+
+def destroy_process_group() -> None:
+    """Leave this process's group. Through DeepSpeed when its comm is set up: that also drops the
+    groups DeepSpeed derived from this one, which a later group in this process (smf-ds run again
+    as a library) would otherwise meet, stale."""
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None and comm.cdb is not None and comm.cdb.is_initialized():
+        comm.destroy_process_group()
+    else:
+        dist.destroy_process_group()
 
 
 def init_from_env(backend: str | None = None, timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> bool:
