@@ -19,9 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
     """`smf-ds ARGS` run in this process, as `python -m smf_ds.cli ARGS` would run (its exit code, what
-    it prints, its log lines), without a new interpreter's imports (seconds per call); on the CPU,
-    one thread (conftest). The stop-signal handlers it installs are put back after. With check, a
-    failure shows its stderr."""
+    it prints from Python, its log lines), without a new interpreter's imports (seconds per call); on
+    the CPU, one thread (conftest). The stop-signal handlers it installs are put back after. With
+    check, a failure shows its stderr."""
     import contextlib
     import io
     import logging
@@ -34,14 +34,15 @@ def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
     out, err = io.StringIO(), io.StringIO()
     log_lines = logging.StreamHandler(err)
     log_lines.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root, handlers = logging.getLogger(), {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    root, handlers = logging.getLogger(), {sig: signal.getsignal(sig) for sig in signal.valid_signals()
+                                           if sig not in (signal.SIGKILL, signal.SIGSTOP)}
     level = root.level
     root.addHandler(log_lines)
     root.setLevel(logging.INFO)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = cli.main(list(args))
+                code = cli.main([str(arg) for arg in args])
             except SystemExit as exit_:  # argparse's refusals
                 code = exit_.code if isinstance(exit_.code, int) else 1
             except Exception:  # what the interpreter would print, with its exit status
@@ -50,9 +51,10 @@ def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
     finally:
         root.removeHandler(log_lines)
         root.setLevel(level)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+        for sig in stop._listening:  # cluster.stop_signals' handlers
+            signal.signal(sig, handlers[sig])
         stop._listening.clear()
+        stop._requested = None
     done = subprocess.CompletedProcess(["smf-ds", *args], code, out.getvalue(), err.getvalue())
     if check:
         assert done.returncode == 0, done.stderr[-6000:]

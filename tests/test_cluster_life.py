@@ -1,7 +1,9 @@
 """Cluster life under a real launcher (launch/deepspeed.sh, 2 CPU processes): a stop signal saves
 and exits 75, `--resume auto` continues bitwise; a rank killed or stopped ends the job, named."""
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,6 +43,7 @@ def world(tmp_path_factory):
             done = _launch(2, "background", config, root / "stats", wait=True)
             assert done.returncode == 0, done.stderr[-3000:]
         if not run_finished(straight / "train_summary.json"):
+            shutil.rmtree(straight, ignore_errors=True)  # a worker's run cut short: trained afresh
             done = _launch(2, "train", config, straight, *_train_argv(stats), wait=True)
             assert done.returncode == 0, done.stderr[-3000:]
     return config, stats, straight
@@ -83,14 +86,17 @@ def _signal_after_first_checkpoint(run: Path, ranks, send, signum: int, seconds:
     checkpoint = run / "checkpoints" / "latest_memory"
     _wait_for(lambda: checkpoint.is_file() or not all(map(_alive, pids)), seconds, "the first checkpoint", poll=0.002)
     assert checkpoint.is_file(), "a rank ended before the first checkpoint"
-    for pid in pids:
-        os.kill(pid, signal.SIGSTOP)
+    stopped = []
     try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
         send()
         _wait_for(lambda: any(_pending(pid) & 1 << (signum - 1) for pid in pids), 60, "the signal to reach a rank")
     finally:
-        for pid in pids:
-            os.kill(pid, signal.SIGCONT)
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 def _wait_for(check, seconds: float, what: str, poll: float = 0.2):
@@ -139,12 +145,16 @@ def test_a_stop_signal_saves_and_resume_auto_continues_exactly(world, tmp_path):
         run = tmp_path / name
         with open(tmp_path / f"{name}.log", "w") as log:
             proc = _launch(2, "train", config, run, *_train_argv(stats), "--resume", "auto", log=log)
-            if how == "script":
-                send, signum = (lambda: proc.send_signal(signal.SIGTERM)), signal.SIGTERM
-            else:
-                send, signum = (lambda: os.kill(_ranks(proc)[1], signal.SIGUSR1)), signal.SIGUSR1
-            _signal_after_first_checkpoint(run, lambda: _ranks(proc, alive=True), send, signum)
-            assert proc.wait(timeout=300) == STOPPED_EXIT_CODE, _log(tmp_path / f"{name}.log")[-3000:]
+            try:
+                if how == "script":
+                    send, signum = (lambda: proc.send_signal(signal.SIGTERM)), signal.SIGTERM
+                else:
+                    send, signum = (lambda: os.kill(_ranks(proc)[1], signal.SIGUSR1)), signal.SIGUSR1
+                _signal_after_first_checkpoint(run, lambda: _ranks(proc, alive=True), send, signum)
+                assert proc.wait(timeout=300) == STOPPED_EXIT_CODE, _log(tmp_path / f"{name}.log")[-3000:]
+            finally:
+                if proc.poll() is None:  # a failed check leaves no launcher or rank behind
+                    os.killpg(proc.pid, signal.SIGKILL)
             stopped = time.time()  # nothing of the run is left: no orphaned launcher or rank
             while subprocess.run(["pgrep", "-f", f"out_dir={run}"], capture_output=True).returncode == 0:
                 assert time.time() - stopped < 10, "a process of the stopped run is still alive"
@@ -245,16 +255,19 @@ def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(
         found = subprocess.run(["pgrep", "-f", rf"^\S*python\S* -m smf_ds.cli .*out_dir={run} "], capture_output=True, text=True)
         return [int(pid) for pid in found.stdout.split()]
 
-    _signal_after_first_checkpoint(run, ranks, lambda: subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True),
-                                   signal.SIGUSR1)
-    deadline = time.time() + 300  # the requeue takes effect as the allocation ends (COMPLETING, REQUEUED...)
-    while (requeued := _slurm_job(job))["Restarts"] != "1" or requeued["JobState"] != "PENDING":
-        assert requeued["JobState"] not in ("FAILED", "CANCELLED", "COMPLETED") and time.time() < deadline, requeued
-        time.sleep(0.5)
-    # Sooner than slurm's requeue delay, but not within the second the node revoked the first
-    # allocation's credential (the job would fail: "Job credential revoked").
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now+2"], check=True)
-    assert _wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 300)["JobState"] == "COMPLETED"
+    try:
+        _signal_after_first_checkpoint(run, ranks, lambda: subprocess.run(["scancel", "--signal=USR1", "--batch", job],
+                                                                          check=True), signal.SIGUSR1)
+        deadline = time.time() + 300  # the requeue takes effect as the allocation ends (COMPLETING, REQUEUED...)
+        while (requeued := _slurm_job(job))["Restarts"] != "1" or requeued["JobState"] != "PENDING":
+            assert requeued["JobState"] not in ("FAILED", "CANCELLED", "COMPLETED") and time.time() < deadline, requeued
+            time.sleep(0.5)
+        # Sooner than slurm's requeue delay, but not within the second the node revoked the first
+        # allocation's credential (the job would fail: "Job credential revoked").
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now+2"], check=True)
+        assert _wait_for_state(job, ("COMPLETED", "FAILED", "CANCELLED"), 300)["JobState"] == "COMPLETED"
+    finally:  # a failed check leaves no job on the test cluster
+        subprocess.run(["scancel", job], capture_output=True)
 
     log = _log(Path(f"{run}.log"))
     assert f"job {job}, allocation 1 (SLURM_RESTART_COUNT=0)" in log and f"job {job}, allocation 2 (SLURM_RESTART_COUNT=1)" in log
@@ -262,5 +275,7 @@ def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["finished"] and [i["signal"] for i in summary["interruptions"]] == ["SIGUSR1"]
     adapter, reference = _adapter(run), _adapter(straight)
-    assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter)
-    assert _losses(run) == _losses(straight)
+    # The straight run went through launch/deepspeed.sh: 2 ranks on the same batches and reductions.
+    assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter), \
+        "the requeued slurm job differs from the straight 2-process run (launch/deepspeed.sh)"
+    assert _losses(run) == _losses(straight), "slurm's losses differ from the straight run's (launch/deepspeed.sh)"

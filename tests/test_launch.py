@@ -42,13 +42,18 @@ def test_single_process_cases():
     assert launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
 
 
-def test_an_inherited_group_of_one_does_not_hide_the_launcher():
-    """A process that ran smf-ds as a group of one exports RANK=0 WORLD_SIZE=1; an srun task it
-    starts still joins its step of two."""
-    inherited = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_PORT": "4321"}
-    step = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1"}
-    assert launcher_env({**inherited, **step}) == {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
-                                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "4321"}
+@pytest.mark.e2e
+def test_a_group_of_one_takes_its_launcher_variables_back():
+    """smf-ds run unlaunched exports RANK=0 WORLD_SIZE=1 (DeepSpeed reads them); after it leaves
+    the group, a process it starts (an srun task, say) must not inherit a world of one."""
+    script = ("import os; from smf_ds.parallel.process_group import init_process_group, destroy_process_group; "
+              "init_process_group('gloo'); during = os.environ['WORLD_SIZE']; destroy_process_group(); "
+              "print(during, os.environ.get('WORLD_SIZE'), os.environ.get('MASTER_PORT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env.update(PYTHONPATH=str(REPO), MASTER_PORT="4321")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["1", "None", "4321"]
 
 
 def test_bad_launcher_variables_name_them():

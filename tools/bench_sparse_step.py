@@ -394,7 +394,7 @@ def torch_alloc_peak(fn) -> dict:
     events, error = bench_common.cpu_allocations(fn)
     if error:
         return {"alloc_peak_bytes": None, "alloc_total_bytes": None, "alloc_error": error}
-    allocs = [(when, size, total) for when, size, _, total in events]
+    allocs = sorted((when, size, total) for when, size, _, total in events)
     if not allocs:
         return {"alloc_peak_bytes": 0, "alloc_total_bytes": 0}
     base = allocs[0][2] - allocs[0][1]

@@ -82,8 +82,8 @@ def launcher_env(environ=None) -> dict[str, str] | None:
             raise ValueError(f"{name} launcher variables: expected integers in {rank_var}, {world_var}, "
                              f"{local_var}; got {environ.get(rank_var)!r}, {environ.get(world_var)!r}, "
                              f"{environ.get(local_var)!r}") from None
-        if world <= 1:  # a group of one, perhaps inherited from a parent process: another launcher may hold more
-            continue
+        if world <= 1:
+            return None
         if not 0 <= rank < world:
             raise ValueError(f"{name} launcher variables: {rank_var}={rank} is outside 0..{world - 1} "
                              f"({world_var}={world})")
@@ -97,25 +97,38 @@ def launcher_env(environ=None) -> dict[str, str] | None:
 DEFAULT_COLLECTIVE_TIMEOUT = 600.0
 
 
+# The launcher variables a group of one set, with what they were before (None: unset).
+_exported: dict[str, str | None] = {}
+
+
 def init_process_group(backend: str | None = None, timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> None:
     """Join the launcher's process group, or make a group of one so DeepSpeed runs unlaunched."""
     if init_from_env(backend, timeout):
         return
     # A group of one meets nobody: its own free port, whatever MASTER_PORT the shell exports
-    # (another job may hold that one).
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    # (another job may hold that one). DeepSpeed reads these variables; leaving the group takes them
+    # back, so that no process started later inherits a world of one.
+    group_of_one = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    _exported.update({name: os.environ.get(name) for name in group_of_one})
+    os.environ.update(group_of_one)
     dist.init_process_group(backend=backend or default_backend(), rank=0, world_size=1)
 
 
 def destroy_process_group() -> None:
     """Leave this process's group. Through DeepSpeed when its comm is set up: that also drops the
     groups DeepSpeed derived from this one, which a later group in this process (smf-ds run again
-    as a library) would otherwise meet, stale."""
+    as a library) would otherwise meet, stale. A group of one's launcher variables are taken back."""
     comm = sys.modules.get("deepspeed.comm.comm")
     if comm is not None and comm.cdb is not None and comm.cdb.is_initialized():
         comm.destroy_process_group()
     else:
         dist.destroy_process_group()
+    for name, before in _exported.items():
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+    _exported.clear()
 
 
 def init_from_env(backend: str | None = None, timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> bool:
