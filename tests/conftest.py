@@ -55,15 +55,6 @@ def _processes_need_a_tier(request, monkeypatch):
     yield
 
 
-def pytest_collection_modifyitems(config, items):
-    """Every `dist` test on one test worker (xdist group "dist"): the gloo processes of each world
-    size start once per worker (tests/distributed.py), so spreading them over every worker would
-    start them, and import torch and DeepSpeed in them, that many times over."""
-    for item in items:
-        if item.get_closest_marker("dist") and not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group("dist"))
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
