@@ -83,6 +83,16 @@ def write_results(result: dict, out: Path) -> None:
     print(f"\nwrote {out}  ({result['wall_s']:.1f} s)")
 
 
+def finish(result: dict, out: str | None, default_name: str, started: float) -> int:
+    """Stamp the run's wall time (since `started`, perf_counter) on `result` and write it to `out`,
+    or to bench_results/<default_name>; the tool's exit status."""
+    import time
+
+    result["wall_s"] = time.perf_counter() - started
+    write_results(result, Path(out or f"bench_results/{default_name}"))
+    return 0
+
+
 def add_worker_arguments(ap, kinds: list[str]) -> None:
     """The hidden flags a worker is started with (start_worker)."""
     import argparse

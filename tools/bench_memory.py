@@ -89,8 +89,7 @@ import time
 from pathlib import Path
 
 import bench_common  # tools/, next to this script
-from bench_common import (MMAP_THRESHOLD, finish_worker, fmt_bytes, fmt_n, machine,
-                          write_results)
+from bench_common import MMAP_THRESHOLD, finish_worker, fmt_bytes, fmt_n, machine
 from row_read_floor import floor_ratio, row_read_floor_ms
 
 FULL_SIZES = [16_384, 262_144, 1_048_576]
@@ -706,10 +705,8 @@ def main(argv=None) -> int:
         "goals": goals,
         "memory_scaling": memory_scaling,
         "ours_over_fbgemm": peer,
-        "wall_s": time.perf_counter() - t_start,
     }
-    write_results(result, Path(a.out or f"bench_results/memory{'.quick' if a.quick else ''}.json"))
-    return 0
+    return bench_common.finish(result, a.out, f"memory{'.quick' if a.quick else ''}.json", t_start)
 
 
 if __name__ == "__main__":

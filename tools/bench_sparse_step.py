@@ -80,7 +80,7 @@ import time
 from pathlib import Path
 
 import bench_common  # tools/, next to this script
-from bench_common import MMAP_THRESHOLD, fmt_bytes, fmt_n, machine, write_results
+from bench_common import MMAP_THRESHOLD, fmt_bytes, fmt_n, machine
 from row_read_floor import floor_ratio, row_read_floor_ms
 
 FULL_SIZES = [16_384, 262_144, 1_048_576]
@@ -736,10 +736,8 @@ def main(argv=None) -> int:
         "others_cpu_busy_max": busy,
         "results": rows,
         "goals": goals,
-        "wall_s": time.perf_counter() - t_start,
     }
-    write_results(result, Path(a.out or f"bench_results/sparse_step{'.quick' if a.quick else ''}.json"))
-    return 0
+    return bench_common.finish(result, a.out, f"sparse_step{'.quick' if a.quick else ''}.json", t_start)
 
 
 if __name__ == "__main__":
