@@ -42,6 +42,20 @@ def test_single_process_cases():
     assert launcher_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) is None
 
 
+def test_a_rendezvous_port_is_free_and_below_the_ephemeral_range():
+    """Outgoing connections and binds to port 0 draw from the ephemeral range; a port chosen there
+    could be taken before the rank that is to listen on it starts."""
+    import socket
+
+    from smf_ds.parallel.process_group import free_port
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 <= port < low for port in ports) and len(ports) > 1
+    with socket.socket() as s:
+        s.bind(("", ports.pop()))
+
+
 @pytest.mark.e2e
 def test_a_group_of_one_takes_its_launcher_variables_back():
     """smf-ds run unlaunched exports RANK=0 WORLD_SIZE=1 (DeepSpeed reads them); after it leaves

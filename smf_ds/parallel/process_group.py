@@ -43,9 +43,25 @@ def local_cuda_index(local_rank: int) -> int:
 
 
 def free_port() -> int:
-    """A TCP port free on this host now (for a rendezvous)."""
+    """A TCP port free on this host now, for a rendezvous seconds later: one below the kernel's
+    ephemeral range where it can, so that no outgoing connection or bind to port 0 takes it in the
+    meantime (one did: the rank that was to listen on it failed with EADDRINUSE)."""
+    import random
     import socket
 
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768  # Linux's default
+    below = range(max(1024, ephemeral_low - 10000), ephemeral_low)
+    for port in random.SystemRandom().sample(below, min(50, len(below))):  # not the seeded global generator
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every interface, as the rendezvous listens
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
