@@ -302,10 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"smf-ds {args.command}: {err}", file=sys.stderr)
         return 2
-    except RunStopped as stop:  # every rank stopped at the same step, after saving
+    except RunStopped as stopped:  # every rank stopped at the same step, after saving
         done = True
         if get_rank() == 0:
-            print(f"smf-ds {args.command}: {stop}", file=sys.stderr)
+            print(f"smf-ds {args.command}: {stopped}", file=sys.stderr)
         return STOPPED_EXIT_CODE
     except Exception as err:
         lost = _lost_peers()  # a collective failed because a peer died: say which, not a traceback
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         _leave_process_group(all_done=done)
+        stop.stop_listening()
     if result is not None and rank == 0:  # once, not once per rank
         print(json.dumps(result, indent=2, default=str))
     return 0

@@ -32,8 +32,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _environment_restored():
-    """A test that runs smf-ds in this process (a group of one exports RANK=0, WORLD_SIZE=1 and its
-    MASTER_PORT) must not hand those to the processes that later tests of this worker start."""
+    """Variables a test sets in this process (or smf-ds code it runs without leaving its group of one,
+    which exports RANK=0, WORLD_SIZE=1, MASTER_PORT) must not reach the processes later tests start."""
     saved = dict(os.environ)
     yield
     os.environ.clear()

@@ -9,7 +9,6 @@ another's job. Tests that use it share the xdist group CLUSTER (one pytest worke
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,22 +19,18 @@ REPO = Path(__file__).resolve().parents[1]
 def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
     """`smf-ds ARGS` run in this process, as `python -m smf_ds.cli ARGS` would run (its exit code, what
     it prints from Python, its log lines), without a new interpreter's imports (seconds per call); on
-    the CPU, one thread (conftest). The stop-signal handlers it installs are put back after. With
-    check, a failure shows its stderr."""
+    the CPU, one thread (conftest). With check, a failure shows its stderr."""
     import contextlib
     import io
     import logging
-    import signal
     import traceback
 
     from smf_ds import cli
-    from smf_ds.train import stop
 
     out, err = io.StringIO(), io.StringIO()
     log_lines = logging.StreamHandler(err)
     log_lines.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root, handlers = logging.getLogger(), {sig: signal.getsignal(sig) for sig in signal.valid_signals()
-                                           if sig not in (signal.SIGKILL, signal.SIGSTOP)}
+    root = logging.getLogger()
     level = root.level
     root.addHandler(log_lines)
     root.setLevel(logging.INFO)
@@ -51,10 +46,6 @@ def smf_ds_cli(*args, check=True) -> subprocess.CompletedProcess:
     finally:
         root.removeHandler(log_lines)
         root.setLevel(level)
-        for sig in stop._listening:  # cluster.stop_signals' handlers
-            signal.signal(sig, handlers[sig])
-        stop._listening.clear()
-        stop._requested = None
     done = subprocess.CompletedProcess(["smf-ds", *args], code, out.getvalue(), err.getvalue())
     if check:
         assert done.returncode == 0, done.stderr[-6000:]

@@ -71,11 +71,11 @@ def _train_argv(stats):
 
 
 def _wait_for_checkpoint(run: Path, proc, seconds=300):
-    deadline = time.time() + seconds
-    while not (run / "checkpoints" / "latest_memory").is_file():
+    def written():
         assert proc.poll() is None, f"the run ended ({proc.returncode}) before its first checkpoint"
-        assert time.time() < deadline, "no checkpoint written in time"
-        time.sleep(0.2)
+        return (run / "checkpoints" / "latest_memory").is_file()
+
+    _wait_for(written, seconds, "the first checkpoint")
 
 
 def _signal_after_first_checkpoint(run: Path, ranks, send, signum: int, seconds: float = 300) -> None:
@@ -226,11 +226,8 @@ def _slurm_job(job: str) -> dict:
 
 
 def _wait_for_state(job: str, states: tuple[str, ...], seconds: float) -> dict:
-    deadline = time.time() + seconds
-    while (info := _slurm_job(job))["JobState"] not in states:
-        assert time.time() < deadline, f"job {job} still {info['JobState']} ({info.get('Reason')})"
-        time.sleep(0.5)
-    return info
+    return _wait_for(lambda: (info := _slurm_job(job))["JobState"] in states and info, seconds,
+                     f"job {job} to be {' or '.join(states)}", poll=0.5)
 
 
 @CLUSTER
@@ -279,3 +276,4 @@ def test_a_slurm_job_stopped_before_its_time_limit_requeues_itself_and_finishes(
     assert adapter.keys() == reference.keys() and all(torch.equal(adapter[k], reference[k]) for k in adapter), \
         "the requeued slurm job differs from the straight 2-process run (launch/deepspeed.sh)"
     assert _losses(run) == _losses(straight), "slurm's losses differ from the straight run's (launch/deepspeed.sh)"
+

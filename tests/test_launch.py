@@ -9,6 +9,7 @@ are installed and the tests run as root (a one-node cluster from launch/slurm_on
 """
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -269,3 +270,22 @@ def test_launcher_across_two_nodes_equals_one_process(launcher, tmp_path, refere
     result = json.loads(out.read_text())
     assert result["passed"] and result["procs"] == 4 and result["netns"]
     assert {c["check"]: c["value"] for c in result["checks"]}["rendezvous address"] == "10.77.0.11"
+
+
+def test_a_command_run_as_a_library_leaves_the_signals_as_it_found_them():
+    """`stop.listen` takes SIGUSR2 over; `stop_listening` (the end of every smf-ds command) puts the
+    host's handler back and forgets the stop it was asked for."""
+    from smf_ds.train import stop
+
+    def host_handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGUSR2, host_handler)
+    try:
+        stop.listen(["SIGUSR2"])
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert stop.requested() == "SIGUSR2" and signal.getsignal(signal.SIGUSR2) is not host_handler
+        stop.stop_listening()
+        assert stop.requested() is None and signal.getsignal(signal.SIGUSR2) is host_handler
+    finally:
+        signal.signal(signal.SIGUSR2, before)

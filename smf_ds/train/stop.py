@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 STOPPED_EXIT_CODE = 75
 
 _requested: str | None = None  # the first stop signal this process got
-_listening: set[int] = set()
+_replaced: dict[int, object] = {}  # signal -> the handler `listen` replaced
 
 
 class RunStopped(Exception):
@@ -51,9 +51,20 @@ def listen(names: list[str]) -> None:
         return
     for name in names:
         signum = signal.Signals[name]
-        if signum not in _listening:
-            signal.signal(signum, _handle)
-            _listening.add(signum)
+        if signum not in _replaced:
+            _replaced[signum] = signal.signal(signum, _handle)
+
+
+def stop_listening() -> None:
+    """Put back the handlers `listen` replaced and forget a stop asked: smf-ds run as a library
+    leaves its host process's signals as it found them."""
+    global _requested
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, handler in _replaced.items():
+        signal.signal(signum, handler)
+    _replaced.clear()
+    _requested = None
 
 
 def requested() -> str | None:
