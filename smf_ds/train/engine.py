@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..parallel.process_group import get_rank
+from ..parallel.process_group import get_rank, unlink_deepspeed_shared_memory
 
 
 class ValuesOnlyEngine:
@@ -56,6 +56,7 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], ds_config: dict, 
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    unlink_deepspeed_shared_memory()
     _exclude_frozen_tied_aliases(engine)
     return engine
 
