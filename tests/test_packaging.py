@@ -77,3 +77,24 @@ def test_deepspeed_launcher_documents_the_variables_it_reads():
     header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
     assert "${DEEPSPEED:-" in text and "DEEPSPEED the launcher" in header
     assert "PYTHON the interpreter" not in header and "${PYTHON" not in text  # the launcher picks the Python
+
+
+def test_the_readme_is_short_and_every_page_and_anchor_it_links_exists():
+    """The README is a newcomer's ten minutes (about 150 lines); its links to docs, reports and
+    figures, and the headings they point into, must exist."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 150
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme) + re.findall(r'src="([^"]+)"', readme)
+    assert any(t.startswith("docs/") for t in targets)
+    for target in targets:
+        if "://" in target:
+            continue
+        path, _, anchor = target.partition("#")
+        page = ROOT / path
+        assert page.exists(), f"README links {target}: no {path}"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", page.read_text(), flags=re.M)
+            slugs = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+            assert anchor in slugs, f"README links {target}: no heading {anchor!r} in {path}"
