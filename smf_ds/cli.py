@@ -13,7 +13,7 @@ from .owner import owning
 from .parallel.process_group import get_rank, launcher_env
 from .parallel.watchdog import PEER_LOST_EXIT_CODE
 from .train import stop
-from .train.stop import STOPPED_EXIT_CODE, RunStopped
+from .train.stop import STOPPED_EXIT_CODE, Stopped
 
 log = logging.getLogger("smf_ds.cli")
 
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"smf-ds {args.command}: {err}", file=sys.stderr)
         return 2
-    except RunStopped as stopped:  # every rank stopped at the same step, after saving
+    except Stopped as stopped:  # every rank stopped at the same step, after saving
         done = True
         if get_rank() == 0:
             print(f"smf-ds {args.command}: {stopped}", file=sys.stderr)

@@ -66,3 +66,36 @@ def test_jobs_is_refused_where_it_cannot_apply(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"--jobs 2: under a launcher every run already spans its 2 processes"):
         grid.run_experiment(tmp_path / "c", quick=True, jobs=2)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_stop_signal_ends_the_side_by_side_grid_with_the_stopped_exit_code(tmp_path, monkeypatch):
+    """A scheduler's time limit signals the parent and its workers: no further run starts, and the
+    command exits 75 (requeue me), as the grid does one run at a time."""
+    from launchers import smf_ds_cli
+    from smf_ds.train import stop
+
+    monkeypatch.setattr(stop, "requested", lambda: "SIGTERM")
+    out = tmp_path / "exp"
+    done = smf_ds_cli("experiment", "--quick", "--methods", "lora", "--seeds", "0", "--jobs", "2", "--out", out,
+                      check=False)
+    assert done.returncode == stop.STOPPED_EXIT_CODE, done.stderr[-3000:]
+    assert "stopped on SIGTERM" in done.stderr and "run the same command again to continue" in done.stderr
+    assert not grid.run_dir(out, "lora", 0).exists()  # the base's job was under way; no run started
+
+
+def _stopped_run(setup):
+    from smf_ds.train.stop import RunStopped
+
+    raise RunStopped(7, "SIGTERM", "runs/x/checkpoints/step7")
+
+
+def test_a_run_stopped_in_a_worker_reaches_the_parent_as_a_stop():
+    """RunStopped does not pickle (three arguments): the worker sends it back as a Stopped, which the
+    parent turns into the stopped exit code instead of a failure."""
+    import pickle
+
+    from smf_ds.train.stop import Stopped
+
+    with pytest.raises(Stopped, match="stopped on SIGTERM at step 7") as caught:
+        grid._in_worker(_stopped_run)
+    assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)

@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import ConfigError, InputError
+from ..config import ClusterConfig, ConfigError, InputError
 from ..owner import owning
 from ..parallel.process_group import barrier, get_rank, get_world_size, init_process_group
 from ..train import stop
@@ -251,13 +251,17 @@ def _run_in_workers(out: Path, setup, bases: Path | dict[int, Path], variants: l
         pending = {pool.submit(_in_worker, _base_job, seed, eval_dir):
                    ("the base model", seeds) if seed is None else (f"seed {seed}'s base model", [seed])
                    for seed, eval_dir in base_jobs}
+        stopped_in_worker = None  # a run that a stop signal (sent to the whole job) stopped in its worker
         try:
-            while pending and not stop.requested():
+            while pending and not stop.requested() and not stopped_in_worker:
                 done, _ = wait(pending, timeout=5, return_when=FIRST_COMPLETED)  # timeout: to see a stop signal
                 for future in done:
                     what, ready = pending.pop(future)
                     try:
                         future.result()
+                    except stop.Stopped as err:
+                        stopped_in_worker = f"{what}: {err}"
+                        continue
                     except InputError as err:
                         raise InputError(f"{what}: {err}") from None
                     except Exception as err:
@@ -267,9 +271,9 @@ def _run_in_workers(out: Path, setup, bases: Path | dict[int, Path], variants: l
                                     for variant in order for seed in ready})
         finally:
             pool.shutdown(cancel_futures=True)
-    if stop.requested():
-        raise RuntimeError(f"stopped on {stop.requested()}: the runs under way finished, no further one started; "
-                           f"run the same command again to continue")
+    if stop.requested() or stopped_in_worker:
+        raise stop.Stopped(f"stopped on {stop.requested() or stopped_in_worker}: the runs under way finished or "
+                           f"saved, no further one started; run the same command again to continue")
 
 
 _setup = None  # a worker process's setup (_start_worker)
@@ -280,6 +284,9 @@ def _start_worker(setup, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # tiny models: one thread per run, the runs side by side on the cores
     init_process_group()  # a group of one, as the parent's: DeepSpeed runs unlaunched
+    # A scheduler signals every process of the job: a worker's run then saves and stops, and an idle
+    # worker stays up for the pool to shut down, instead of dying and breaking the pool.
+    stop.listen(ClusterConfig().stop_signals)
     _setup = setup
 
 
@@ -293,5 +300,7 @@ def _in_worker(job, *args) -> None:
         job(_setup, *args)
     except InputError as err:  # sent back as a type that pickles (RunStopped does not); InputError stays one
         raise InputError(str(err)) from None
+    except stop.Stopped as err:
+        raise stop.Stopped(str(err)) from None
     except Exception as err:
         raise RuntimeError(f"{type(err).__name__}: {err}") from err

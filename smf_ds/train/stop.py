@@ -25,8 +25,13 @@ _requested: str | None = None  # the first stop signal this process got
 _replaced: dict[int, object] = {}  # signal -> the handler `listen` replaced
 
 
-class RunStopped(Exception):
-    """Every rank stopped after saving a checkpoint, on a signal; the CLI exits STOPPED_EXIT_CODE."""
+class Stopped(Exception):
+    """A command stopped on a signal with what it had done saved; the CLI exits STOPPED_EXIT_CODE,
+    and the same command run again continues."""
+
+
+class RunStopped(Stopped):
+    """Every rank stopped after saving a checkpoint, on a signal."""
 
     def __init__(self, step: int, signal_name: str, checkpoint: str) -> None:
         super().__init__(f"stopped on {signal_name} at step {step}, saved in {checkpoint}; run the same command "
