@@ -495,3 +495,23 @@ def test_an_unhealthy_model_is_never_saved_and_the_last_healthy_checkpoint_is_na
     assert "not healthy after step 3 (non-finite values in model.layers.1.mlp" in message
     assert f"read back): {tmp_path / 'nan' / 'checkpoints' / 'step0000002'}" in message
     assert latest == "step0000002"
+
+
+def test_a_set_up_waiting_on_a_left_over_build_lock_names_it(tmp_path, monkeypatch, caplog):
+    """torch waits silently for ever on an op-build lock that a killed build left behind; after a
+    while DeepSpeed's set-up names the locks that exist, and says nothing when there is none."""
+    from smf_ds.train.engine import warn_of_build_locks_after
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    with caplog.at_level("WARNING", logger="smf_ds.train.engine"):
+        warn_of_build_locks_after(0.01).join()
+        assert not caplog.records
+        (tmp_path / "deepspeed_shm_comm" / "lock").touch()
+        warn_of_build_locks_after(0.01).join()
+        cancelled = warn_of_build_locks_after(5.0)
+        cancelled.cancel()
+        cancelled.join()
+    (record,) = caplog.records
+    assert str(tmp_path / "deepspeed_shm_comm" / "lock") in record.getMessage()
+    assert "delete them" in record.getMessage()

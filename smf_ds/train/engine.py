@@ -6,12 +6,22 @@ the 1/grad_accum loss scale DeepSpeed applies, step, checkpoint) so the loop has
 """
 from __future__ import annotations
 
+import glob
+import logging
+import os
+import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..parallel.process_group import get_rank, unlink_deepspeed_shared_memory
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed builds its ops (CPU all-reduce, fused or CPU Adam) the first time it needs them, in a
+# minute or two; after this long its set-up is more likely waiting on a lock nobody will release.
+BUILD_LOCK_WARNING_S = 180.0
 
 
 class ValuesOnlyEngine:
@@ -55,10 +65,35 @@ def build_engine(model: nn.Module, params: list[nn.Parameter], ds_config: dict, 
         return ValuesOnlyEngine(model, grad_accum)
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    watch = warn_of_build_locks_after(BUILD_LOCK_WARNING_S)
+    try:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
+    finally:
+        watch.cancel()
     unlink_deepspeed_shared_memory()
     _exclude_frozen_tied_aliases(engine)
     return engine
+
+
+def warn_of_build_locks_after(seconds: float) -> threading.Timer:
+    """A timer that, unless cancelled within `seconds`, names the op-build locks under torch's
+    extensions folder. torch builds an op under a lock file and waits, silently and for ever, while
+    one exists: a process killed mid-build (a preemption on a job's first run) leaves its lock, and
+    every later run on that machine hangs in DeepSpeed's set-up."""
+    def warn() -> None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        locks = sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")))
+        if locks:
+            log.warning("rank %d: DeepSpeed's set-up has taken %.0f s and op-build locks exist: %s. A build "
+                        "killed midway leaves its lock and every later run waits on it for ever: if no other "
+                        "process on this machine is building, delete them.", get_rank(), seconds, ", ".join(locks))
+
+    timer = threading.Timer(seconds, warn)
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 def _exclude_frozen_tied_aliases(engine) -> None:
