@@ -1,5 +1,8 @@
 """`smf-ds experiment --jobs N`: the runs side by side in worker processes, with the results of one at a time."""
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -68,19 +71,18 @@ def test_jobs_is_refused_where_it_cannot_apply(tmp_path, monkeypatch):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_stop_signal_ends_the_side_by_side_grid_with_the_stopped_exit_code(tmp_path, monkeypatch):
-    """A scheduler's time limit signals the parent and its workers: no further run starts, and the
-    command exits 75 (requeue me), as the grid does one run at a time."""
+def test_a_stopped_grid_exits_with_the_stopped_exit_code(tmp_path, monkeypatch):
+    """`smf-ds experiment` stopped by a signal exits 75, so that launch/slurm.sbatch requeues it."""
     from launchers import smf_ds_cli
     from smf_ds.train import stop
 
-    monkeypatch.setattr(stop, "requested", lambda: "SIGTERM")
-    out = tmp_path / "exp"
-    done = smf_ds_cli("experiment", "--quick", "--methods", "lora", "--seeds", "0", "--jobs", "2", "--out", out,
-                      check=False)
+    def stopped(*args, **kwargs):
+        raise stop.Stopped("stopped on SIGTERM: no further run started; run the same command again to continue")
+
+    monkeypatch.setattr(grid, "run_experiment", stopped)
+    done = smf_ds_cli("experiment", "--quick", "--jobs", "2", "--out", tmp_path / "exp", check=False)
     assert done.returncode == stop.STOPPED_EXIT_CODE, done.stderr[-3000:]
-    assert "stopped on SIGTERM" in done.stderr and "run the same command again to continue" in done.stderr
-    assert not grid.run_dir(out, "lora", 0).exists()  # the base's job was under way; no run started
+    assert "smf-ds experiment: stopped on SIGTERM" in done.stderr
 
 
 def _stopped_run(setup):
@@ -99,3 +101,38 @@ def test_a_run_stopped_in_a_worker_reaches_the_parent_as_a_stop():
     with pytest.raises(Stopped, match="stopped on SIGTERM at step 7") as caught:
         grid._in_worker(_stopped_run)
     assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
+
+
+class _SetupStoppedInItsWorker:
+    """A base job that stops as a run stopped by a signal does, in the worker."""
+
+    def base(self, seed):
+        from smf_ds.train.stop import RunStopped
+
+        raise RunStopped(3, "SIGUSR1", "runs/x/checkpoints/step3")
+
+
+class _SetupEndedWithItsParent:
+    """A scheduler signals the parent and its workers at once: the worker's job dies of it."""
+
+    def base(self, seed):
+        os.kill(os.getppid(), signal.SIGUSR1)
+        time.sleep(1.0)  # the parent has noted it before the job's end reaches it
+        raise RuntimeError("ended by the scheduler's signal")
+
+
+def test_a_stop_that_reaches_the_workers_ends_the_grid_as_a_stop(tmp_path):
+    """A run stopped in its worker, or a worker's job ended by the signal that stops the parent, makes
+    the grid a stop (exit 75, requeued), not a failure; and no run starts after it."""
+    from smf_ds.train import stop
+
+    with pytest.raises(stop.Stopped, match=r"^seed 0's base model: stopped on SIGUSR1 at step 3.*no further run started"):
+        grid._run_in_workers(tmp_path, _SetupStoppedInItsWorker(), {0: tmp_path / "base0"}, ["lora"], [0], jobs=1)
+    stop.listen(["SIGUSR1"])
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL  # else the signal would end this test process
+        with pytest.raises(stop.Stopped, match=r"^stopped on SIGUSR1: no further run started"):
+            grid._run_in_workers(tmp_path, _SetupEndedWithItsParent(), {0: tmp_path / "base0"}, ["lora"], [0], jobs=1)
+    finally:
+        stop.stop_listening()
+    assert not grid.run_dir(tmp_path, "lora", 0).exists()

@@ -236,15 +236,15 @@ def test_experiment_under_the_deepspeed_launcher(tmp_path, monkeypatch):
     all-reduce files in /dev/shm (LoRA trains through DeepSpeed) are gone when the job ends."""
     from smf_ds.parallel import process_group
 
-    port = process_group.free_port()
+    shm_files = lambda port: sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))  # noqa: E731
+    port = next(port for port in iter(process_group.free_port, None) if not shm_files(port))  # none of an earlier job
     monkeypatch.setattr(process_group, "free_port", lambda: port)  # check_launcher's MASTER_PORT
     out = tmp_path / "exp"
     args = ["experiment", "--quick", "--methods", "lora", "--seeds", "0", "--out", str(out)]
     done = _check_launcher().run_smf_ds("deepspeed", 2, args, tmp_path / "logs")
     assert done.returncode == 0, f"{args} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     assert "deepspeed_shm_comm_op built successfully" in done.stdout + done.stderr, "DeepSpeed's shm all-reduce not used"
-    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not left, f"DeepSpeed's shared memory left behind: {left}"
+    assert not shm_files(port), f"DeepSpeed's shared memory left behind: {shm_files(port)}"
     results = json.loads((out / "results.json").read_text())
     assert results["variants"]["lora"]["seeds"] == [0]
     for summary in (out / "base_eval" / "seed0" / "summary.json", out / "runs" / "lora" / "seed0" / "eval" / "summary.json"):

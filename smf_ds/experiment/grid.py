@@ -33,7 +33,7 @@ from typing import Sequence
 
 import torch
 
-from ..config import ClusterConfig, ConfigError, InputError
+from ..config import ConfigError, InputError
 from ..owner import owning
 from ..parallel.process_group import barrier, get_rank, get_world_size, init_process_group
 from ..train import stop
@@ -240,7 +240,11 @@ def _run_in_workers(out: Path, setup, bases: Path | dict[int, Path], variants: l
                     jobs: int) -> None:
     """The grid in `jobs` worker processes: each base pretrained and evaluated, then the runs that
     finetune it, slowest variants first (smf-paper's), each run as soon as a worker is free. A
-    failure, or a stop signal, starts no further run; the runs under way finish and stay."""
+    failure, or a stop signal, starts no further run; the runs under way finish and stay.
+
+    A scheduler's stop signal reaches the workers too (a slurm step's every process): a training
+    run saves and stops (its Trainer listens), anything else in a worker ends with the worker, and
+    the command raises Stopped, as the grid one run at a time does."""
     base_jobs = list(bases.items()) if isinstance(bases, dict) else [(None, bases)]
     order = sorted(variants, key=lambda v: not v.startswith("smf-paper"))
     # spawn, not fork: a forked child would inherit the parent's process group and torch's thread pool.
@@ -251,7 +255,7 @@ def _run_in_workers(out: Path, setup, bases: Path | dict[int, Path], variants: l
         pending = {pool.submit(_in_worker, _base_job, seed, eval_dir):
                    ("the base model", seeds) if seed is None else (f"seed {seed}'s base model", [seed])
                    for seed, eval_dir in base_jobs}
-        stopped_in_worker = None  # a run that a stop signal (sent to the whole job) stopped in its worker
+        stopped_in_worker = None  # "<what>: <its RunStopped>" of a run stopped in its worker
         try:
             while pending and not stop.requested() and not stopped_in_worker:
                 done, _ = wait(pending, timeout=5, return_when=FIRST_COMPLETED)  # timeout: to see a stop signal
@@ -265,15 +269,21 @@ def _run_in_workers(out: Path, setup, bases: Path | dict[int, Path], variants: l
                     except InputError as err:
                         raise InputError(f"{what}: {err}") from None
                     except Exception as err:
+                        if stop.requested():  # the signal that stops this process ended the worker too
+                            break
                         raise RuntimeError(f"{what}: {err}; the finished runs are kept: run the same command "
                                            f"again to continue") from err
+                    if stop.requested() or stopped_in_worker:
+                        continue  # a base made as the stop came: its runs wait for the next call
                     pending.update({pool.submit(_in_worker, run_one, out, variant, seed): (f"{variant} seed {seed}", [])
                                     for variant in order for seed in ready})
         finally:
             pool.shutdown(cancel_futures=True)
-    if stop.requested() or stopped_in_worker:
-        raise stop.Stopped(f"stopped on {stop.requested() or stopped_in_worker}: the runs under way finished or "
-                           f"saved, no further one started; run the same command again to continue")
+    if stop.requested():
+        raise stop.Stopped(f"stopped on {stop.requested()}: no further run started; run the same command again to "
+                           f"continue (the runs stopped midway resume from their checkpoints)")
+    if stopped_in_worker:
+        raise stop.Stopped(f"{stopped_in_worker}; no further run started: run the same command again to continue")
 
 
 _setup = None  # a worker process's setup (_start_worker)
@@ -284,9 +294,6 @@ def _start_worker(setup, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     torch.set_num_threads(1)  # tiny models: one thread per run, the runs side by side on the cores
     init_process_group()  # a group of one, as the parent's: DeepSpeed runs unlaunched
-    # A scheduler signals every process of the job: a worker's run then saves and stops, and an idle
-    # worker stays up for the pool to shut down, instead of dying and breaking the pool.
-    stop.listen(ClusterConfig().stop_signals)
     _setup = setup
 
 
@@ -304,3 +311,7 @@ def _in_worker(job, *args) -> None:
         raise stop.Stopped(str(err)) from None
     except Exception as err:
         raise RuntimeError(f"{type(err).__name__}: {err}") from err
+    finally:
+        # Between jobs a worker takes signals as any process does: the pool ends a worker with
+        # SIGTERM, which the handler a run's Trainer installed would only note.
+        stop.stop_listening()

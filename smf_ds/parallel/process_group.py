@@ -185,9 +185,10 @@ def unlink_deepspeed_shared_memory() -> None:
     mappings stay valid until the processes exit. Call after DeepSpeed's comm has started."""
     comm = sys.modules.get("deepspeed.comm.comm")
     backend = getattr(comm, "cdb", None)
-    if getattr(backend, "shm_comm_op", None) is None or get_world_size() < 2:
+    if getattr(backend, "shm_comm_op", None) is None:
         return
-    dist.barrier()
+    if get_world_size() > 1:  # a world of one makes its file too (`launch/deepspeed.sh 1`: LOCAL_SIZE=1)
+        dist.barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{get_rank()}")  # the name shm.cpp gives it
     try:

@@ -10,6 +10,7 @@ import glob
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -83,12 +84,19 @@ def warn_of_build_locks_after(seconds: float) -> threading.Timer:
     def warn() -> None:
         from torch.utils.cpp_extension import get_default_build_root
 
-        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        root = os.environ.get("TORCH_EXTENSIONS_DIR")  # as torch reads it: set, even empty, it is the root
+        root = get_default_build_root() if root is None else root
         locks = sorted(glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")))
-        if locks:
+        aged = []
+        for lock in locks:
+            try:
+                aged.append(f"{lock} ({(time.time() - os.path.getmtime(lock)) / 60:.0f} min old)")
+            except FileNotFoundError:  # released meanwhile
+                pass
+        if aged:
             log.warning("rank %d: DeepSpeed's set-up has taken %.0f s and op-build locks exist: %s. A build "
                         "killed midway leaves its lock and every later run waits on it for ever: if no other "
-                        "process on this machine is building, delete them.", get_rank(), seconds, ", ".join(locks))
+                        "process on this machine is building, delete them.", get_rank(), seconds, ", ".join(aged))
 
     timer = threading.Timer(seconds, warn)
     timer.daemon = True
