@@ -189,7 +189,9 @@ def unlink_deepspeed_shared_memory() -> None:
         return
     if get_world_size() > 1:  # a world of one makes its file too (`launch/deepspeed.sh 1`: LOCAL_SIZE=1)
         dist.barrier()
-    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+    uid = os.getuid()
+    uid = uid - 2**32 if uid >= 2**31 else uid  # shm.cpp prints it as a C int
+    name = (f"deepspeed_allreduce_buffer_{uid}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{get_rank()}")  # the name shm.cpp gives it
     try:
         os.unlink(os.path.join("/dev/shm", name))
