@@ -265,7 +265,6 @@ def _run_in_workers(out: Path, setup, bases: Path | dict[int, Path], variants: l
                         future.result()
                     except stop.Stopped as err:
                         stopped_in_worker = f"{what}: {err}"
-                        continue
                     except InputError as err:
                         raise InputError(f"{what}: {err}") from None
                     except Exception as err:
@@ -274,7 +273,7 @@ def _run_in_workers(out: Path, setup, bases: Path | dict[int, Path], variants: l
                         raise RuntimeError(f"{what}: {err}; the finished runs are kept: run the same command "
                                            f"again to continue") from err
                     if stop.requested() or stopped_in_worker:
-                        continue  # a base made as the stop came: its runs wait for the next call
+                        continue  # stopped, or a base made as the stop came: its runs wait for the next call
                     pending.update({pool.submit(_in_worker, run_one, out, variant, seed): (f"{variant} seed {seed}", [])
                                     for variant in order for seed in ready})
         finally:

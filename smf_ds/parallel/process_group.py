@@ -187,8 +187,7 @@ def unlink_deepspeed_shared_memory() -> None:
     backend = getattr(comm, "cdb", None)
     if getattr(backend, "shm_comm_op", None) is None:
         return
-    if get_world_size() > 1:  # a world of one makes its file too (`launch/deepspeed.sh 1`: LOCAL_SIZE=1)
-        dist.barrier()
+    barrier()  # every rank has mapped every peer's file (a world of one has its file too: LOCAL_SIZE=1)
     uid = os.getuid()
     uid = uid - 2**32 if uid >= 2**31 else uid  # shm.cpp prints it as a C int
     name = (f"deepspeed_allreduce_buffer_{uid}_{os.environ.get('MASTER_ADDR', '')}_"
